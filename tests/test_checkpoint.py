@@ -1,0 +1,85 @@
+"""`zoo.load`: plain-data checkpoints load with weights_only=True; everything else is refused clearly."""
+import collections
+
+import pytest
+import torch
+
+import zoo
+from zoo.checkpoint import CheckpointError
+from zoo.tasks.base import ZooModule
+from zoo.tasks.segmentation import UNetSegmentation
+
+
+class NotAUNet(ZooModule):
+    pass
+
+
+class Payload:  # any class: pickling it makes a checkpoint that carries code
+    def __reduce__(self):
+        return (print, ("this would have run",))
+
+
+def write_ckpt(path, model, **extra):
+    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "zoo": {}, **extra}
+    model.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m = UNetSegmentation(base_channels=4, depth=3, norm="batch")
+    m.input_scaler.shift.fill_(3.0)  # as if fitted
+    m.input_scaler.scale.fill_(2.0)
+    return m
+
+
+def test_round_trip(tmp_path, model):
+    loaded = zoo.load(write_ckpt(tmp_path / "m.ckpt", model))
+    assert type(loaded) is UNetSegmentation and not loaded.training
+    assert loaded.hparams.norm == "batch" and loaded.hparams.depth == 3
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+    assert loaded.input_scaler.shift.tolist() == [3.0]
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        zoo.load(tmp_path / "nope.ckpt")
+
+
+def test_truncated_file(tmp_path, model):
+    path = write_ckpt(tmp_path / "m.ckpt", model)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        zoo.load(path)
+
+
+def test_pickled_code_is_refused(tmp_path, model):
+    path = write_ckpt(tmp_path / "m.ckpt", model, extra=Payload())
+    with pytest.raises(CheckpointError, match="pickled objects"):
+        zoo.load(path)
+
+
+def test_foreign_checkpoints(tmp_path, model):
+    torch.save(model.state_dict(), tmp_path / "plain.pt")  # a bare state dict
+    with pytest.raises(CheckpointError, match="not a zoo checkpoint"):
+        zoo.load(tmp_path / "plain.pt")
+    torch.save(collections.OrderedDict(a=torch.ones(1)), tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a zoo checkpoint"):
+        zoo.load(tmp_path / "other.pt")
+    path = write_ckpt(tmp_path / "m.ckpt", model)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["zoo"]["task"] = "os.system"
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="not a zoo task"):
+        zoo.load(path)
+
+
+def test_other_model_kind_is_refused(tmp_path, model):
+    path = write_ckpt(tmp_path / "m.ckpt", model)
+    with pytest.raises(CheckpointError, match="UNetSegmentation model, not a .*NotAUNet"):
+        NotAUNet.load(path)
+    assert isinstance(UNetSegmentation.load(path), UNetSegmentation)

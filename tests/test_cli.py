@@ -1,0 +1,146 @@
+"""The entry point end to end on a tiny U-Net: fit, checkpoints, resume, seeds, predict, load, DDP."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zoo
+from zoo.cli import ZooCLI, run_tags, wandb_mode
+from zoo.scaling import InputScaler
+from zoo.tasks.segmentation import UNetSegmentation
+from tests.conftest import ROOT, tiny_unet_args
+
+
+def fit(root, *extra):
+    return ZooCLI(args=["fit", *tiny_unet_args(root, *extra)])
+
+
+def metrics_rows(root):
+    (path,) = sorted((root / "csv").glob("version_*/metrics.csv"))[-1:]
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_writes_run_dir_and_load_restores_model(tmp_path):
+    cli = fit(tmp_path, "--model.norm=group", "--data.input_norm=robust")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["global_step"] == 4
+    assert summary["params"] == sum(p.numel() for p in cli.model.parameters())
+    assert summary["train_samples_per_s"] > 0 and "val/iou_fg" in summary["metrics"]
+    assert any(r.get("train/loss") for r in metrics_rows(tmp_path))
+    assert list((tmp_path / "samples").glob("*.png"))
+
+    # Hyper-parameters are plain data; the norm is its name.
+    raw = torch.load(ckpt, weights_only=True)
+    hp = raw["hyper_parameters"]
+    assert hp["norm"] == "group"
+    assert all(isinstance(v, (str, int, float, bool, type(None))) for v in hp.values())
+
+    model = zoo.load(ckpt)
+    assert isinstance(model, UNetSegmentation) and not model.training
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    # The scaler travels with the model: equal to one fitted independently on the training split.
+    dm = cli.datamodule
+    ref = InputScaler(1, kind="robust").fit(TRAIN_IMAGES(dm))
+    torch.testing.assert_close(model.input_scaler.shift, ref.shift)
+    torch.testing.assert_close(model.input_scaler.scale, ref.scale)
+    # Same weights, same outputs as the trained module.
+    x = torch.rand(1, 1, 68, 68) * 255
+    cli.model.eval()
+    torch.testing.assert_close(model(x), cli.model(x))
+    assert UNetSegmentation.load(ckpt).hparams.norm == "group"
+
+
+def test_same_seed_same_metrics_other_seed_differs(tmp_path):
+    fit(tmp_path / "a")
+    fit(tmp_path / "b")
+    fit(tmp_path / "c", "--seed_everything=1")
+    loss = lambda root: [r["train/loss"] for r in metrics_rows(root) if r.get("train/loss")]  # noqa: E731
+    assert loss(tmp_path / "a") == loss(tmp_path / "b")
+    assert loss(tmp_path / "a") != loss(tmp_path / "c")
+
+
+def test_resume_from_last_is_exact(tmp_path):
+    # 8 training samples, batch 2: 4 steps an epoch. Interrupt after 1 epoch, resume to 3 epochs.
+    common = ["--trainer.max_steps=-1", "--trainer.val_check_interval=null", "--model.optimizer=sgd",
+              "--model.scheduler=cosine", "--model.weight_decay=0.01"]
+    straight = fit(tmp_path / "straight", *common, "--trainer.max_epochs=3")
+    fit(tmp_path / "resumed", *common, "--trainer.max_epochs=1")
+    first = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert first["global_step"] == 4 and first["epoch"] == 0
+    assert first["optimizer_states"][0]["state"] and first["lr_schedulers"][0]["last_epoch"] == 4
+    resumed = fit(tmp_path / "resumed", *common, "--trainer.max_epochs=3", "--ckpt_path=last")
+    assert resumed.trainer.global_step == straight.trainer.global_step == 12
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_model_and_data_overrides_and_print_config(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "fit", *tiny_unet_args(tmp_path, "--model.norm=instance"),
+         "--print_config"], capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout
+    assert "class_path: zoo.tasks.segmentation.UNetSegmentation" in out
+    assert "norm: instance" in out and "crop_size: 28" in out and "seed_everything: 0" in out
+
+
+def test_unknown_norm_is_a_clear_error(tmp_path):
+    with pytest.raises((ValueError, SystemExit)):
+        fit(tmp_path, "--model.norm=bogus")
+
+
+def test_predict_writes_probability_maps_and_masks(tmp_path):
+    fit(tmp_path / "run")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in [("a", (37, 53)), ("b", (64, 40))]:
+        Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(images / f"{name}.png")
+    out = tmp_path / "pred"
+    ZooCLI(args=["predict", *tiny_unet_args(tmp_path / "run"), f"--data.predict_dir={images}",
+                 f"--predict_out={out}", f"--ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"])
+    probs = np.load(out / "a_probs.npy")
+    assert probs.shape == (2, 37, 53)
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)
+    assert Image.open(out / "a_mask.png").size == (53, 37)
+    assert Image.open(out / "b_prob.png").size == (40, 64)
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "fit", *tiny_unet_args(tmp_path),
+         "--trainer.strategy=ddp", "--trainer.devices=2", "--model.norm=batch"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["global_step"] == 4
+
+
+def test_wandb_mode_is_decided_without_network(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode() == "offline"
+    assert wandb_mode("disabled") == "disabled"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ValueError, match="sometimes"):
+        wandb_mode()
+
+
+def test_run_tags_name_model_and_norms():
+    model = UNetSegmentation(base_channels=4, depth=3, norm="rms")
+    assert run_tags(model, None) == ["UNetSegmentation", "norm=rms"]

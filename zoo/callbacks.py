@@ -1,0 +1,138 @@
+"""Callbacks the CLI adds to every run: a run summary for comparisons and a prediction writer."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import threading
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.data import extract_batch_size
+
+SUMMARY_FILE = "summary.json"
+
+
+def _current_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _RssPeak(threading.Thread):
+    """Samples the process's resident memory every few ms (CPU has no allocator peak counter)."""
+
+    def __init__(self, interval: float = 0.005):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._stop_event = interval, 0, threading.Event()
+
+    def run(self):
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, _current_rss_bytes() or 0)
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, _current_rss_bytes() or 0)
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunSummary(Callback):
+    """Measures one fit and writes `<dir>/summary.json`: parameter count, wall time, training
+    throughput (samples/s over training batches, data loading included, the first batch of each
+    epoch excluded as warm-up), peak memory, and the final logged metrics.
+
+    Peak memory: on CUDA, `torch.cuda.max_memory_allocated`; on CPU, the peak resident set size
+    sampled during training minus the resident size at fit start (the training working set), plus
+    the process's lifetime peak `ru_maxrss`.
+    """
+
+    def __init__(self, dirpath: str | Path):
+        self.path = Path(dirpath) / SUMMARY_FILE
+        self.error: str | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.t0 = time.perf_counter()
+        self.samples, self.train_time, self.last = 0, 0.0, None
+        self.cuda = pl_module.device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self.rss0 = _current_rss_bytes()
+        self.sampler = None
+        if not self.cuda and self.rss0 is not None:
+            self.sampler = _RssPeak()
+            self.sampler.start()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.train_time += now - self.last
+            self.samples += extract_batch_size(batch)
+        self.last = now
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.last = None  # validation time is not training time
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.error = f"{type(exception).__name__}: {exception}"
+        if hasattr(self, "t0"):
+            self._write(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module)
+
+    def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        mem = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.cuda:
+            mem["peak_memory_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+        elif self.sampler is not None:
+            mem["peak_memory_mb"] = (self.sampler.stop() - self.rss0) / 2**20
+            self.sampler = None
+        summary = {
+            "status": "failed" if self.error else "ok",
+            "error": self.error,
+            "params": sum(p.numel() for p in pl_module.parameters()),
+            "wall_time_s": time.perf_counter() - self.t0,
+            "train_samples_per_s": self.samples / self.train_time if self.train_time > 0 else None,
+            "global_step": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "device": str(pl_module.device),
+            "metrics": {k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())},
+            **mem,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(summary, indent=2))
+
+
+class WritePredictions(BasePredictionWriter):
+    """Hands each predicted batch to the task's `write_predictions(outputs, batch, out_dir)`."""
+
+    def __init__(self, out_dir: str | Path):
+        super().__init__(write_interval="batch")
+        self.out_dir = Path(out_dir)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        pl_module.write_predictions(prediction, batch, self.out_dir)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        print(f"predictions written to {self.out_dir}")

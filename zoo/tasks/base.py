@@ -1,0 +1,58 @@
+"""What every zoo LightningModule shares: the fitted input scaler, optimizer parameter groups,
+sample images for the dashboards and the tag that lets `zoo.load` recognise its checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from PIL import Image
+
+from zoo import checkpoint
+from zoo.optim import param_groups
+
+
+class ZooModule(L.LightningModule):
+    """Base class of zoo tasks.
+
+    Subclasses call `self.save_hyperparameters()` with plain-data arguments only (a norm is its
+    name), set `self.input_scaler` (a `zoo.scaling.InputScaler`) if their inputs are scaled, and
+    may set `monitor = (metric, "min" | "max")` for the best-checkpoint callback.
+    """
+
+    monitor: tuple[str, str] = ("val/loss", "min")
+
+    def setup(self, stage: str) -> None:
+        # The datamodule fits the scaler on its training split; the model carries it from here on,
+        # so checkpoints hold it and inference takes raw inputs.
+        scaler = getattr(self.trainer.datamodule, "scaler", None) if self._trainer is not None else None
+        if stage == "fit" and scaler is not None and hasattr(self, "input_scaler"):
+            self.input_scaler.copy_from(scaler)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Parameter groups with norm weights, biases and embeddings excluded from weight decay."""
+        return param_groups(self, weight_decay)
+
+    def on_save_checkpoint(self, ckpt: dict) -> None:
+        ckpt["zoo"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}", "format": checkpoint.FORMAT}
+
+    @classmethod
+    def load(cls, path, map_location="cpu"):
+        """`zoo.load` restricted to this task: a checkpoint of another model kind is refused."""
+        return checkpoint.load(path, expected=cls, map_location=map_location)
+
+    def log_image(self, key: str, image: np.ndarray) -> Path | None:
+        """Saves an (H, W, 3) uint8 image as `<run dir>/samples/<key>_epoch<N>.png` and logs it to
+        image-capable loggers (wandb). Rank zero only."""
+        if self._trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return None
+        path = Path(self.trainer.default_root_dir) / "samples" / f"{key.replace('/', '_')}_epoch{self.current_epoch:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key=key, images=[image], step=self.global_step)
+        return path
+
+    def write_predictions(self, outputs, batch, out_dir: Path) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not write predictions")

@@ -1,0 +1,193 @@
+"""Semantic segmentation with the U-Net of Ronneberger et al. 2015.
+
+Training follows the paper: pixel-wise softmax cross-entropy weighted by the weight map w(x)
+(class balance + border term, computed by the datamodule), with the minus sign that Eq. 1 as printed
+omits. Validation, test and predict segment whole images of any size with overlap-tile inference
+(`zoo.models.unet.tiled_predict`), so they see what a user of the trained model sees.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+from torchmetrics.segmentation import DiceScore
+
+from zoo.models.unet import UNet, seam_error, tiled_predict
+from zoo.scaling import InputScaler
+from zoo.tasks.base import ZooModule
+
+# Colors for class ids 0..7 in mask PNGs and sample panels (background black).
+PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                    [245, 130, 48], [145, 30, 180], [70, 240, 240]], dtype=np.uint8)
+
+
+def colorize(mask: np.ndarray) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8."""
+    return PALETTE[mask % len(PALETTE)]
+
+
+def to_gray_rgb(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) raw image -> (H, W, 3) uint8, min-max stretched for display."""
+    x = image.float().mean(0) if image.shape[0] != 3 else image.float().permute(1, 2, 0)
+    x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
+    x = (x * 255).round().byte().cpu().numpy()
+    return np.repeat(x[..., None], 3, axis=-1) if x.ndim == 2 else x
+
+
+class UNetSegmentation(ZooModule):
+    """U-Net segmentation task.
+
+    Args:
+        in_channels, num_classes, base_channels, depth, padding, padding_mode, norm, dropout:
+            the network (`zoo.models.unet.UNet`); defaults are the paper's network.
+        optimizer: "sgd" (the paper: momentum 0.99), "adam" or "adamw".
+        lr, momentum, weight_decay: optimizer settings (norm weights and biases get no decay).
+        scheduler: "none" or "cosine" (over the whole run).
+        tile: output tile side for overlap-tile inference in validation/test/predict (None: the
+            function's default).
+        seam_tile: tile side used to measure the seam error (tiled vs whole-image pass) on the first
+            validation image each epoch; None skips it.
+    """
+
+    monitor = ("val/loss", "min")
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        base_channels: int = 64,
+        depth: int = 5,
+        padding: str = "valid",
+        padding_mode: str = "zeros",
+        norm: str = "none",
+        dropout: float = 0.0,
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.99,
+        weight_decay: float = 0.0,
+        scheduler: str = "none",
+        tile: int | None = None,
+        seam_tile: int | None = None,
+    ):
+        super().__init__()
+        if optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer {optimizer!r} is not one of 'sgd', 'adam', 'adamw'")
+        if scheduler not in ("none", "cosine"):
+            raise ValueError(f"scheduler {scheduler!r} is not one of 'none', 'cosine'")
+        self.save_hyperparameters()
+        self.net = UNet(in_channels=in_channels, num_classes=num_classes, base_channels=base_channels,
+                        depth=depth, padding=padding, padding_mode=padding_mode, norm=norm, dropout=dropout)
+        self.input_scaler = InputScaler(in_channels)
+        metrics = MetricCollection({
+            "iou": MulticlassJaccardIndex(num_classes, average="none"),
+            "dice": DiceScore(num_classes, average="none", input_format="index", aggregation_level="global"),
+            "pixel_acc": MulticlassAccuracy(num_classes, average="micro"),
+        })
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    # What tiled_predict needs to know about the network.
+    @property
+    def input_context(self) -> int:
+        return self.net.input_context
+
+    @property
+    def stride(self) -> int:
+        return self.net.stride
+
+    @property
+    def padding(self) -> str:
+        return self.net.padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) raw images -> (N, num_classes, H - 2c, W - 2c) logits (c = input_context)."""
+        return self.net(self.input_scaler(x))
+
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) raw images of any size -> (N, num_classes, H, W) probabilities (overlap-tile)."""
+        return tiled_predict(self, images, tile=self.hparams.tile)
+
+    @staticmethod
+    def weighted_nll(log_probs: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The paper's energy: -mean over pixels of w(x) log p_l(x)(x)."""
+        return (F.nll_loss(log_probs, mask, reduction="none") * weight).mean()
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch["image"])
+        if logits.shape[-2:] != batch["mask"].shape[-2:]:
+            raise ValueError(
+                f"network output {tuple(logits.shape[-2:])} does not match the target crop "
+                f"{tuple(batch['mask'].shape[-2:])}: the datamodule must add {self.input_context} px of "
+                "context per side to each training crop"
+            )
+        loss = self.weighted_nll(F.log_softmax(logits, 1), batch["mask"], batch["weight"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def _evaluate(self, batch, metrics, stage: str) -> torch.Tensor:
+        probs = self.predict_proba(batch["image"])
+        loss = self.weighted_nll(probs.clamp_min(1e-12).log(), batch["mask"], batch["weight"])
+        metrics.update(probs.argmax(1), batch["mask"])
+        self.log(f"{stage}/loss", loss, batch_size=len(probs), prog_bar=stage == "val")
+        return probs
+
+    def _log_metrics(self, metrics, stage: str) -> None:
+        values = metrics.compute()
+        metrics.reset()
+        iou, dice = values[f"{stage}/iou"], values[f"{stage}/dice"]
+        fg = slice(1, None) if len(iou) > 1 else slice(None)
+        self.log(f"{stage}/iou_fg", iou[fg].mean(), prog_bar=True)
+        self.log(f"{stage}/dice_fg", dice[fg].mean())
+        self.log(f"{stage}/pixel_acc", values[f"{stage}/pixel_acc"])
+        for k in range(len(iou)):
+            self.log(f"{stage}/iou_class{k}", iou[k])
+
+    def validation_step(self, batch, batch_idx):
+        probs = self._evaluate(batch, self.val_metrics, "val")
+        if batch_idx == 0:
+            image, mask, pred = batch["image"][0], batch["mask"][0], probs[0].argmax(0)
+            panel = np.concatenate([to_gray_rgb(image), colorize(mask.cpu().numpy()),
+                                    colorize(pred.cpu().numpy())], axis=1)
+            self.log_image("val/sample (image | truth | prediction)", panel)
+            if self.hparams.seam_tile:
+                self.log("val/seam_error", seam_error(self, batch["image"][:1], self.hparams.seam_tile))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def predict_step(self, batch, batch_idx):
+        return {"probs": self.predict_proba(batch["image"]), "name": batch["name"]}
+
+    def write_predictions(self, outputs, batch, out_dir: Path) -> None:
+        """Per image: `<name>_probs.npy` (num_classes, H, W) float32 probabilities, `<name>_mask.png`
+        (colored argmax), and for two classes `<name>_prob.png` (foreground probability, 8-bit)."""
+        for probs, name in zip(outputs["probs"], outputs["name"]):
+            stem = Path(name).stem
+            np.save(out_dir / f"{stem}_probs.npy", probs.float().cpu().numpy())
+            Image.fromarray(colorize(probs.argmax(0).cpu().numpy())).save(out_dir / f"{stem}_mask.png")
+            if probs.shape[0] == 2:
+                fg = (probs[1] * 255).round().byte().cpu().numpy()
+                Image.fromarray(fg).save(out_dir / f"{stem}_prob.png")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = self.param_groups(hp.weight_decay)
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        else:
+            opt = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW)(groups, lr=hp.lr)
+        if hp.scheduler == "none":
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.trainer.estimated_stepping_batches)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
