@@ -85,11 +85,11 @@ class ZooCLI(LightningCLI):
             help="where `predict` writes its outputs (default: <default_root_dir>/predictions)",
         )
 
-    def _loggers(self, cfg, root: Path, model) -> list:
+    def _loggers(self, cfg, root: Path, model, stage: str) -> list:
         loggers = [CSVLogger(save_dir=str(root), name="csv")]
         mode = wandb_mode(cfg["wandb"]["mode"])
         os.environ["WANDB_MODE"] = mode  # decided once, before any wandb.init
-        if mode != "disabled" and self.subcommand != "predict":
+        if mode != "disabled" and stage != "predict":
             from lightning.pytorch.loggers import WandbLogger
 
             w = cfg["wandb"]
@@ -101,12 +101,14 @@ class ZooCLI(LightningCLI):
         return loggers
 
     def instantiate_trainer(self, **kwargs):
-        cfg = self.config_init[self.subcommand]
+        # run=False (programmatic use, no subcommand) configures a trainer for fit.
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        stage = self.subcommand or "fit"
         trainer_cfg = cfg["trainer"]
         root = Path(trainer_cfg.get("default_root_dir") or Path("runs") / type(self.model).__name__.lower())
         kwargs["default_root_dir"] = str(root)
         if trainer_cfg.get("logger") in (None, True):
-            kwargs["logger"] = self._loggers(cfg, root, self.model)
+            kwargs["logger"] = self._loggers(cfg, root, self.model, stage)
         callbacks = list(trainer_cfg.get("callbacks") or [])
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             metric, mode = getattr(self.model, "monitor", (None, "min"))
@@ -114,9 +116,9 @@ class ZooCLI(LightningCLI):
                 dirpath=root / "checkpoints", filename="best-{epoch}-{step}", monitor=metric, mode=mode,
                 save_last=True, save_top_k=1,
             ))
-        if self.subcommand == "fit":
+        if stage == "fit":
             callbacks.append(RunSummary(root))
-        if self.subcommand == "predict":
+        if stage == "predict":
             callbacks.append(WritePredictions(cfg["predict_out"] or root / "predictions"))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
