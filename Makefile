@@ -3,9 +3,16 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/unet.yaml
-NORMS ?= batch,group,instance,none
 NAME := $(basename $(notdir $(CONFIG)))
 OUT ?= reports/$(NAME)
+# What `make train` compares, per config; `make train NORMS=a,b` or `SWEEP=key=v1,v2` overrides it.
+SWEEP_unet := model.norm=batch,group,instance,none
+SWEEP_unet_paper := model.norm=batch,group,instance,none
+SWEEP_transformer_lm := model.norm=layer,rms,none
+SWEEP_transformer_seq2seq := model.norm=layer,rms,batch,none
+SWEEP_sketch_rnn := model.norm=none,layer,rms,batch
+SWEEP_mambavision := model.token_norm=layer,rms,batch,none
+SWEEP ?= $(if $(NORMS),model.norm=$(NORMS),$(SWEEP_$(NAME)))
 # torch's CUDA wheels are large: give pip time on slow mirrors.
 PIP := $(BIN)/python -m pip --default-timeout=180
 
@@ -19,9 +26,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
+# The main job: the config trained once per norm (each a full run with its own checkpoints), then
+# the comparison report.
 train: setup
-	$(BIN)/python train.py fit --config $(CONFIG) --trainer.default_root_dir runs/$(NAME)
-	$(BIN)/python train.py compare --config $(CONFIG) --norms $(NORMS) --out $(OUT)
+	$(BIN)/python train.py compare --config $(CONFIG) --sweep $(SWEEP) --out $(OUT)
 
 test: setup
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests

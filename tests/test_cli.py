@@ -128,14 +128,23 @@ def test_predict_writes_probability_maps_and_masks(tmp_path):
 def test_ddp_on_two_cpu_processes(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "fit", *tiny_unet_args(tmp_path),
-         "--trainer.strategy=ddp", "--trainer.devices=2", "--model.norm=batch",
-         "--trainer.sync_batchnorm=true"],
+         "--trainer.strategy=ddp", "--trainer.devices=2", "--model.norm=batch"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["global_step"] == 4
+
+
+def test_sync_batchnorm_converts_every_batch_norm():
+    # What --trainer.sync_batchnorm does (it needs CUDA devices, so the CPU DDP test cannot use it).
+    model = UNetSegmentation(base_channels=4, depth=3, norm="batch")
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert n_bn == 2 * 5  # two convs per level: 3 down, 2 up
+    assert sum(type(m) is torch.nn.SyncBatchNorm for m in converted.modules()) == n_bn
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in converted.modules())
 
 
 def test_wandb_mode_is_decided_without_network(monkeypatch, tmp_path):

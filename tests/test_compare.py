@@ -43,6 +43,7 @@ def test_compare_writes_report_and_reports_failures(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "report:" in proc.stdout
+    assert "warning: model.norm value(s) ['bogus'] are not registered norms" in proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["norm=none"]["status"] == "ok" and results["norm=batch"]["status"] == "ok"
     assert results["norm=bogus"]["status"] == "failed" and "bogus" in results["norm=bogus"]["error"]
@@ -59,3 +60,17 @@ def test_compare_writes_report_and_reports_failures(tmp_path):
     for name in ("norm=none", "norm=batch"):
         cmd = (out / "runs" / name / "command.txt").read_text()
         assert "--seed_everything" not in cmd and "--model.norm " + name.split("=")[1] in cmd
+
+
+def test_report_carries_text_samples_and_latest_epoch_only(tmp_path):
+    from zoo.compare import Run, write_report
+
+    run = Run("norm=layer", {"model.norm": "layer"}, tmp_path / "runs" / "norm=layer",
+              {"status": "ok", "metrics": {"val/loss": 1.5}, "params": 10})
+    (run.dir / "samples").mkdir(parents=True)
+    (run.dir / "samples" / "val_text_epoch000.txt").write_text("prompt: ab\noutput: old\n")
+    (run.dir / "samples" / "val_text_epoch001.txt").write_text("prompt: ab\noutput: new <&>\n")
+    report = write_report([run], tmp_path, ["c.yaml"], [], {"model.norm": ["layer"]}).read_text()
+    assert "output: new <&>" in report and "output: old" not in report
+    assert "| norm=layer | ok | 1.5 |" in report
+    assert "output: new &lt;&amp;&gt;" in (tmp_path / "report.html").read_text()

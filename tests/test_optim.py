@@ -1,4 +1,6 @@
 """param_groups: exact decay / no-decay membership, and what AdamW then does with each group."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -138,3 +140,42 @@ def test_adamw_step_decays_only_the_decay_group():
 def test_groups_accepted_by_optimizers(opt_cls):
     opt = opt_cls(param_groups(Net(), 1e-2), lr=1e-3)
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-2, 0.0]
+
+
+def _lrs(name, steps, **kw):
+    from zoo.optim import lr_schedule
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=kw.pop("lr", 1.0))
+    sched = lr_schedule(opt, name, **kw)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_noam_matches_paper_formula():
+    lrs = _lrs("noam", 12000, d_model=512, warmup_steps=4000)
+    for step in (1, 100, 4000, 4001, 11999):
+        assert lrs[step - 1] == pytest.approx(512**-0.5 * min(step**-0.5, step * 4000**-1.5))
+    assert max(range(12000), key=lrs.__getitem__) == 3999  # peak at the end of warm-up
+
+
+def test_cosine_warmup_and_floor():
+    lrs = _lrs("cosine", 101, lr=0.1, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
+    assert lrs[55] == pytest.approx(0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[100] == pytest.approx(0.01)
+
+
+def test_exponential_is_sketch_rnn_decay():
+    lrs = _lrs("exponential", 5, lr=1e-3, min_lr_ratio=1e-5 / 1e-3, decay_rate=0.9999)
+    assert lrs[4] == pytest.approx((1e-3 - 1e-5) * 0.9999**4 + 1e-5)
+
+
+def test_schedule_errors_name_the_value():
+    with pytest.raises(ValueError, match="'step'.*cosine"):
+        _lrs("step", 1)
+    with pytest.raises(ValueError, match="total_steps=None"):
+        _lrs("cosine", 1)

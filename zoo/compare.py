@@ -72,6 +72,17 @@ def check_norms(values: list[str]) -> None:
         )
 
 
+def warn_unregistered_norms(key: str, values: list[str]) -> None:
+    """A swept `model.*norm` value that is not registered here is probably a typo, but may be a norm
+    the config's own module registers in the run's process: say so, and let the run decide."""
+    from zoo.norm import NORM_KINDS
+
+    unknown = [v for v in values if v not in NORM_KINDS]
+    if key.startswith("model.") and key.endswith("norm") and unknown:
+        print(f"compare: warning: {key} value(s) {unknown} are not registered norms ({', '.join(NORM_KINDS)}); "
+              "their runs will fail unless your config's module registers them", file=sys.stderr)
+
+
 def plan_runs(sweeps: dict[str, list[str]], out: Path) -> list[Run]:
     runs = []
     for combo in itertools.product(*sweeps.values()):
@@ -148,13 +159,13 @@ def plot_curves(runs: list[Run], out: Path) -> list[Path]:
 
 
 def latest_samples(run: Run, out: Path) -> list[Path]:
-    """Copies the run's newest sample image per key into the report folder."""
-    newest: dict[str, Path] = {}
-    for p in sorted((run.dir / "samples").glob("*.png")):
-        newest[p.stem.rsplit("_epoch", 1)[0]] = p  # sorted, so the last epoch wins
+    """Copies the run's newest sample (image or text) per key into the report folder."""
+    newest: dict[tuple[str, str], Path] = {}
+    for p in sorted([*(run.dir / "samples").glob("*.png"), *(run.dir / "samples").glob("*.txt")]):
+        newest[p.stem.rsplit("_epoch", 1)[0], p.suffix] = p  # sorted, so the last epoch wins
     copied = []
-    for key, p in newest.items():
-        dest = out / "samples" / f"{run.dir.name}__{key}.png"
+    for (key, suffix), p in newest.items():
+        dest = out / "samples" / f"{run.dir.name}__{key}{suffix}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(p, dest)
         copied.append(dest)
@@ -205,7 +216,12 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
     md += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]
     md += ["", "## Samples (latest validation epoch)", ""]
     for name, paths in samples.items():
-        md += [f"### {name}", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in paths] + [""]
+        md += [f"### {name}", ""]
+        for p in paths:
+            if p.suffix == ".txt":
+                md += [f"`{p.stem}`:", "", "```text", p.read_text().rstrip(), "```", ""]
+            else:
+                md += [f"![{p.stem}]({p.relative_to(out).as_posix()})", ""]
     (out / "report.md").write_text("\n".join(md) + "\n")
 
     h = html.escape
@@ -219,7 +235,9 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
     page += ["</table><h2>Curves</h2>"] + [f"<img src='{h(p.relative_to(out).as_posix())}' width=480>" for p in plots]
     page += ["<h2>Samples</h2>"]
     for name, paths in samples.items():
-        page += [f"<h3>{h(name)}</h3>"] + [f"<img src='{h(p.relative_to(out).as_posix())}'>" for p in paths]
+        page += [f"<h3>{h(name)}</h3>"]
+        page += [f"<pre>{h(p.read_text())}</pre>" if p.suffix == ".txt" else f"<img src='{h(p.relative_to(out).as_posix())}'>"
+                 for p in paths]
     (out / "report.html").write_text("\n".join(page) + "\n")
     (out / "results.json").write_text(json.dumps({r.name: {"values": r.values, **r.summary} for r in runs}, indent=2))
     return out / "report.md"
@@ -243,6 +261,9 @@ def main(argv: list[str]) -> int:
     sweeps = parse_sweeps(args.norms, args.sweep)
     if args.norms:
         check_norms(sweeps["model.norm"])
+    for key, values in sweeps.items():
+        if key != "model.norm" or not args.norms:
+            warn_unregistered_norms(key, values)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan_runs(sweeps, out)
@@ -254,5 +275,6 @@ def main(argv: list[str]) -> int:
         status = "ok" if run.ok else f"FAILED ({run.summary.get('error')}); log: {run.dir / 'run.log'}"
         print(f"[{i}/{len(runs)}] {run.name}: {status}", flush=True)
     report = write_report(runs, out, args.config, overrides, sweeps)
+    print(f"checkpoints: {(out / 'runs').resolve()}/<run>/checkpoints/last.ckpt")
     print(f"report: {report.resolve()}\n        {(out / 'report.html').resolve()}")
     return 0 if any(r.ok for r in runs) else 1

@@ -1,4 +1,5 @@
-"""Optimizer parameter groups: weight decay for weights, none for biases, norms and embeddings.
+"""Optimizer parameter groups (weight decay for weights, none for biases, norms and embeddings) and
+the learning-rate schedules the zoo's tasks share (`lr_schedule`).
 
 Rule (a trainable parameter gets NO weight decay if any of these holds):
   1. it has 0 or 1 dimensions (biases, norm affines, layer-scale gammas, scalar temperatures);
@@ -21,7 +22,9 @@ decays 2-D embedding tables, and it puts everything into the no-decay group when
 from __future__ import annotations
 
 import fnmatch
+import math
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -74,3 +77,59 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
         {"params": no_decay_params, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
+
+
+SCHEDULES = ("none", "cosine", "noam", "exponential")
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer,
+    name: str = "none",
+    total_steps: int | None = None,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.0,
+    d_model: int | None = None,
+    decay_rate: float = 0.9999,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule as a `LambdaLR` multiplier of each group's base lr (step it every batch).
+
+    - `none`: constant (after an optional linear warm-up over `warmup_steps`).
+    - `cosine`: linear warm-up, then cosine decay from the base lr to `min_lr_ratio` * lr at
+      `total_steps`.
+    - `noam`: Vaswani et al. 2017, Eq. 3: d_model^-0.5 * min(step^-0.5, step * warmup^-1.5) (steps
+      counted from 1); with base lr 1.0 this is the paper's rate exactly.
+    - `exponential`: Ha & Eck 2017 (sketch-rnn): (lr - min_lr) * decay_rate^step + min_lr, with
+      min_lr = `min_lr_ratio` * lr.
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"lr schedule {name!r} is not one of {SCHEDULES}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+
+    def warm(step: int) -> float:
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+    if name == "none":
+        factor = warm
+    elif name == "cosine":
+        if not total_steps or total_steps <= warmup_steps:
+            raise ValueError(f"cosine needs total_steps > warmup_steps, got total_steps={total_steps}, "
+                             f"warmup_steps={warmup_steps}")
+
+        def factor(step: int) -> float:
+            if step < warmup_steps:
+                return warm(step)
+            progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif name == "noam":
+        if not d_model or not warmup_steps:
+            raise ValueError(f"noam needs d_model and warmup_steps > 0, got d_model={d_model}, "
+                             f"warmup_steps={warmup_steps}")
+
+        def factor(step: int) -> float:
+            n = step + 1
+            return d_model**-0.5 * min(n**-0.5, n * warmup_steps**-1.5)
+    else:
+        def factor(step: int) -> float:
+            return (1 - min_lr_ratio) * decay_rate**step + min_lr_ratio
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -41,17 +41,38 @@ class ZooModule(L.LightningModule):
         """`zoo.load` restricted to this task: a checkpoint of another model kind is refused."""
         return checkpoint.load(path, expected=cls, map_location=map_location)
 
+    def _sample_path(self, key: str, suffix: str) -> Path | None:
+        """`<run dir>/samples/<key>_epoch<N><suffix>`, or None where samples are not written
+        (no trainer, sanity check, not rank zero)."""
+        if self._trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return None
+        path = Path(self.trainer.default_root_dir) / "samples" / f"{key.replace('/', '_')}_epoch{self.current_epoch:03d}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     def log_image(self, key: str, image: np.ndarray) -> Path | None:
         """Saves an (H, W, 3) uint8 image as `<run dir>/samples/<key>_epoch<N>.png` and logs it to
         image-capable loggers (wandb). Rank zero only."""
-        if self._trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        path = self._sample_path(key, ".png")
+        if path is None:
             return None
-        path = Path(self.trainer.default_root_dir) / "samples" / f"{key.replace('/', '_')}_epoch{self.current_epoch:03d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path)
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key=key, images=[image], step=self.global_step)
+        return path
+
+    def log_text(self, key: str, columns: list[str], rows: list[list[str]]) -> Path | None:
+        """Saves text samples (e.g. prompt / continuation) as `<run dir>/samples/<key>_epoch<N>.txt`
+        (one block per row) and logs them as a table to text-capable loggers (wandb). Rank zero only."""
+        path = self._sample_path(key, ".txt")
+        if path is None:
+            return None
+        blocks = ["\n".join(f"{c}: {v}" for c, v in zip(columns, row)) for row in rows]
+        path.write_text("\n\n".join(blocks) + "\n")
+        for logger in self.loggers:
+            if hasattr(logger, "log_text"):
+                logger.log_text(key=key, columns=columns, data=rows, step=self.global_step)
         return path
 
     def write_predictions(self, outputs, batch, out_dir: Path) -> None:

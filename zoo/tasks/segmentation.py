@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from torchmetrics.segmentation import DiceScore
 
 from zoo.models.unet import UNet, seam_error, tiled_predict
+from zoo.optim import lr_schedule
 from zoo.scaling import InputScaler
 from zoo.tasks.base import ZooModule
 
@@ -189,5 +190,5 @@ class UNetSegmentation(ZooModule):
             opt = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW)(groups, lr=hp.lr)
         if hp.scheduler == "none":
             return opt
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.trainer.estimated_stepping_batches)
+        sched = lr_schedule(opt, "cosine", total_steps=self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

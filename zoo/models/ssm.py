@@ -1,0 +1,288 @@
+"""Selective scan (the S6 recurrence of Mamba) that runs everywhere, with `mamba_ssm`'s signature.
+
+    selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, backend="auto")
+
+For every batch b, channel d and state n (Gu & Dao 2023, Alg. 2, zero-order-hold discretisation):
+
+    delta = softplus(delta + delta_bias)  (each step optional)
+    h[t]  = exp(delta[t] * A) * h[t-1] + delta[t] * B[t] * u[t]        h[-1] = 0
+    y[t]  = sum_n C[t, n] * h[t, n] + D * u[t];   y *= silu(z) if z is given
+
+Shapes: u, delta, z (batch, dim, L); A (dim, N), real; B, C either (dim, N) (fixed in time),
+(batch, N, L) or (batch, G, N, L) with G groups of dim / G channels; D, delta_bias (dim,).
+Returns y (batch, dim, L) in u's dtype, and with `return_last_state` also h[L-1] (batch, dim, N).
+
+Backends, one interface:
+    "sequential"  `selective_scan_ref`: a Python loop over time; obviously correct, used in tests.
+    "chunked"     `selective_scan_chunked`: pure PyTorch for CPUs and GPUs without mamba_ssm. The
+                  sequence is cut into about sqrt(L) chunks of about sqrt(L) steps; each chunk is
+                  scanned in place, the chunk-end states are carried across chunks, and each position
+                  receives its chunk's carry times the product of the decays since the chunk start.
+                  That is ~2 sqrt(L) small loop steps instead of L, and only ever multiplies decays
+                  exp(delta * A): no division by a cumulative product, so it cannot overflow where
+                  the true states do not (the 1/cumprod(decay) formulation overflows float32 once
+                  sum(delta * A) < -88). The backward pass is the adjoint recurrence, run by the same
+                  chunked scan in reverse time, so memory holds the states once, not one graph per step.
+    "cuda"        mamba_ssm's fused kernel; imported lazily, on first use with a CUDA tensor.
+    "auto"        "cuda" for CUDA tensors when mamba_ssm imports, else "chunked".
+
+Every backend computes in float32 (float64 inputs stay float64) with autocast disabled inside: under
+bf16/fp16 autocast the exponentials and the long sums of the recurrence lose too much precision (the
+official MambaVision NaNs under AMP there).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_chunked", "linear_scan", "BACKENDS"]
+
+BACKENDS = ("auto", "chunked", "sequential", "cuda")
+
+_mamba_ssm_fn = None  # the CUDA kernel's selective_scan_fn once imported; False when unavailable
+
+
+def _cuda_kernel():
+    """mamba_ssm's selective_scan_fn, or None when it is not installed (imported once, lazily)."""
+    global _mamba_ssm_fn
+    if _mamba_ssm_fn is None:
+        try:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+            _mamba_ssm_fn = selective_scan_fn
+        except ImportError:
+            _mamba_ssm_fn = False
+    return _mamba_ssm_fn or None
+
+
+# ----------------------------------------------------------------------------------------------------
+# input handling shared by the backends
+
+def _compute_dtype(u: Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D, z, delta_bias) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be (batch, dim, L), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if tuple(delta.shape) != tuple(u.shape):
+        raise ValueError(f"selective_scan: delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"selective_scan: A must be (dim={dim}, N), got {tuple(A.shape)}")
+    if A.is_complex():
+        raise ValueError("selective_scan: complex A is not supported by the PyTorch backends; use a real A")
+    n = A.shape[1]
+    for name, m in (("B", B), ("C", C)):
+        ok = ((m.dim() == 2 and tuple(m.shape) == (dim, n))
+              or (m.dim() == 3 and tuple(m.shape) == (batch, n, length))
+              or (m.dim() == 4 and m.shape[0] == batch and m.shape[1] >= 1 and dim % m.shape[1] == 0
+                  and tuple(m.shape[2:]) == (n, length)))
+        if not ok:
+            raise ValueError(f"selective_scan: {name} must be (dim, N) = ({dim}, {n}), (batch, N, L) = "
+                             f"({batch}, {n}, {length}) or (batch, G, N, L) with G dividing dim; got "
+                             f"{tuple(m.shape)}")
+    for name, v in (("D", D), ("delta_bias", delta_bias)):
+        if v is not None and tuple(v.shape) != (dim,):
+            raise ValueError(f"selective_scan: {name} must be (dim={dim},), got {tuple(v.shape)}")
+    if z is not None and tuple(z.shape) != tuple(u.shape):
+        raise ValueError(f"selective_scan: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+
+
+def _per_channel(m: Tensor, batch: int, dim: int, length: int) -> Tensor:
+    """B or C in any accepted layout -> (batch, dim, L, N), broadcasting where possible."""
+    if m.dim() == 2:  # (dim, N): the same at every step
+        return m[None, :, None, :]
+    if m.dim() == 3:  # (batch, N, L): shared by all channels
+        return m.transpose(1, 2)[:, None]
+    groups = m.shape[1]  # (batch, G, N, L): channel d uses group d // (dim / G)
+    return m.transpose(2, 3).repeat_interleave(dim // groups, dim=1)
+
+
+def _prepare(u, delta, A, delta_bias, delta_softplus):
+    dtype = _compute_dtype(u)
+    delta = delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return dtype, u.to(dtype), delta, A.to(dtype)
+
+
+def _finish(y, u, D, z, dtype, dtype_in):
+    if D is not None:
+        y = y + u * D.to(dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y.to(dtype_in)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sequential reference
+
+def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                       z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                       delta_softplus: bool = False, return_last_state: bool = False):
+    """The recurrence of the module docstring, one time step at a time (plain autograd)."""
+    _check(u, delta, A, B, C, D, z, delta_bias)
+    dtype_in = u.dtype
+    with torch.autocast(u.device.type, enabled=False):
+        dtype, u, delta, A = _prepare(u, delta, A, delta_bias, delta_softplus)
+        batch, dim, length = u.shape
+        Bt = _per_channel(B.to(dtype), batch, dim, length)  # (batch|1, dim|1, L|1, N)
+        Ct = _per_channel(C.to(dtype), batch, dim, length)
+        h = u.new_zeros(batch, dim, A.shape[1])
+        ys = []
+        for t in range(length):
+            dt = delta[:, :, t, None]                                       # (batch, dim, 1)
+            b_t = Bt[:, :, min(t, Bt.shape[2] - 1)]
+            c_t = Ct[:, :, min(t, Ct.shape[2] - 1)]
+            h = torch.exp(dt * A) * h + dt * b_t * u[:, :, t, None]
+            ys.append((h * c_t).sum(-1))
+        y = torch.stack(ys, dim=-1)
+        out = _finish(y, u, D, z, dtype, dtype_in)
+    return (out, h) if return_last_state else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# chunked scan
+
+def _chunk_size(length: int) -> int:
+    return max(1, math.ceil(math.sqrt(length)))
+
+
+@torch.no_grad()
+def _scan(a: Tensor, b: Tensor, reverse: bool = False, chunk: Optional[int] = None) -> Tensor:
+    """The linear recurrence along dim 0 of a, b (L, *rest), chunked (module docstring); returns h.
+
+    forward:  h[t] = a[t] * h[t-1] + b[t], h[-1] = 0
+    reverse:  h[t] = a[t+1] * h[t+1] + b[t], h[L] = 0 (the adjoint of the forward recurrence)
+
+    The sequence splits into `n` full chunks of `chunk` steps and a tail of `L - n * chunk` steps (at
+    the end going forward, at the start in reverse, so chunk boundaries need no padding). The tail
+    runs step by step after the chunks.
+    """
+    length, rest = a.shape[0], a.shape[1:]
+    chunk = chunk or _chunk_size(length)
+    n = length // chunk
+    tail = length - n * chunk
+    h = b.clone()
+    main = slice(tail, length) if reverse else slice(0, n * chunk)
+    a_m = a[main].view(n, chunk, *rest)
+    h_m = h[main].view(n, chunk, *rest)
+    decay = torch.empty_like(a_m)  # products of the decays between each step and the chunk's edge
+    if not reverse:
+        decay[:, 0] = a_m[:, 0]
+        for j in range(1, chunk):
+            h_m[:, j].addcmul_(a_m[:, j], h_m[:, j - 1])
+            torch.mul(decay[:, j - 1], a_m[:, j], out=decay[:, j])
+        ends = h_m[:, -1].clone()  # true state at each chunk end
+        for c in range(1, n):
+            ends[c].addcmul_(decay[c, -1], ends[c - 1])
+        h_m[1:].addcmul_(decay[1:], ends[:-1, None])
+        for t in range(n * chunk, length):
+            h[t].addcmul_(a[t], h[t - 1])
+    else:
+        decay[:, -1] = 1
+        for j in range(chunk - 2, -1, -1):
+            h_m[:, j].addcmul_(a_m[:, j + 1], h_m[:, j + 1])
+            torch.mul(decay[:, j + 1], a_m[:, j + 1], out=decay[:, j])
+        starts = h_m[:, 0].clone()  # true state at each chunk start
+        incoming = torch.zeros_like(starts)  # a at the next chunk's start times its true state
+        for c in range(n - 2, -1, -1):
+            torch.mul(a_m[c + 1, 0], starts[c + 1], out=incoming[c])
+            starts[c].addcmul_(decay[c, 0], incoming[c])
+        h_m[:-1].addcmul_(decay[:-1], incoming[:-1, None])
+        for t in range(tail - 1, -1, -1):
+            h[t].addcmul_(a[t + 1], h[t + 1])
+    return h
+
+
+class _LinearScan(torch.autograd.Function):
+    """h = scan(a, b) with the adjoint recurrence as backward: for loss l and g = dl/dh,
+    lam[t] = g[t] + a[t+1] * lam[t+1];  dl/db[t] = lam[t];  dl/da[t] = lam[t] * h[t-1]."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        h = _scan(a, b)
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        a, h = ctx.saved_tensors
+        lam = _scan(a, g.contiguous(), reverse=True)
+        grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.empty_like(a)
+            grad_a[0] = 0
+            torch.mul(lam[1:], h[:-1], out=grad_a[1:])
+        return grad_a, lam if ctx.needs_input_grad[1] else None
+
+
+def linear_scan(a: Tensor, b: Tensor) -> Tensor:
+    """h[t] = a[t] * h[t-1] + b[t] along dim 0 (h[-1] = 0); a, b (L, *rest) -> h (L, *rest).
+    Differentiable in a and b; chunked (see the module docstring)."""
+    if a.shape != b.shape:
+        raise ValueError(f"linear_scan: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return _LinearScan.apply(a.contiguous(), b.contiguous())
+
+
+def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                           z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                           delta_softplus: bool = False, return_last_state: bool = False):
+    """The fast pure-PyTorch selective scan (chunked `linear_scan` over time); same results as
+    `selective_scan_ref` up to float rounding, differentiable."""
+    _check(u, delta, A, B, C, D, z, delta_bias)
+    dtype_in = u.dtype
+    with torch.autocast(u.device.type, enabled=False):
+        dtype, u, delta, A = _prepare(u, delta, A, delta_bias, delta_softplus)
+        batch, dim, length = u.shape
+        # time-major (L, batch, dim, N): each step of the scan is then one contiguous block
+        delta_t = delta.permute(2, 0, 1)[..., None]                               # (L, batch, dim, 1)
+        decay = torch.mul(delta_t, A).exp_()                                     # (L, batch, dim, N)
+        Bt = _per_channel(B.to(dtype), batch, dim, length).permute(2, 0, 1, 3)   # (L|1, batch|1, dim|1, N)
+        Ct = _per_channel(C.to(dtype), batch, dim, length).permute(2, 0, 1, 3)
+        drive = (delta_t * u.permute(2, 0, 1)[..., None]) * Bt                    # (L, batch, dim, N)
+        h = linear_scan(decay, drive.expand_as(decay))
+        if Ct.shape[2] == 1:  # C shared by all channels: one batched matmul over (L, batch)
+            y = (h @ Ct.expand(length, batch, 1, -1).transpose(2, 3))[..., 0]     # (L, batch, dim)
+        else:
+            y = (h * Ct).sum(-1)
+        y = y.permute(1, 2, 0)                                                   # (batch, dim, L)
+        out = _finish(y, u, D, z, dtype, dtype_in)
+    return (out, h[-1]) if return_last_state else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# dispatch
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, *, backend: str = "auto"):
+    """Selective scan with mamba_ssm's `selective_scan_fn` signature; `backend` picks the
+    implementation (module docstring). Returns y (batch, dim, L) [, last state (batch, dim, N)]."""
+    if backend not in BACKENDS:
+        raise ValueError(f"selective_scan: backend {backend!r} is not one of {BACKENDS}")
+    if backend in ("auto", "cuda") and u.is_cuda:
+        kernel = _cuda_kernel()
+        if kernel is not None:
+            with torch.autocast("cuda", enabled=False):
+                # the kernel takes fp32/bf16/fp16 u, delta, z and fp32 A, D, delta_bias; we give it fp32
+                f = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+                out = kernel(f(u), f(delta), f(A), f(B), f(C), f(D), f(z), f(delta_bias), delta_softplus,
+                             return_last_state)
+            if return_last_state:
+                return out[0].to(u.dtype), out[1]
+            return out.to(u.dtype)
+        if backend == "cuda":
+            raise RuntimeError("selective_scan: backend 'cuda' needs the mamba_ssm package (pip install mamba-ssm)")
+    elif backend == "cuda":
+        raise ValueError(f"selective_scan: backend 'cuda' needs CUDA tensors, got a tensor on {u.device}")
+    fn = selective_scan_ref if backend == "sequential" else selective_scan_chunked
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -1,0 +1,233 @@
+"""Language modelling with the decoder-only Transformer (`zoo.models.transformer.TransformerLM`), and
+`TransformerTask`, what it shares with the seq2seq task (`zoo.tasks.seq2seq`): AdamW with the zoo's
+parameter groups, the paper's warm-up ("noam") or cosine schedule, token throughput, and tokenizers
+that travel in the checkpoint.
+
+The vocabulary is the datamodule's, built on the training split, so the network is built in
+`setup` once the datamodule has fitted its tokenizer; the tokenizer state (plain data) is saved in
+the checkpoint (`checkpoint["tokenizers"]`) and `zoo.load` rebuilds the network from it. Gradient
+clipping is Lightning's (`trainer.gradient_clip_val`).
+
+Metrics: `train/loss`, `val/loss` (mean next-token cross-entropy, nats), `val/ppl` = exp(val/loss),
+`val/bpc` (bits per character of the validation text: total bits / characters, which equals
+val/loss / ln 2 for a character-level tokenizer), `train/tokens_per_s`. Each validation epoch,
+`samples/*.txt` (and a wandb table) hold continuations of prompts taken from the validation text.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zoo.data.text import Tokenizer
+from zoo.models.transformer import TransformerLM
+from zoo.optim import lr_schedule
+from zoo.tasks.base import ZooModule
+
+SCHEDULERS = ("noam", "cosine", "none")
+
+
+class TransformerTask(ZooModule):
+    """Shared by the Transformer tasks. Subclasses define `_build(tokenizers)` (the network, from
+    fitted tokenizers), `_tokenizers_from(datamodule)` and `_count_tokens(batch)`; hparams hold lr,
+    weight_decay, betas, eps, scheduler, warmup_steps, min_lr_ratio and d_model.
+
+    Optimizer: AdamW over `param_groups` (no decay for norms, biases, embeddings). Schedules (per step):
+    "noam" is the paper's Eq. 3 times `lr` (lr=1 gives the paper's rate), "cosine" warms up linearly
+    then decays to min_lr_ratio * lr, "none" is constant after the warm-up.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.net = None
+        self.tokenizers: dict[str, Tokenizer] = {}
+        self._t_last = None
+
+    # -- vocabulary and network -------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if self.net is None and dm is not None and stage != "predict":
+            self._set_tokenizers(self._tokenizers_from(dm))
+
+    def _set_tokenizers(self, tokenizers: dict[str, Tokenizer]) -> None:
+        self.tokenizers = tokenizers
+        self.net = self._build(tokenizers)
+
+    def on_save_checkpoint(self, ckpt: dict) -> None:
+        super().on_save_checkpoint(ckpt)
+        ckpt["tokenizers"] = {k: t.state_dict() for k, t in self.tokenizers.items()}
+
+    def on_load_checkpoint(self, ckpt: dict) -> None:
+        saved = {k: Tokenizer.from_state(s) for k, s in ckpt["tokenizers"].items()}
+        if self.net is None:
+            self._set_tokenizers(saved)
+        elif saved != self.tokenizers:
+            raise ValueError("the checkpoint's vocabulary differs from the one this datamodule built on its "
+                             "training split; use the data settings the checkpoint was trained with")
+
+    def _require_net(self) -> None:
+        if self.net is None:
+            raise RuntimeError(f"{type(self).__name__} has no network yet: it is built from the datamodule's "
+                               "vocabulary in trainer.fit, or from a checkpoint by zoo.load")
+
+    # -- optimizer ----------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.param_groups(hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        if hp.scheduler == "none" and not hp.warmup_steps:
+            return opt
+        sched = lr_schedule(opt, hp.scheduler, total_steps=self.trainer.estimated_stepping_batches,
+                            warmup_steps=hp.warmup_steps, min_lr_ratio=hp.min_lr_ratio, d_model=hp.d_model)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- throughput -----------------------------------------------------------------------------------
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # tokens per second over the step, data loading included; the first step is warm-up
+        now = time.perf_counter()
+        if self._t_last is not None and now > self._t_last:
+            self.log("train/tokens_per_s", self._count_tokens(batch) / (now - self._t_last))
+        self._t_last = now
+
+    def on_validation_start(self) -> None:
+        self._t_last = None  # validation time is not training time
+
+
+def _check_choices(**kw) -> None:
+    for name, (value, choices) in kw.items():
+        if value not in choices:
+            raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+class LanguageModel(TransformerTask):
+    """Next-token language modelling with `TransformerLM`.
+
+    Args:
+        d_model, n_heads, n_layers, d_ff, dropout, norm, norm_position, pos_encoding, activation,
+            bias, tie_embeddings: the network (`zoo.models.transformer.TransformerLM`); max_len is
+            `block_size`.
+        block_size: the context length (the datamodule's windows must not be longer).
+        lr, weight_decay, betas, eps: AdamW.
+        scheduler, warmup_steps, min_lr_ratio: learning-rate schedule ("noam", "cosine", "none").
+        num_samples, sample_tokens, temperature, top_k: text samples each validation epoch, and the
+            sampling settings of `predict`.
+        max_new_tokens: tokens `predict` appends to each prompt.
+    """
+
+    def __init__(self, d_model: int = 128, n_heads: int = 4, n_layers: int = 4, d_ff: int | None = None,
+                 dropout: float = 0.1, norm: str = "layer", norm_position: str = "pre", block_size: int = 128,
+                 pos_encoding: str = "sinusoidal", activation: str = "relu", bias: bool = True,
+                 tie_embeddings: bool = True, lr: float = 1e-3, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-9, scheduler: str = "cosine",
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, num_samples: int = 2,
+                 sample_tokens: int = 120, temperature: float = 0.8, top_k: int | None = None,
+                 max_new_tokens: int = 200):
+        super().__init__()
+        _check_choices(scheduler=(scheduler, SCHEDULERS))
+        self.save_hyperparameters()
+        # the network's own checks (norm kind, position, ...) run now, before any data is read
+        TransformerLM(8, d_model, n_heads, 1, 8, dropout, norm, norm_position, 1, pos_encoding, tie_embeddings,
+                      activation, bias)
+
+    def _tokenizers_from(self, dm) -> dict[str, Tokenizer]:
+        if dm.hparams.block_size > self.hparams.block_size:
+            raise ValueError(f"data block_size={dm.hparams.block_size} exceeds the model's "
+                             f"block_size={self.hparams.block_size}")
+        self.chars_per_token = getattr(dm, "chars_per_token", 1.0)
+        return {"text": dm.tokenizer}
+
+    def _build(self, tokenizers: dict[str, Tokenizer]) -> TransformerLM:
+        hp = self.hparams
+        return TransformerLM(len(tokenizers["text"]), hp.d_model, hp.n_heads, hp.n_layers, hp.d_ff or 4 * hp.d_model,
+                             hp.dropout, hp.norm, hp.norm_position, hp.block_size, hp.pos_encoding,
+                             hp.tie_embeddings, hp.activation, hp.bias)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.tokenizers["text"]
+
+    def _count_tokens(self, batch) -> int:
+        return batch["input"].numel()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(N, L) token ids -> (N, L, V) next-token logits."""
+        self._require_net()
+        return self.net(ids)
+
+    def _loss(self, batch) -> torch.Tensor:
+        logits = self(batch["input"])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].flatten())
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input"]))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_nll, self._val_tokens = 0.0, 0
+
+    def validation_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self._val_nll += float(loss) * batch["target"].numel()
+        self._val_tokens += batch["target"].numel()
+        if batch_idx == 0:
+            self._prompts = batch["input"][: self.hparams.num_samples, : self.hparams.block_size // 4]
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_tokens:
+            return
+        loss = self._val_nll / self._val_tokens
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", math.exp(min(loss, 80.0)))
+        self.log("val/bpc", loss / math.log(2) / getattr(self, "chars_per_token", 1.0))
+        hp = self.hparams
+        if self.trainer.sanity_checking or hp.num_samples == 0:
+            return
+        n_new = min(hp.sample_tokens, hp.block_size - self._prompts.shape[1])
+        g = torch.Generator(device=self.device).manual_seed(0)
+        out = self.net.generate(self._prompts, n_new, temperature=hp.temperature, top_k=hp.top_k, generator=g)
+        rows = [[self.tokenizer.decode(p), self.tokenizer.decode(o[p.shape[0]:])]
+                for p, o in zip(self._prompts, out)]
+        self.log_text("samples/val", ["prompt", "continuation"], rows)
+
+    # -- inference -------------------------------------------------------------------------------------
+    def continue_text(self, prompt: str, max_new_tokens: int | None = None, greedy: bool = False,
+                      generator: torch.Generator | None = None) -> str:
+        """Continue a prompt (str) with the model's sampling settings; returns the new text only.
+
+        Characters outside the vocabulary become <unk> (a warning gives the count); a prompt longer than
+        the context is cut to its last tokens, with a warning."""
+        self._require_net()
+        hp = self.hparams
+        n_new = hp.max_new_tokens if max_new_tokens is None else max_new_tokens
+        self.tokenizer.unknown = 0
+        ids = self.tokenizer.encode(prompt)
+        if self.tokenizer.unknown:
+            warnings.warn(f"prompt {prompt[:40]!r}: {self.tokenizer.unknown} token(s) not in the vocabulary "
+                          "were mapped to <unk>")
+        if not ids:
+            raise ValueError(f"prompt {prompt!r} has no tokens after preprocessing")
+        keep = hp.block_size - n_new if n_new < hp.block_size else 1
+        if len(ids) > keep:
+            warnings.warn(f"prompt of {len(ids)} tokens cut to its last {keep} to leave room for {n_new} new "
+                          f"tokens in the context of {hp.block_size}")
+            ids = ids[-keep:]
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        use_cache = len(ids) + n_new <= hp.block_size  # beyond the context: a sliding window, uncached
+        out = self.net.generate(x, n_new, greedy=greedy, temperature=hp.temperature, top_k=hp.top_k,
+                                use_cache=use_cache, generator=generator)
+        return self.tokenizer.decode(out[0, len(ids):])
+
+    def predict_step(self, batch, batch_idx):
+        g = torch.Generator(device=self.device).manual_seed(batch_idx)
+        return {"prompt": batch["text"], "continuation": [self.continue_text(p, generator=g) for p in batch["text"]]}
+
+    def write_predictions(self, outputs, batch, out_dir: Path) -> None:
+        """Appends prompt + continuation to `<out_dir>/continuations.txt`, one block per prompt."""
+        with open(out_dir / "continuations.txt", "a", encoding="utf-8") as f:
+            for p, c in zip(outputs["prompt"], outputs["continuation"]):
+                f.write(f"=== prompt: {p}\n{p}{c}\n\n")
