@@ -23,7 +23,14 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+# Test-only extras, plus the official MambaVision package without its CUDA-only dependencies
+# (mamba_ssm, causal_conv1d): the tests compare our port with it.
+$(VENV)/.dev: $(VENV)/.installed
 	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps mambavision==1.2.0
 	touch $@
 
 # The main job: the config trained once per norm (each a full run with its own checkpoints), then
@@ -31,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 train: setup
 	$(BIN)/python train.py compare --config $(CONFIG) --sweep $(SWEEP) --out $(OUT)
 
-test: setup
+test: $(VENV)/.dev
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests
 
 clean:

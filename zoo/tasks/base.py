@@ -2,6 +2,7 @@
 sample images for the dashboards and the tag that lets `zoo.load` recognise its checkpoints."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import lightning as L
@@ -46,7 +47,8 @@ class ZooModule(L.LightningModule):
         (no trainer, sanity check, not rank zero)."""
         if self._trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return None
-        path = Path(self.trainer.default_root_dir) / "samples" / f"{key.replace('/', '_')}_epoch{self.current_epoch:03d}{suffix}"
+        stem = re.sub(r"[^\w.=-]+", "_", key).strip("_")  # a plain file name: it is linked from report.md
+        path = Path(self.trainer.default_root_dir) / "samples" / f"{stem}_epoch{self.current_epoch:03d}{suffix}"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 

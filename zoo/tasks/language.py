@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 
 from zoo.data.text import Tokenizer
-from zoo.models.transformer import TransformerLM
+from zoo.models.transformer import TransformerLM, _check_choice
 from zoo.optim import lr_schedule
 from zoo.tasks.base import ZooModule
 
@@ -97,12 +98,6 @@ class TransformerTask(ZooModule):
         self._t_last = None  # validation time is not training time
 
 
-def _check_choices(**kw) -> None:
-    for name, (value, choices) in kw.items():
-        if value not in choices:
-            raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
-
-
 class LanguageModel(TransformerTask):
     """Next-token language modelling with `TransformerLM`.
 
@@ -114,8 +109,9 @@ class LanguageModel(TransformerTask):
         lr, weight_decay, betas, eps: AdamW.
         scheduler, warmup_steps, min_lr_ratio: learning-rate schedule ("noam", "cosine", "none").
         num_samples, sample_tokens, temperature, top_k: text samples each validation epoch, and the
-            sampling settings of `predict`.
-        max_new_tokens: tokens `predict` appends to each prompt.
+            sampling settings of `predict` (how many tokens and greedy or not are the datamodule's
+            `max_new_tokens` / `greedy`: LightningCLI restores a checkpoint's hparams over the
+            command line, so predict-time options live in the datamodule).
     """
 
     def __init__(self, d_model: int = 128, n_heads: int = 4, n_layers: int = 4, d_ff: int | None = None,
@@ -124,11 +120,11 @@ class LanguageModel(TransformerTask):
                  tie_embeddings: bool = True, lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-9, scheduler: str = "cosine",
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, num_samples: int = 2,
-                 sample_tokens: int = 120, temperature: float = 0.8, top_k: int | None = None,
-                 max_new_tokens: int = 200):
+                 sample_tokens: int = 120, temperature: float = 0.8, top_k: int | None = None):
         super().__init__()
-        _check_choices(scheduler=(scheduler, SCHEDULERS))
+        _check_choice("scheduler", scheduler, SCHEDULERS)
         self.save_hyperparameters()
+        self.val_nll = MeanMetric()
         # the network's own checks (norm kind, position, ...) run now, before any data is read
         TransformerLM(8, d_model, n_heads, 1, 8, dropout, norm, norm_position, 1, pos_encoding, tie_embeddings,
                       activation, bias)
@@ -167,20 +163,16 @@ class LanguageModel(TransformerTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input"]))
         return loss
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_nll, self._val_tokens = 0.0, 0
-
     def validation_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self._val_nll += float(loss) * batch["target"].numel()
-        self._val_tokens += batch["target"].numel()
+        self.val_nll.update(self._loss(batch), weight=batch["target"].numel())  # per-token mean, synced
         if batch_idx == 0:
             self._prompts = batch["input"][: self.hparams.num_samples, : self.hparams.block_size // 4]
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_tokens:
+        if self.val_nll.update_count == 0:
             return
-        loss = self._val_nll / self._val_tokens
+        loss = float(self.val_nll.compute())
+        self.val_nll.reset()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", math.exp(min(loss, 80.0)))
         self.log("val/bpc", loss / math.log(2) / getattr(self, "chars_per_token", 1.0))
@@ -195,7 +187,7 @@ class LanguageModel(TransformerTask):
         self.log_text("samples/val", ["prompt", "continuation"], rows)
 
     # -- inference -------------------------------------------------------------------------------------
-    def continue_text(self, prompt: str, max_new_tokens: int | None = None, greedy: bool = False,
+    def continue_text(self, prompt: str, max_new_tokens: int = 200, greedy: bool = False,
                       generator: torch.Generator | None = None) -> str:
         """Continue a prompt (str) with the model's sampling settings; returns the new text only.
 
@@ -203,7 +195,7 @@ class LanguageModel(TransformerTask):
         the context is cut to its last tokens, with a warning."""
         self._require_net()
         hp = self.hparams
-        n_new = hp.max_new_tokens if max_new_tokens is None else max_new_tokens
+        n_new = max_new_tokens
         self.tokenizer.unknown = 0
         ids = self.tokenizer.encode(prompt)
         if self.tokenizer.unknown:
@@ -223,8 +215,10 @@ class LanguageModel(TransformerTask):
         return self.tokenizer.decode(out[0, len(ids):])
 
     def predict_step(self, batch, batch_idx):
+        dm = self.trainer.datamodule.hparams
         g = torch.Generator(device=self.device).manual_seed(batch_idx)
-        return {"prompt": batch["text"], "continuation": [self.continue_text(p, generator=g) for p in batch["text"]]}
+        return {"prompt": batch["text"],
+                "continuation": [self.continue_text(p, dm.max_new_tokens, dm.greedy, g) for p in batch["text"]]}
 
     def write_predictions(self, outputs, batch, out_dir: Path) -> None:
         """Appends prompt + continuation to `<out_dir>/continuations.txt`, one block per prompt."""

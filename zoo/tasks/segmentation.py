@@ -154,7 +154,7 @@ class UNetSegmentation(ZooModule):
             image, mask, pred = batch["image"][0], batch["mask"][0], probs[0].argmax(0)
             panel = np.concatenate([to_gray_rgb(image), colorize(mask.cpu().numpy()),
                                     colorize(pred.cpu().numpy())], axis=1)
-            self.log_image("val/sample (image | truth | prediction)", panel)
+            self.log_image("val/image_truth_prediction", panel)
             if self.hparams.seam_tile:
                 self.log("val/seam_error", seam_error(self, batch["image"][:1], self.hparams.seam_tile))
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torchmetrics.text import WordErrorRate
 
-from zoo.data.text import BOS, EOS, PAD, Tokenizer
-from zoo.models.transformer import Transformer
-from zoo.tasks.language import SCHEDULERS, TransformerTask, _check_choices
+from zoo.data.text import BOS, EOS, PAD, UNK, Tokenizer
+from zoo.models.transformer import Transformer, _check_choice
+from zoo.tasks.language import SCHEDULERS, TransformerTask
 
 
 class Seq2Seq(TransformerTask):
@@ -51,7 +51,7 @@ class Seq2Seq(TransformerTask):
                  scheduler: str = "noam", warmup_steps: int = 400, min_lr_ratio: float = 0.0,
                  beam_size: int = 4, alpha: float = 0.6, num_samples: int = 4):
         super().__init__()
-        _check_choices(scheduler=(scheduler, SCHEDULERS))
+        _check_choice("scheduler", scheduler, SCHEDULERS)
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         self.save_hyperparameters()
@@ -110,7 +110,7 @@ class Seq2Seq(TransformerTask):
         self._require_net()
         src_tok = self.tokenizers["src"]
         src_tok.unknown = 0
-        ids = [torch.tensor(src_tok.encode(s) or [PAD], dtype=torch.long) for s in lines]
+        ids = [torch.tensor(src_tok.encode(s) or [UNK], dtype=torch.long) for s in lines]  # never all pads
         if src_tok.unknown:
             warnings.warn(f"{src_tok.unknown} input token(s) not in the vocabulary were mapped to <unk>")
         src = pad_sequence(ids, batch_first=True, padding_value=PAD).to(self.device)
@@ -123,13 +123,13 @@ class Seq2Seq(TransformerTask):
     # -- evaluation --------------------------------------------------------------------------------------
     def _evaluate(self, batch, stage: str, beam_size: int) -> tuple[list[str], list[str]]:
         n = len(batch["src"])
-        self.log(f"{stage}/loss", self._loss(batch, 0.0), batch_size=n, prog_bar=stage == "val")
+        self.log(f"{stage}/loss", self._loss(batch, 0.0), batch_size=n, prog_bar=stage == "val", sync_dist=True)
         preds = self._strings(self.decode_ids(batch["src"], beam_size), "tgt")
         targets = self._strings(batch["tgt"], "tgt")
         exact = sum(p == t for p, t in zip(preds, targets)) / n
-        self.log(f"{stage}/exact_match", exact, batch_size=n, prog_bar=stage == "val")
+        self.log(f"{stage}/exact_match", exact, batch_size=n, prog_bar=stage == "val", sync_dist=True)
         if self.is_g2p:
-            self.log(f"{stage}/wer", 1.0 - exact, batch_size=n)
+            self.log(f"{stage}/wer", 1.0 - exact, batch_size=n, sync_dist=True)
             self.per.update(preds, targets)
             self.log(f"{stage}/per", self.per, on_epoch=True, batch_size=n)
         return preds, targets
