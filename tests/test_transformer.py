@@ -104,6 +104,26 @@ def test_seq2seq_loss_and_logits_ignore_target_padding():
         torch.testing.assert_close(longer[:, :5][real], logits[real], msg=norm)
 
 
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_padding_never_changes_batch_norm_statistics(position):
+    # Extra source and target pads leave every running mean / variance (encoder and causal decoder)
+    # as without them, and the real tokens' logits too (float64: float32 rounding differs with the shapes).
+    a, b = tiny_s2s("batch", position).double().train(), tiny_s2s("batch", position).double().train()
+    src = torch.tensor([[4, 5, 6, 0], [8, 4, 5, 6], [7, 0, 0, 0]])
+    tgt = torch.tensor([[1, 5, 6, 2, 0], [1, 4, 2, 0, 0], [1, 7, 8, 4, 2]])
+    for _ in range(2):
+        logits = a(src, tgt)
+        longer = b(F.pad(src, (0, 5)), F.pad(tgt, (0, 3)))
+    torch.testing.assert_close(longer[:, :5][tgt != 0], logits[tgt != 0])
+    bufs_a, bufs_b = dict(a.named_buffers()), dict(b.named_buffers())
+    stats = [k for k in bufs_a if "running_" in k]
+    assert len(stats) == 2 * (2 * 2 + 3 * 2 + 2 * (position == "pre"))  # mean + var of every batch norm
+    for k in stats:
+        torch.testing.assert_close(bufs_b[k], bufs_a[k], msg=k)
+    moved = [k for k in stats if "running_mean" in k and bufs_a[k].abs().sum() > 0]
+    assert len(moved) == len(stats) // 2  # the statistics were updated at all
+
+
 # ------------------------------------------------------------------------------------------------
 # batch norm over tokens: torch's BatchNorm1d on the real tokens is the reference
 
@@ -206,6 +226,21 @@ def test_lm_is_causal_for_every_norm_in_train_and_eval(norm, position):
     model = tiny_lm(norm, position)
     assert _future_grad(model, train=True) == 0.0
     assert _future_grad(model, train=False) == 0.0
+
+
+@pytest.mark.parametrize("norm,position", list(itertools.product(LM_NORMS, ["pre", "post"])))
+def test_seq2seq_decoder_is_causal_for_every_norm_in_train_and_eval(norm, position):
+    # Changing target tokens after t (every row of the batch) leaves the logits at <= t unchanged.
+    model = tiny_s2s(norm, position)
+    src = torch.tensor([[4, 5, 6, 0], [8, 4, 5, 6], [7, 6, 0, 0]])
+    tgt = torch.tensor([[1, 5, 6, 7, 8, 4], [1, 4, 5, 5, 6, 7], [1, 8, 8, 4, 5, 6]])
+    for train in (True, False):
+        model.train(train)
+        for t in range(5):
+            other = tgt.clone()
+            other[:, t + 1:] = torch.randint(4, 9, other[:, t + 1:].shape, generator=torch.Generator().manual_seed(t))
+            with torch.no_grad():
+                torch.testing.assert_close(model(src, other)[:, : t + 1], model(src, tgt)[:, : t + 1])
 
 
 def test_causality_check_detects_a_leaking_batch_norm():
@@ -351,6 +386,14 @@ def test_none_norm_trains_with_pre():
         opt.step()
         losses.append(loss.item())
     assert math.isfinite(losses[-1]) and losses[-1] < 0.2 * losses[0]
+
+
+def test_none_norm_pre_and_post_are_the_same_network():
+    # What the docs say about norm="none" with post: identity norms, no final norm, same function.
+    pre, post = tiny_lm("none", "pre"), tiny_lm("none", "post")
+    assert [n for n, _ in pre.named_parameters()] == [n for n, _ in post.named_parameters()]
+    ids = torch.randint(0, 11, (2, 9))
+    torch.testing.assert_close(pre.train()(ids), post.train()(ids))
 
 
 def test_context_limit_is_a_clear_error():

@@ -1,5 +1,6 @@
 """Transformer text data, tasks and the entry point end to end: tokenizers, built-in corpus and
 seq2seq tasks, label smoothing, optimizer groups and the noam schedule, fit -> zoo.load -> predict."""
+import io
 import json
 import math
 import types
@@ -148,6 +149,22 @@ def test_adamw_groups_and_noam_schedule():
         sched.step()
 
 
+def test_cosine_schedule_with_warm_up():
+    tok = Tokenizer("char").fit("abcdef")
+    m = _with_net(LanguageModel(d_model=16, n_heads=2, n_layers=1, lr=1e-3, scheduler="cosine", warmup_steps=2,
+                                min_lr_ratio=0.1), {"text": tok}, steps=10)
+    cfg = m.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(11):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # linear warm-up over 2 steps, then cosine from 1e-3 down to 0.1 * 1e-3 at step 10
+    want = [5e-4, 1e-3] + [1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 11)]
+    assert lrs == pytest.approx(want)
+
+
 def test_bad_task_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="scheduler"):
         LanguageModel(scheduler="linear")
@@ -169,8 +186,14 @@ def lm_args(root, *extra):
             "--data.max_chars=20000", *extra]
 
 
-def test_lm_fit_load_and_predict(tmp_path):
+def test_lm_fit_load_and_predict(tmp_path, monkeypatch):
+    sample_steps = []
+    log_text = LanguageModel.log_text
+    monkeypatch.setattr(LanguageModel, "log_text",
+                        lambda self, *a: sample_steps.append(self.global_step) or log_text(self, *a))
     cli = ZooCLI(args=["fit", *lm_args(tmp_path / "run", "--model.norm=batch")])
+    assert sample_steps == [2, 4]  # samples at every validation (not the sanity check)
+    assert cli.trainer.gradient_clip_val == 1.0  # the config clips gradients
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     raw = torch.load(ckpt, weights_only=True)
     assert raw["hyper_parameters"]["norm"] == "batch" and raw["tokenizers"]["text"]["level"] == "char"
@@ -209,7 +232,7 @@ def s2s_args(root, *extra):
             "--data.batch_size=16", *extra]
 
 
-def test_seq2seq_fit_load_test_and_predict(tmp_path):
+def test_seq2seq_fit_load_test_and_predict(tmp_path, monkeypatch):
     ZooCLI(args=["fit", *s2s_args(tmp_path / "run", "--model.norm_position=pre")])
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -219,6 +242,8 @@ def test_seq2seq_fit_load_test_and_predict(tmp_path):
     assert isinstance(model, Seq2Seq) and model.net.head.weight is model.net.src_embed.tok.weight
     outs = model.transform(["abc", "jjj"], beam_size=2)
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+    with pytest.warns(UserWarning, match="2 input token"):  # unseen characters: <unk>, not a crash
+        assert len(model.transform(["a\u2603z", "b"])) == 2
 
     inputs = tmp_path / "in.txt"
     inputs.write_text("abcd\nba\n")
@@ -227,6 +252,11 @@ def test_seq2seq_fit_load_test_and_predict(tmp_path):
                  f"--ckpt_path={ckpt}"])
     lines = (out / "predictions.tsv").read_text().splitlines()
     assert [ln.split("\t")[0] for ln in lines] == ["abcd", "ba"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("abcd\ncab\n"))  # the same from stdin
+    ZooCLI(args=["predict", *s2s_args(tmp_path / "run"), "--data.predict_path=-", f"--predict_out={tmp_path / 'p2'}",
+                 f"--ckpt_path={ckpt}"])
+    stdin_lines = (tmp_path / "p2" / "predictions.tsv").read_text().splitlines()
+    assert [ln.split("\t")[0] for ln in stdin_lines] == ["abcd", "cab"] and stdin_lines[0] == lines[0]
 
 
 def test_g2p_fit_logs_word_and_phoneme_error_rates(tmp_path):

