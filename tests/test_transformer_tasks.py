@@ -16,7 +16,7 @@ from zoo.data.seq2seq import Seq2SeqDataModule, cmudict_pairs, collate_pairs, ma
 from zoo.data.text import BOS, EOS, PAD, UNK, LMDataModule, Tokenizer, stdlib_corpus
 from zoo.tasks.language import LanguageModel
 from zoo.tasks.seq2seq import Seq2Seq
-from tests.conftest import ROOT
+from tests.conftest import cli_args
 
 torch.set_num_threads(1)
 
@@ -178,12 +178,9 @@ def test_bad_task_arguments_are_clear_errors():
 # end to end through the CLI
 
 def lm_args(root, *extra):
-    return ["--config", str(ROOT / "configs" / "transformer_lm.yaml"), f"--trainer.default_root_dir={root}",
-            "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
-            "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
-            "--model.d_model=16", "--model.n_heads=2", "--model.n_layers=1", "--model.block_size=16",
-            "--model.warmup_steps=2", "--model.sample_tokens=8", "--data.block_size=16",
-            "--data.max_chars=20000", *extra]
+    return cli_args("transformer_lm", root, "--trainer.limit_val_batches=2", "--model.d_model=16",
+                    "--model.n_heads=2", "--model.n_layers=1", "--model.block_size=16", "--model.warmup_steps=2",
+                    "--model.sample_tokens=8", "--data.block_size=16", "--data.max_chars=20000", *extra)
 
 
 def test_lm_fit_load_and_predict(tmp_path, monkeypatch):
@@ -224,12 +221,10 @@ def test_lm_fit_load_and_predict(tmp_path, monkeypatch):
 
 
 def s2s_args(root, *extra):
-    return ["--config", str(ROOT / "configs" / "transformer_seq2seq.yaml"), f"--trainer.default_root_dir={root}",
-            "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1",
-            "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--model.d_model=16",
-            "--model.n_heads=2", "--model.num_encoder_layers=1", "--model.num_decoder_layers=1", "--model.d_ff=32",
-            "--model.warmup_steps=2", "--data.num_train=64", "--data.num_val=16", "--data.num_test=16",
-            "--data.batch_size=16", *extra]
+    return cli_args("transformer_seq2seq", root, "--model.d_model=16", "--model.n_heads=2",
+                    "--model.num_encoder_layers=1", "--model.num_decoder_layers=1", "--model.d_ff=32",
+                    "--model.warmup_steps=2", "--data.num_train=64", "--data.num_val=16", "--data.num_test=16",
+                    "--data.batch_size=16", *extra)
 
 
 def test_seq2seq_fit_load_test_and_predict(tmp_path, monkeypatch):
