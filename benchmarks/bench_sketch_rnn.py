@@ -7,7 +7,9 @@ and loading a QuickDraw-sized .npz. Every number is printed with a reference mea
 Training: one optimizer step (forward, L_R + KL loss, backward, Adam) of the full SketchRNN on a random
 stroke-5 batch, for norm none with recurrent dropout off (pure torch.nn.LSTM: the reference), none with
 the official recurrent dropout (fused scan), layer, rms and batch (with and without dropout). Variants
-are timed round-robin (median of --reps) so machine load affects them alike.
+are timed round-robin (median of --reps) so machine load affects them alike; the CPU time of the
+process is printed too (with --threads 1 it is the measure least disturbed by other jobs on a shared machine).
+Layer: one decoder-sized LSTMLayer per norm, forward + backward (CPU time vs nn.LSTM).
 Sampling: 100 sketches x 250 decoder steps (the end-of-sketch pen state is masked so no sketch stops
 early), reference: one teacher-forced decoder pass over the same 100 x 250 steps.
 Loading: a sketch-rnn .npz with 70000 / 2500 / 2500 sketches of QuickDraw-like lengths written by this
@@ -27,15 +29,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo.data.sketches import SketchDataModule, write_npz  # noqa: E402
-from zoo.models.sketch_rnn import SketchRNN, kl_divergence, reconstruction_loss  # noqa: E402
+from zoo.models.sketch_rnn import LSTMLayer, SketchRNN, kl_divergence, reconstruction_loss  # noqa: E402
 
 SIZES = {  # enc, dec, z, M, batch, steps
     "config": dict(enc_rnn_size=64, dec_rnn_size=128, z_size=32, num_mixture=10, batch=50, steps=63),
     "official": dict(enc_rnn_size=256, dec_rnn_size=512, z_size=128, num_mixture=20, batch=100, steps=250),
 }
-VARIANTS = [("none (nn.LSTM, no dropout)", "none", 0.0), ("none + dropout", "none", 0.1),
-            ("layer", "layer", 0.0), ("layer + dropout", "layer", 0.1), ("rms", "rms", 0.0),
-            ("batch", "batch", 0.0), ("batch + dropout", "batch", 0.1)]
+VARIANTS = {  # key: (printed name, norm, recurrent dropout); the first is the reference
+    "none": ("none (nn.LSTM, no dropout)", "none", 0.0), "none+drop": ("none + dropout (fused scan)", "none", 0.1),
+    "layer": ("layer", "layer", 0.0), "layer+drop": ("layer + dropout", "layer", 0.1), "rms": ("rms", "rms", 0.0),
+    "batch": ("batch", "batch", 0.0), "batch+drop": ("batch + dropout", "batch", 0.1)}
 
 
 def sync(device):
@@ -59,13 +62,14 @@ def random_batch(B, N, device, seed=0):
     return strokes.to(device), lengths.to(device)
 
 
-def bench_train(size, device, reps, dtype):
+def bench_train(size, device, reps, dtype, keys):
+    variants = [VARIANTS["none"]] + [VARIANTS[k] for k in keys if k != "none"]
     s = dict(SIZES[size])
     B, N = s.pop("batch"), s.pop("steps")
     strokes, lengths = random_batch(B, N, device)
     strokes = strokes.to(dtype)
     nets, opts = {}, {}
-    for name, norm, p in VARIANTS:
+    for name, norm, p in variants:
         torch.manual_seed(0)
         nets[name] = SketchRNN(**s, norm=norm, recurrent_dropout=p, max_seq_len=N).to(device, dtype).train()
         opts[name] = torch.optim.Adam(nets[name].parameters(), lr=1e-4)
@@ -79,23 +83,60 @@ def bench_train(size, device, reps, dtype):
         loss.backward()
         opt.step()
 
-    times = {name: [] for name, _, _ in VARIANTS}
-    for name in times:  # warm-up
+    wall = {name: [] for name, _, _ in variants}
+    cpu = {name: [] for name, _, _ in variants}
+    for name in wall:  # warm-up
         step(name)
     for _ in range(reps):
-        for name in times:
+        for name in wall:
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(name)
             sync(device)
-            times[name].append(time.perf_counter() - t0)
-    ref = statistics.median(times[VARIANTS[0][0]])
-    print(f"\n## training, size={size} (batch {B}, {N} steps, enc {s['enc_rnn_size']}, dec {s['dec_rnn_size']}), "
-          f"{device}, {dtype}, median of {reps}")
-    print("| variant | sequences/s | time vs none (nn.LSTM) |\n|---|---|---|")
-    for name, ts in times.items():
-        m = statistics.median(ts)
-        print(f"| {name} | {B / m:.1f} | {m / ref:.2f}x |")
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    ref_w, ref_c = (statistics.median(d[variants[0][0]]) for d in (wall, cpu))
+    print(f"\n## training, size={size} (batch {B}, {N} steps, enc {s['enc_rnn_size']}, dec {s['dec_rnn_size']}, "
+          f"z {s['z_size']}, M {s['num_mixture']}), {device}, {dtype}, median of {reps}")
+    print("| variant | sequences/s (wall) | wall time vs none (nn.LSTM) | CPU time vs none (nn.LSTM) |\n"
+          "|---|---|---|---|")
+    for name in wall:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        print(f"| {name} | {B / w:.1f} | {w / ref_w:.2f}x | {c / ref_c:.2f}x |")
+
+
+def bench_layer(size, device, reps, dtype):
+    """One decoder-sized LSTMLayer, forward + backward over a padded batch, per norm vs nn.LSTM."""
+    s = SIZES[size]
+    B, T, D, H = s["batch"], s["steps"], 5 + s["z_size"], s["dec_rnn_size"]
+    x = torch.randn(B, T, D, device=device, dtype=dtype)
+    _, lengths = random_batch(B, T, device)
+    layers = {}
+    for key in ("none", "layer", "rms", "batch", "none+drop"):
+        name, norm, p = VARIANTS[key]
+        torch.manual_seed(0)
+        layers[name] = LSTMLayer(D, H, norm, p).to(device, dtype).train()
+
+    def step(layer):
+        xx = x.clone().requires_grad_()
+        out, (_, c) = layer(xx, lengths=lengths)
+        (out.square().sum() + c.sum()).backward()
+
+    cpu = {name: [] for name in layers}
+    for layer in layers.values():
+        step(layer)
+    for _ in range(reps):
+        for name, layer in layers.items():
+            sync(device)
+            c0 = time.process_time()
+            step(layer)
+            sync(device)
+            cpu[name].append(time.process_time() - c0)
+    ref = statistics.median(cpu[VARIANTS["none"][0]])
+    print(f"\n## one LSTM layer fwd + bwd, size={size} (B {B}, T {T}, D {D}, H {H}), {device}, median of {reps}")
+    print("| cell | CPU time vs nn.LSTM |\n|---|---|")
+    for name, ts in cpu.items():
+        print(f"| {name} | {statistics.median(ts) / ref:.2f}x |")
 
 
 def bench_sample(device, reps, norms=("none", "layer", "rms", "batch")):
@@ -165,22 +206,30 @@ def bench_load(reps):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["train", "sample", "load"], action="append")
+    p.add_argument("--only", choices=["train", "layer", "sample", "load"], action="append")
     p.add_argument("--size", choices=list(SIZES), action="append")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"training variants, comma-separated, from {', '.join(VARIANTS)} (none is always run)")
     args = p.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown --variants {', '.join(sorted(unknown))}; accepted: {', '.join(VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} CPU threads")
-    only = args.only or ["train", "sample", "load"]
+    only = args.only or ["train", "layer", "sample", "load"]
     if "train" in only:
         for size in args.size or ["config", "official"]:
             bench_train(size, device, args.reps if size == "config" else max(2, args.reps // 2),
-                        getattr(torch, args.dtype))
+                        getattr(torch, args.dtype), args.variants.split(","))
+    if "layer" in only:
+        for size in args.size or ["config", "official"]:
+            bench_layer(size, device, args.reps, getattr(torch, args.dtype))
     if "sample" in only:
         bench_sample(device, max(1, args.reps // 2))
     if "load" in only:

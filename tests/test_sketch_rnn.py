@@ -113,28 +113,33 @@ def test_fused_scan_equals_slow_loop_with_dropout_outputs_and_gradients(kind):
         torch.testing.assert_close(a, b)
 
 
-def slow_batch_norm_cell(layer, x, lengths, eps=1e-3):
-    """Recurrent batch norm from Cooijmans et al. with statistics over the real samples of each step."""
+def slow_batch_norm_cell(layer, x, lengths, keep=None, eps=1e-3):
+    """Recurrent batch norm from Cooijmans et al. with statistics over the real samples of each step;
+    steps where no sample is real reuse the last real step's statistics (autograd through all of it)."""
     B, T, _ = x.shape
     H = layer.hidden_size
     h = c = torch.zeros(B, H, dtype=x.dtype)
+    last = {}
 
-    def bn(v, real, gamma, beta):
-        r = v[real]
-        mean = r.mean(0)
-        var = ((r - mean) ** 2).mean(0)
+    def bn(name, v, real, gamma, beta):
+        if real.any():
+            r = v[real]
+            mean = r.mean(0)
+            last[name] = mean, ((r - mean) ** 2).mean(0)
+        mean, var = last[name]
         return (v - mean) / torch.sqrt(var + eps) * gamma + beta
 
     outs = []
     for t in range(T):
         real = lengths > t
-        a = bn(x[:, t] @ layer.weight_ih.T, real, layer.x_weight, layer.bias) + \
-            bn(h @ layer.weight_hh.T, real, layer.h_weight, 0)
+        a = bn("x", x[:, t] @ layer.weight_ih.T, real, layer.x_weight, layer.bias) + \
+            bn("h", h @ layer.weight_hh.T, real, layer.h_weight, 0)
         i, f, g, o = a.chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(bn(c, real, layer.cell_weight, layer.cell_bias))
+        g = torch.tanh(g) if keep is None else torch.tanh(g) * keep[t]
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * g
+        h = torch.sigmoid(o) * torch.tanh(bn("c", c, real, layer.cell_weight, layer.cell_bias))
         outs.append(h)
-    return torch.stack(outs, 1)
+    return torch.stack(outs, 1), c
 
 
 def test_batch_norm_cell_equals_slow_masked_loop_and_ignores_padding():
@@ -143,7 +148,7 @@ def test_batch_norm_cell_equals_slow_masked_loop_and_ignores_padding():
     lengths = torch.tensor([6, 3, 5, 6])
     x = torch.randn(4, 6, 4, dtype=torch.float64)
     out, _ = layer(x, lengths=lengths)
-    torch.testing.assert_close(out, slow_batch_norm_cell(layer, x, lengths))
+    torch.testing.assert_close(out, slow_batch_norm_cell(layer, x, lengths)[0])
     # Changing the padded steps' values, or adding padding, leaves every real step unchanged.
     x2 = torch.cat([x, torch.randn(4, 3, 4, dtype=torch.float64) * 50], 1)
     for b, n in enumerate(lengths.tolist()):
@@ -156,6 +161,50 @@ def test_batch_norm_cell_equals_slow_masked_loop_and_ignores_padding():
     layer.eval()
     o_eval, _ = layer(x, lengths=lengths)
     assert torch.isfinite(o_eval).all()
+
+
+def test_batch_norm_scan_gradients_equal_autograd_through_slow_loop():
+    # Unsorted lengths, steps past the longest sequence (statistics reused), dropout, trained gains.
+    torch.manual_seed(5)
+    layer = LSTMLayer(3, 4, "batch", recurrent_dropout=0.3).double().train()
+    with torch.no_grad():
+        for p in (layer.x_weight, layer.h_weight, layer.bias, layer.cell_weight, layer.cell_bias):
+            p.add_(torch.randn_like(p) * 0.5)
+    B, T = 5, 7
+    lengths = torch.tensor([3, 5, 1, 5, 2])
+    keep = (torch.rand(T, B, 4) > 0.3).double() / 0.7
+    fixed_keep(layer, keep)
+    x = torch.randn(B, T, 3, dtype=torch.float64, requires_grad=True)
+    out, (_, cT) = layer(x, lengths=lengths)
+    ref, ref_c = slow_batch_norm_cell(layer, x, lengths, keep)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(cT, ref_c)
+    w = torch.randn_like(out)
+    inputs = [x, *layer.parameters()]
+    g_fast = torch.autograd.grad((out * w).sum() + (cT * cT).sum(), inputs)
+    g_ref = torch.autograd.grad((ref * w).sum() + (ref_c * ref_c).sum(), inputs)
+    for name, a, b in zip(["x"] + [n for n, _ in layer.named_parameters()], g_fast, g_ref):
+        torch.testing.assert_close(a, b, msg=name)
+    # eval: running statistics are constants; gradients still match autograd through the same formula
+    del layer._keep  # back to the layer's own (no dropout in eval)
+    layer.eval()
+    out_e, _ = layer(x, lengths=lengths)
+    ref_e = []
+    h = c = torch.zeros(B, 4, dtype=torch.float64)
+    for t in range(T):
+        def bn(name, v, gamma, beta):
+            m, var = getattr(layer, f"running_mean_{name}")[t], getattr(layer, f"running_var_{name}")[t]
+            return (v - m) / torch.sqrt(var + 1e-3) * gamma + beta
+        a = (bn("x", x[:, t] @ layer.weight_ih.T, layer.x_weight, layer.bias)
+             + bn("h", h @ layer.weight_hh.T, layer.h_weight, 0))
+        i, f, g, o = a.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(bn("c", c, layer.cell_weight, layer.cell_bias))
+        ref_e.append(h)
+    ref_e = torch.stack(ref_e, 1)
+    torch.testing.assert_close(out_e, ref_e)
+    torch.testing.assert_close(torch.autograd.grad((out_e * w).sum(), inputs),
+                               torch.autograd.grad((ref_e * w).sum(), inputs))
 
 
 def test_encoder_ignores_padding_for_every_norm():

@@ -192,3 +192,33 @@ def test_scale_factor_and_degenerate():
     assert scale_factor([np.array([[1.0, -1.0, 0], [1.0, -1.0, 1]])]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="std 0"):
         scale_factor([np.zeros((3, 3))])
+
+
+def test_training_batches_are_a_function_of_seed_epoch_and_index():
+    # What a resumed run relies on: epoch e's batches do not depend on the epochs drawn before it.
+    def batches(dm, epoch, skip_first):
+        loader = dm.train_dataloader()
+        if skip_first:
+            list(loader)  # iterate epoch 0 first, consuming whatever RNG it uses
+        loader.sampler.set_epoch(epoch)
+        return list(loader)
+
+    def dm(seed=0):
+        d = SketchDataModule(builtin="synthetic", classes=["circle", "house"], num_per_class=10, batch_size=4,
+                             max_seq_len=60, seed=seed)
+        d.setup("fit")
+        return d
+
+    a, b = batches(dm(), 1, True), batches(dm(), 1, False)
+    torch.manual_seed(123)  # the global RNG plays no part
+    c = batches(dm(), 1, False)
+    for x, y, z in zip(a, b, c):
+        torch.testing.assert_close(x["strokes"], y["strokes"], rtol=0, atol=0)
+        torch.testing.assert_close(x["strokes"], z["strokes"], rtol=0, atol=0)
+    e0 = batches(dm(), 0, False)
+    assert not all(torch.equal(x["label"], y["label"]) for x, y in zip(e0, a))  # a new order each epoch
+    ds = dm().train_dataloader().dataset
+    np.testing.assert_array_equal(ds[(1, 3)][0], ds[(1, 3)][0])
+    assert not np.array_equal(ds[(0, 3)][0], ds[(1, 3)][0])  # augmented differently each epoch
+    d = dm()
+    assert sorted(i for _, i in d.train_dataloader().sampler) == list(range(len(d.sets["train"])))

@@ -30,12 +30,13 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = ["SPLITS", "SketchSet", "read_npz", "write_npz", "load_sketch_files", "preprocess", "scale_factor",
            "polylines_to_stroke3", "stroke3_to_polylines", "stroke3_to_stroke5", "stroke5_to_stroke3",
            "random_scale", "augment_strokes", "hershey_sketches", "HERSHEY_CLASSES", "synthetic_sketches",
-           "SYNTHETIC_CLASSES", "render_sketches", "sketches_to_svg", "SketchDataset", "SketchDataModule"]
+           "SYNTHETIC_CLASSES", "render_sketches", "sketches_to_svg", "EpochShuffle", "SketchDataset",
+           "SketchDataModule"]
 
 log = logging.getLogger(__name__)
 
@@ -460,20 +461,44 @@ def sketches_to_svg(sketches: Sequence[np.ndarray], columns: int = 8, cell: int 
 # Dataset and datamodule
 # --------------------------------------------------------------------------------------------- #
 
-class SketchDataset(Dataset):
-    """Items (float32 stroke-3 (L, 3) raw offsets, label); training items augmented with the official
-    random scale and stroke dropping, drawn from torch's RNG (seeded by seed_everything)."""
+class EpochShuffle(Sampler):
+    """Yields (epoch, index) pairs in an order drawn from (seed, epoch). With `SketchDataset` drawing each
+    item's augmentation from (seed, epoch, index), an epoch's batches depend on nothing else: the same
+    after resuming from a checkpoint at an epoch boundary and with any number of workers. Lightning
+    calls `set_epoch` every epoch (also through its distributed sampler wrapper)."""
 
-    def __init__(self, data: SketchSet, random_scale_factor: float = 0.0, augment_stroke_prob: float = 0.0):
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, 0, self.epoch]).permutation(self.n)
+        return iter([(self.epoch, int(i)) for i in order])
+
+
+class SketchDataset(Dataset):
+    """Items (float32 stroke-3 (L, 3) raw offsets, label), indexed by i or (epoch, i) (`EpochShuffle`);
+    with augmentation (training), the official random scale and stroke dropping are drawn from a
+    generator seeded by (seed, epoch, i)."""
+
+    def __init__(self, data: SketchSet, random_scale_factor: float = 0.0, augment_stroke_prob: float = 0.0,
+                 seed: int = 0):
         self.data, self.random_scale_factor, self.augment_stroke_prob = data, random_scale_factor, augment_stroke_prob
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item):
+        epoch, i = item if isinstance(item, tuple) else (0, item)
         seq = self.data.sketches[i]
         if self.random_scale_factor > 0 or self.augment_stroke_prob > 0:
-            rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+            rng = np.random.default_rng([self.seed, 1, epoch, i])
             if self.random_scale_factor > 0:
                 seq = random_scale(seq, self.random_scale_factor, rng)
             seq = augment_strokes(seq, self.augment_stroke_prob, rng=rng)
@@ -503,6 +528,8 @@ class SketchDataModule(L.LightningDataModule):
         batch_size: 100 as the official code; training drops the last partial batch.
         random_scale_factor, augment_stroke_prob: training augmentation (official 0.15, 0.10).
         num_workers: DataLoader workers.
+        seed: of the built-in splits, and of the training order and augmentation (epoch e, item i use
+            generators seeded by (seed, e) and (seed, e, i): identical after resuming from a checkpoint).
 
     After setup: `scale_factor` (float, from the training split), `steps` (decoder steps = longest kept
     sketch of all splits + 1, so every sketch gets an end token), `class_names`, `report` (counts).
@@ -545,8 +572,9 @@ class SketchDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams
         ds = SketchDataset(self.sets[split], hp.random_scale_factor if train else 0.0,
-                           hp.augment_stroke_prob if train else 0.0)
-        return DataLoader(ds, batch_size=hp.batch_size, shuffle=train, drop_last=train,
+                           hp.augment_stroke_prob if train else 0.0, seed=hp.seed)
+        sampler = EpochShuffle(len(ds), hp.seed) if train else None
+        return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, drop_last=train,
                           num_workers=hp.num_workers, collate_fn=_Collate(self.steps),
                           persistent_workers=hp.num_workers > 0)
 

@@ -31,9 +31,9 @@ i, j, f, o):
 Speed: the normalized cells (and `none` with recurrent dropout in training) run a whole sequence as one
 autograd node (`FusedScan`): the input projection of all steps is one matmul, the forward steps run
 without recording a graph, and back-propagation through time is hand-written with torch's fused norm
-kernels (native_layer_norm / native_group_norm / _fused_rms_norm and their backward ops); weight
-gradients are one matmul over all steps. `batch` keeps autograd (its masked per-step statistics are
-several small ops per step). See benchmarks/sketch_rnn.md for the measured speeds.
+kernels (native_layer_norm / _fused_rms_norm and their backward ops); weight
+gradients are one matmul over all steps. `batch` runs the same way (`BatchNormScan`, hand-written
+backward through the masked per-step statistics). See benchmarks/sketch_rnn.md for the measured speeds.
 """
 from __future__ import annotations
 
@@ -46,16 +46,11 @@ from torch import Tensor, nn
 
 __all__ = ["CELL_NORMS", "LSTMLayer", "SketchRNN", "MixtureParams", "split_params", "gmm_log_prob",
            "reconstruction_loss", "kl_divergence", "kl_weight_schedule", "interpolate_latents",
-           "sample_mixture", "lengths_mask"]
+           "sample_mixture"]
 
 CELL_NORMS = ("none", "layer", "rms", "batch")
 RHO_MAX = 1.0 - 1e-5  # |rho| < 1 keeps log(1 - rho^2) finite where tanh saturates in float32
 LOG_2PI = math.log(2 * math.pi)
-
-
-def lengths_mask(lengths: Tensor, steps: int) -> Tensor:
-    """(B,) lengths -> (steps, B) bool, True where step t < length (time-major)."""
-    return torch.arange(steps, device=lengths.device)[:, None] < lengths[None, :]
 
 
 def _orthogonal_per_gate(weight: Tensor, hidden: int) -> None:
@@ -71,21 +66,21 @@ def _orthogonal_per_gate(weight: Tensor, hidden: int) -> None:
 
 def _gate_norm_fwd(kind: str, a: Tensor, gamma: Tensor, beta: Tensor, eps: float):
     """Normalize each of the 4 gate groups of a (B, 4H) over its H units. Returns (out, stats...)."""
-    if kind == "layer":
-        out, mean, rstd = torch.ops.aten.native_group_norm(a, gamma, beta, a.shape[0], a.shape[1], 1, 4, eps)
-        return out, mean, rstd
     B, H4 = a.shape
+    if kind == "layer":  # layer norm over (B, 4, H): torch's group-norm backward is ~10x slower on CPU
+        y, mean, rstd = torch.ops.aten.native_layer_norm(a.view(B, 4, H4 // 4), [H4 // 4], None, None, eps)
+        return torch.addcmul(beta, y.view(B, H4), gamma), mean, rstd
     y, rstd = torch.ops.aten._fused_rms_norm(a.view(B, 4, H4 // 4), [H4 // 4], None, eps)
     return torch.addcmul(beta, y.view(B, H4), gamma), y.view(B, H4), rstd
 
 
 def _gate_norm_bwd(kind: str, g: Tensor, a: Tensor, gamma: Tensor, s1: Tensor, s2: Tensor, eps: float) -> Tensor:
     """d loss / d a for `_gate_norm_fwd` (gain/shift gradients are summed over steps by the caller)."""
-    if kind == "layer":
-        da, _, _ = torch.ops.aten.native_group_norm_backward(g, a, s1, s2, gamma, a.shape[0], a.shape[1], 1, 4,
-                                                             [True, False, False])
-        return da
     B, H4 = a.shape
+    if kind == "layer":
+        da, _, _ = torch.ops.aten.native_layer_norm_backward((g * gamma).view(B, 4, H4 // 4), a.view(B, 4, H4 // 4),
+                                                             [H4 // 4], s1, s2, None, None, [True, False, False])
+        return da.view(B, H4)
     return _rms_bwd((g * gamma).view(B, 4, H4 // 4), s1.view(B, 4, H4 // 4), s2).view(B, H4)
 
 
@@ -118,6 +113,11 @@ class FusedScan(torch.autograd.Function):
     Inputs: xw (T, B, 4H) input projections (bias included for `none`), h0, c0 (B, H), w_hh (4H, H),
     gate gain/shift (4H,), cell gain/shift (H,) (ignored for `none`), keep (T, B, H) recurrent-dropout
     multipliers or an empty tensor. Returns the hidden states (T, B, H) and the last cell state (B, H).
+
+    Per-step work is kept to a few large ops: the forward writes into preallocated buffers; the
+    backward first computes, vectorized over all steps, every factor that does not depend on the
+    incoming gradient (activation derivatives times their partners in the product rule), so each step
+    is one matmul, a handful of multiplies and the two norm backward kernels.
     """
 
     @staticmethod
@@ -129,13 +129,14 @@ class FusedScan(torch.autograd.Function):
         cs = xw.new_empty(T + 1, B, H)
         acts = xw.new_empty(T, B, H4)       # sigmoid(i, f, o) and tanh(g) (before dropout)
         tcs = xw.new_empty(T, B, H)          # tanh of the (normalized) cell
-        pre = xw.new_empty(T, B, H4) if kind != "none" else None  # gate pre-activations before the norm
+        # gate pre-activations before the norm (kept for its backward), or one scratch buffer
+        pre = xw.new_empty(T, B, H4) if kind != "none" else xw.new_empty(1, B, H4)
         gs1, gs2, cs1, cs2 = [], [], [], []
         hs[0], cs[0] = h0, c0
+        w_t = w_hh.t()
         for t in range(T):
-            a = torch.addmm(xw[t], hs[t], w_hh.t())
+            a = torch.addmm(xw[t], hs[t], w_t, out=pre[t if kind != "none" else 0])
             if kind != "none":
-                pre[t] = a
                 a, s1, s2 = _gate_norm_fwd(kind, a, g_gamma, g_beta, eps)
                 gs1.append(s1)
                 gs2.append(s2)
@@ -145,17 +146,16 @@ class FusedScan(torch.autograd.Function):
             i, f, g, o = act.chunk(4, 1)
             if drop:
                 g = g * keep[t]
-            c = torch.addcmul(f * cs[t], i, g, out=cs[t + 1])
+            c = torch.mul(f, cs[t], out=cs[t + 1]).addcmul_(i, g)
             if kind != "none":
                 c, s1, s2 = _cell_norm_fwd(kind, c, c_gamma, c_beta, eps)
                 cs1.append(s1)
                 cs2.append(s2)
-            torch.tanh(c, out=tcs[t])
-            torch.mul(o, tcs[t], out=hs[t + 1])
+            torch.mul(o, torch.tanh(c, out=tcs[t]), out=hs[t + 1])
         ctx.kind, ctx.eps, ctx.drop = kind, eps, drop
         stats = [torch.stack(s) if s else xw.new_empty(0) for s in (gs1, gs2, cs1, cs2)]
         ctx.save_for_backward(w_hh, g_gamma, c_gamma, keep, hs, cs, acts, tcs,
-                              pre if pre is not None else xw.new_empty(0), *stats)
+                              pre if kind != "none" else xw.new_empty(0), *stats)
         return hs[1:].clone(), cs[T].clone()
 
     @staticmethod
@@ -163,38 +163,38 @@ class FusedScan(torch.autograd.Function):
         (w_hh, g_gamma, c_gamma, keep, hs, cs, acts, tcs, pre, gs1, gs2, cs1, cs2) = ctx.saved_tensors
         kind, eps, drop = ctx.kind, ctx.eps, ctx.drop
         T, B, H = d_out.shape
+        norm = kind != "none"
+        # Step-independent factors, all steps at once. With dc, dh the gradients of the step's cell
+        # state (before its norm) and hidden state: d(i, f, g, o pre-activations) =
+        # (dc * g' * sig'(i), dc * c_prev * sig'(f), dc * i' * tanh'(g), dh * tanh(c) * sig'(o)),
+        # primes marking dropout; d(normalized cell) = dh * o * tanh'(c).
+        i, f, g, o = acts.chunk(4, 2)
+        gk, ik = (g * keep, i * keep) if drop else (g, i)
+        mult = torch.stack([gk * i * (1 - i), cs[:-1] * f * (1 - f), ik * (1 - g * g), tcs * o * (1 - o)], 2)
+        d_tc = o * (1 - tcs * tcs)
         d_a = d_out.new_empty(T, B, 4 * H)      # d loss / d gate pre-activation before the norm
-        d_an = d_out.new_empty(T, B, 4 * H) if kind != "none" else None  # ... after the norm
-        d_cn = d_out.new_empty(T, B, H) if kind != "none" else None      # d loss / d normalized cell
-        dh = torch.zeros_like(d_out[0])
-        dc = d_cT.clone() if d_cT is not None else torch.zeros_like(d_out[0])
+        d_an = d_out.new_empty(T, B, 4 * H) if norm else d_a   # ... after the norm
+        d_cn = d_out.new_empty(T, B, H) if norm else None      # d loss / d normalized cell
+        dh = d_out[T - 1]
+        dc = d_cT if d_cT is not None else None
         for t in range(T - 1, -1, -1):
-            dh = dh + d_out[t]
-            act = acts[t]
-            i, f, g, o = act.chunk(4, 1)
-            tc = tcs[t]
-            dtc = (dh * o) * (1 - tc * tc)
-            if kind != "none":
-                d_cn[t] = dtc
+            if t < T - 1:
+                dh = torch.addmm(d_out[t], d_a[t + 1], w_hh)
+            dtc = torch.mul(dh, d_tc[t], out=d_cn[t]) if norm else dh * d_tc[t]
+            if norm:
                 dtc = _cell_norm_bwd(kind, dtc, cs[t + 1], c_gamma, cs1[t], cs2[t])
-            dc = dc + dtc
-            gd = g * keep[t] if drop else g
-            da = d_an[t] if kind != "none" else d_a[t]
-            di, df, dg, do = da.chunk(4, 1)
-            torch.mul(dc * gd, i * (1 - i), out=di)
-            torch.mul(dc * cs[t], f * (1 - f), out=df)
-            dgd = dc * i
-            if drop:
-                dgd = dgd * keep[t]
-            torch.mul(dgd, 1 - g * g, out=dg)
-            torch.mul(dh * tc, o * (1 - o), out=do)
-            if kind != "none":
-                d_a[t] = _gate_norm_bwd(kind, da, pre[t], g_gamma, gs1[t], gs2[t], eps)
-            dh = d_a[t] @ w_hh
-            dc = dc * f
+            # cell gradient: this step's, plus the next step's carried through its forget gate
+            dc = dtc if dc is None else (dtc + dc if t == T - 1 else torch.addcmul(dtc, dc, f[t + 1]))
+            da = d_an[t].view(B, 4, H)
+            torch.mul(mult[t, :, :3], dc[:, None], out=da[:, :3])
+            torch.mul(mult[t, :, 3], dh, out=da[:, 3])
+            if norm:
+                d_a[t] = _gate_norm_bwd(kind, d_an[t], pre[t], g_gamma, gs1[t], gs2[t], eps)
+        d_h0 = d_a[0] @ w_hh
+        d_c0 = dc * f[0]
         d_w_hh = d_a.flatten(0, 1).t() @ hs[:-1].flatten(0, 1)
         d_gg = d_gb = d_cg = d_cb = None
-        if kind != "none":
+        if norm:
             # gains and shifts: one reduction over all steps
             if kind == "layer":
                 H4 = 4 * H
@@ -206,18 +206,120 @@ class FusedScan(torch.autograd.Function):
             d_gb = d_an.sum((0, 1))
             d_cg = (d_cn * cn).sum((0, 1))
             d_cb = d_cn.sum((0, 1))
-        return None, None, d_a, dh, dc, d_w_hh, d_gg, d_gb, d_cg, d_cb, None
+        return None, None, d_a, d_h0, d_c0, d_w_hh, d_gg, d_gb, d_cg, d_cb, None
 
 
 # --------------------------------------------------------------------------------------------- #
 # The recurrent layer
 # --------------------------------------------------------------------------------------------- #
 
-def _masked_stats(a: Tensor, m: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance of a (B, F) over the rows where m (B, 1) is 1; n = m.sum() (1,)."""
-    mean = (a * m).sum(0) / n
-    var = ((a - mean).square() * m).sum(0) / n
-    return mean, var
+class BatchNormScan(torch.autograd.Function):
+    """The recurrent-batch-norm LSTM direction (Cooijmans et al.) over a sequence as one autograd node.
+
+    Inputs: xn (T, B, 4H) normalized input projections with the gate bias, h0, c0 (B, H), w_hh (4H, H),
+    h_gamma (4H,), c_gamma, c_beta (H,), keep (T, B, H) dropout multipliers or an empty tensor, and
+    either `counts` (training: a list of T ints, the rows of step t whose step is real are rows
+    0..counts[t]-1, i.e. the batch is sorted by decreasing length; steps with no real row reuse the
+    last real step's statistics) or `stats` (eval: per-step mean and variance of the recurrent
+    projection (T, 4H) and of the cell (T, H)). Returns the hidden states (T, B, H), the last cell
+    state (B, H) and, in training, the per-step batch statistics (mean_h, var_h, mean_c, var_c).
+
+    The backward adds the gradient through the statistics: for y = (a - mean) * rstd over the real rows
+    R of step s, read by the steps t that use step s's statistics, with G_t = dL/dy_t * gamma,
+    dL/da_s = rstd * G_s - [b in R] * rstd / |R| * (sum_t sum_b G_t + xhat_s * sum_t sum_b G_t * xhat_t).
+    """
+
+    @staticmethod
+    def forward(ctx, eps, xn, h0, c0, w_hh, h_gamma, c_gamma, c_beta, keep, counts, stats):
+        T, B, H4 = xn.shape
+        H = H4 // 4
+        drop = keep.numel() > 0
+        hs, cs = xn.new_empty(T + 1, B, H), xn.new_empty(T + 1, B, H)
+        acts, tcs, pre = xn.new_empty(T, B, H4), xn.new_empty(T, B, H), xn.new_empty(T, B, H4)
+        rstd_h, rstd_c = xn.new_empty(T, H4), xn.new_empty(T, H)
+        mh, vh, mc, vc = ([] for _ in range(4)) if counts is not None else (list(s.unbind(0)) for s in stats)
+        hs[0], cs[0] = h0, c0
+        w_t = w_hh.t()
+        for t in range(T):
+            a = torch.mm(hs[t], w_t, out=pre[t])
+            if counts is not None:
+                v, m = torch.var_mean(a[:counts[t]], 0, correction=0) if counts[t] else (vh[-1], mh[-1])
+                vh.append(v)
+                mh.append(m)
+            torch.rsqrt(vh[t] + eps, out=rstd_h[t])
+            gates = torch.addcmul(xn[t], (a - mh[t]) * rstd_h[t], h_gamma)
+            act = acts[t]
+            torch.sigmoid(gates, out=act)
+            torch.tanh(gates[:, 2 * H:3 * H], out=act[:, 2 * H:3 * H])
+            i, f, g, o = act.chunk(4, 1)
+            if drop:
+                g = g * keep[t]
+            c = torch.mul(f, cs[t], out=cs[t + 1]).addcmul_(i, g)
+            if counts is not None:
+                v, m = torch.var_mean(c[:counts[t]], 0, correction=0) if counts[t] else (vc[-1], mc[-1])
+                vc.append(v)
+                mc.append(m)
+            torch.rsqrt(vc[t] + eps, out=rstd_c[t])
+            cn = torch.addcmul(c_beta, (c - mc[t]) * rstd_c[t], c_gamma)
+            torch.mul(o, torch.tanh(cn, out=tcs[t]), out=hs[t + 1])
+        ctx.eps, ctx.drop, ctx.counts = eps, drop, counts
+        mean_h, var_h, mean_c, var_c = (torch.stack(s) for s in (mh, vh, mc, vc))
+        ctx.save_for_backward(w_hh, h_gamma, c_gamma, keep, hs, cs, acts, tcs, pre, mean_h, rstd_h, mean_c, rstd_c)
+        out = (hs[1:].clone(), cs[T].clone())
+        if counts is not None:
+            out += (mean_h, var_h, mean_c, var_c)
+            ctx.mark_non_differentiable(mean_h, var_h, mean_c, var_c)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out, d_cT, *_):
+        w_hh, h_gamma, c_gamma, keep, hs, cs, acts, tcs, pre, mean_h, rstd_h, mean_c, rstd_c = ctx.saved_tensors
+        drop, counts = ctx.drop, ctx.counts
+        T, B, H = d_out.shape
+        i, f, g, o = acts.chunk(4, 2)
+        gk, ik = (g * keep, i * keep) if drop else (g, i)
+        mult = torch.stack([gk * i * (1 - i), cs[:-1] * f * (1 - f), ik * (1 - g * g), tcs * o * (1 - o)], 2)
+        d_tc = o * (1 - tcs * tcs)
+        xhat_h = (pre - mean_h[:, None]) * rstd_h[:, None]
+        xhat_c = (cs[1:] - mean_c[:, None]) * rstd_c[:, None]
+        d_gates = d_out.new_empty(T, B, 4 * H)   # = d loss / d xn
+        d_a = d_out.new_empty(T, B, 4 * H)       # d loss / d (h W_hh^T)
+        d_cn = d_out.new_empty(T, B, H)          # d loss / d normalized cell (after gain and shift)
+        acc = {}                                 # statistics' gradient sums of steps reusing a step's
+
+        def norm_bwd(name, G, xhat, rstd, t):
+            """dL/d input of one step's batch norm, G = dL/d xhat."""
+            d = G * rstd
+            if counts is None:
+                return d
+            s1, s2 = G.sum(0), (G * xhat).sum(0)
+            if name in acc:
+                s1, s2 = s1 + acc[name][0], s2 + acc[name][1]
+            if counts[t] == 0:       # this step used the statistics of the last real step
+                acc[name] = (s1, s2)
+                return d
+            acc.pop(name, None)
+            n = counts[t]
+            d[:n] -= (torch.addcmul(s1, xhat[:n], s2)) * (rstd / n)
+            return d
+
+        dh, dc = d_out[T - 1], d_cT
+        for t in range(T - 1, -1, -1):
+            if t < T - 1:
+                dh = torch.addmm(d_out[t], d_a[t + 1], w_hh)
+            dcn = torch.mul(dh, d_tc[t], out=d_cn[t])
+            dct = norm_bwd("c", dcn * c_gamma, xhat_c[t], rstd_c[t], t)
+            dc = dct + dc if t == T - 1 else torch.addcmul(dct, dc, f[t + 1])
+            da = d_gates[t].view(B, 4, H)
+            torch.mul(mult[t, :, :3], dc[:, None], out=da[:, :3])
+            torch.mul(mult[t, :, 3], dh, out=da[:, 3])
+            d_a[t] = norm_bwd("h", d_gates[t] * h_gamma, xhat_h[t], rstd_h[t], t)
+        d_h0 = d_a[0] @ w_hh
+        d_c0 = dc * f[0]
+        d_w_hh = d_a.flatten(0, 1).t() @ hs[:-1].flatten(0, 1)
+        d_hg = (d_gates * xhat_h).sum((0, 1))
+        d_cg = (d_cn * xhat_c).sum((0, 1))
+        return None, d_gates, d_h0, d_c0, d_w_hh, d_hg, d_cg, d_cn.sum((0, 1)), None, None, None
 
 
 class LSTMLayer(nn.Module):
@@ -314,62 +416,48 @@ class LSTMLayer(nn.Module):
             hs, c = self._batch_scan(x, h0, c0, lengths, t0, keep)
         return hs.transpose(0, 1), (hs[-1], c)
 
-    def _step_stats(self, name: str, a: Tensor, t: int, m: Optional[Tensor], n: Optional[Tensor],
-                    collected: list, last: list) -> tuple[Tensor, Tensor]:
-        """Mean and variance for statistic `name` at step t: masked batch statistics in training
-        (the last real step's once no sample is real), running statistics in eval."""
-        if not self.training:
-            i = min(t, self.max_steps - 1)
-            return getattr(self, f"running_mean_{name}")[i], getattr(self, f"running_var_{name}")[i]
-        if n is not None and bool(n > 0):
-            last[:] = list(_masked_stats(a, m, n))
-            collected.append((t, *last, n))
-        return last[0], last[1]
-
     def _batch_scan(self, x, h0, c0, lengths, t0, keep):
-        """Recurrent batch norm over (B, T, D) with per-step statistics over real steps (autograd)."""
+        """Recurrent batch norm over (B, T, D) with per-step statistics over real steps (`BatchNormScan`).
+        In training the batch is sorted by decreasing length, so each step's real rows are a prefix."""
         B, T, _ = x.shape
         eps = self.eps
         xw = F.linear(x.transpose(0, 1), self.weight_ih)  # (T, B, 4H)
-        mask = lengths_mask(lengths, T) if lengths is not None else x.new_ones(T, B, dtype=torch.bool)
+        order = None
         if self.training:
-            if not bool(mask[0].any()):
-                raise ValueError("recurrent batch norm needs at least one sequence with length >= 1")
-            m = mask.to(x.dtype)[..., None]                       # (T, B, 1)
-            n = m.sum(1)                                          # (T, 1)
-            real = int((n[:, 0] > 0).sum())                       # steps 0..real-1 hold data
+            if lengths is None:
+                counts = torch.full((T,), B, device=x.device)
+            else:
+                if int(lengths.max()) < 1:
+                    raise ValueError("recurrent batch norm needs at least one sequence with length >= 1")
+                order = torch.argsort(lengths, descending=True, stable=True)
+                counts = (lengths[None, :] > torch.arange(T, device=x.device)[:, None]).sum(1)
+                xw, h0, c0 = xw[:, order], h0[order], c0[order]
+                keep = keep[:, order] if keep.numel() else keep
+            n = counts.to(x.dtype)[:, None]                       # (T, 1)
+            real = int((counts > 0).sum())                        # steps 0..real-1 hold data
+            m = (torch.arange(B, device=x.device)[None, :] < counts[:, None]).to(x.dtype)[..., None]
             mean_x = (xw * m).sum(1) / n.clamp_min(1)
             var_x = ((xw - mean_x[:, None]).square() * m).sum(1) / n.clamp_min(1)
-            idx = torch.arange(T, device=x.device).clamp(max=real - 1)
             self._update_running("x", t0, mean_x[:real], var_x[:real], n[:real])
+            idx = torch.arange(T, device=x.device).clamp(max=real - 1)
             mean_x, var_x = mean_x[idx], var_x[idx]
+            counts, stats = counts.tolist(), None
         else:
             idx = (torch.arange(T, device=x.device) + t0).clamp(max=self.max_steps - 1)
             mean_x, var_x = self.running_mean_x[idx], self.running_var_x[idx]
+            counts = None
+            stats = tuple(getattr(self, f"running_{s}_{k}")[idx] for k in "hc" for s in ("mean", "var"))
         xn = torch.addcmul(self.bias, (xw - mean_x[:, None]) * torch.rsqrt(var_x[:, None] + eps), self.x_weight)
-        h, c = h0, c0
-        outs, col_h, col_c, last_h, last_c = [], [], [], [], []
-        for t in range(T):
-            mt = m[t] if self.training else None
-            nt = n[t] if self.training else None
-            a = h @ self.weight_hh.t()
-            mean, var = self._step_stats("h", a, t0 + t, mt, nt, col_h, last_h)
-            gates = xn[t] + (a - mean) * torch.rsqrt(var + eps) * self.h_weight
-            i, f, g, o = gates.chunk(4, 1)
-            g = torch.tanh(g)
-            if keep.numel():
-                g = g * keep[t]
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * g
-            mean, var = self._step_stats("c", c, t0 + t, mt, nt, col_c, last_c)
-            cn = torch.addcmul(self.cell_bias, (c - mean) * torch.rsqrt(var + eps), self.cell_weight)
-            h = torch.sigmoid(o) * torch.tanh(cn)
-            outs.append(h)
-        for name, col in (("h", col_h), ("c", col_c)):
-            if col:
-                steps = [s for s, *_ in col]
-                self._update_running(name, steps[0], torch.stack([c[1] for c in col]),
-                                     torch.stack([c[2] for c in col]), torch.stack([c[3] for c in col]))
-        return torch.stack(outs), c
+        out = BatchNormScan.apply(eps, xn, h0.contiguous(), c0.contiguous(), self.weight_hh, self.h_weight,
+                                  self.cell_weight, self.cell_bias, keep, counts, stats)
+        hs, c = out[:2]
+        if counts is not None:
+            self._update_running("h", t0, out[2][:real], out[3][:real], n[:real])
+            self._update_running("c", t0, out[4][:real], out[5][:real], n[:real])
+        if order is not None:
+            inverse = torch.argsort(order)
+            hs, c = hs[:, inverse], c[inverse]
+        return hs, c
 
     @torch.no_grad()
     def _update_running(self, name: str, start: int, mean: Tensor, var: Tensor, n: Tensor) -> None:
