@@ -1,7 +1,7 @@
 """MambaVision throughput (images/s, inference and training) of zoo's model vs the official NVlabs
 model, same weights, same run.
 
-    python benchmarks/bench_mambavision.py                         # CPU, mambavision_t, 224 px, batch 8
+    python benchmarks/bench_mambavision.py                         # CPU (1 thread), mambavision_t, 224 px, batch 8
     python benchmarks/bench_mambavision.py --device cuda --batch-size 128 --bf16 --channels-last
     python benchmarks/bench_mambavision.py --device cuda --batch-size 128 --bf16 --channels-last --compile
 
@@ -10,8 +10,9 @@ installed), zoo with the sequential reference scan, and, when the `mambavision` 
 the official model. Without CUDA the official model cannot run its mamba_ssm kernel; its
 `selective_scan_fn` is then replaced by zoo's sequential reference (the only way it runs on a CPU).
 Training = forward, cross-entropy, backward and an AdamW step. Timings: `--warmup` untimed
-iterations, then the median of `--steps` timed ones (CUDA synchronised); the ratio column is
-images/s relative to the official model (or to zoo-sequential without it).
+iterations, then the median of `--steps` timed ones (CUDA synchronised), per wall second and per
+process-CPU second (on a shared CPU use `--threads 1`: CPU time then measures the work); the ratio
+columns are images/s relative to the official model (or to zoo-sequential without it).
 """
 from __future__ import annotations
 
@@ -69,34 +70,38 @@ def set_backend(model, backend: str) -> None:
             m.scan_backend = backend
 
 
-def measure(model, batch: int, size: int, train: bool, args, device) -> float:
-    """Median images/s over args.steps timed iterations after args.warmup."""
-    model.train(train)
+def measure(rows: dict, batch: int, size: int, train: bool, args, device) -> dict:
+    """{name: (images per wall second, images per process-CPU second)} of every model in `rows`,
+    medians over args.steps timed iterations after args.warmup, the models interleaved iteration by
+    iteration (so load changes on a shared machine hit them alike)."""
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) if train else None for name, m in rows.items()}
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
-    times = []
+    times = {name: ([], []) for name in rows}
     for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        if train:
-            with amp:
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        else:
-            with torch.no_grad(), amp:
-                model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
-    return batch / statistics.median(times)
+        for name, model in rows.items():
+            model.train(train)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t, c = time.perf_counter(), time.process_time()
+            if train:
+                with amp:
+                    loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opts[name].step()
+                opts[name].zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad(), amp:
+                    model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[name][0].append(time.perf_counter() - t)
+                times[name][1].append(time.process_time() - c)
+    return {name: (batch / statistics.median(w), batch / statistics.median(c)) for name, (w, c) in times.items()}
 
 
 def main(argv=None):
@@ -112,7 +117,7 @@ def main(argv=None):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile zoo's model (not the official one)")
     p.add_argument("--no-official", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -143,16 +148,16 @@ def main(argv=None):
     print(f"{args.variant} {args.image_size}px on {device} ({torch.get_num_threads()} threads) {flags}; "
           f"batch {args.batch_size} (train {args.train_batch_size or args.batch_size}); median of {args.steps} "
           f"after {args.warmup} warm-up; torch {torch.__version__}")
-    print(f"| model | inference img/s | training img/s | inference vs {reference} | training vs {reference} |")
+    print(f"| model | inference img/s (wall / CPU) | training img/s (wall / CPU) | inference vs {reference} "
+          f"(wall / CPU) | training vs {reference} (wall / CPU) |")
     print("|---|---|---|---|---|")
-    results = {}
-    for name, model in rows.items():
-        inf = measure(model, args.batch_size, args.image_size, False, args, device)
-        trn = measure(model, args.train_batch_size or args.batch_size, args.image_size, True, args, device)
-        results[name] = (inf, trn)
-        r_inf, r_trn = results[reference]
-        print(f"| {name} | {inf:.1f} | {trn:.1f} | {inf / r_inf:.2f}x | {trn / r_trn:.2f}x |", flush=True)
-
+    inference = measure(rows, args.batch_size, args.image_size, False, args, device)
+    training = measure(rows, args.train_batch_size or args.batch_size, args.image_size, True, args, device)
+    (ri, ric), (rt, rtc) = inference[reference], training[reference]
+    for name in rows:
+        inf, trn = inference[name], training[name]
+        print(f"| {name} | {inf[0]:.2f} / {inf[1]:.2f} | {trn[0]:.2f} / {trn[1]:.2f} | {inf[0] / ri:.2f}x / "
+              f"{inf[1] / ric:.2f}x | {trn[0] / rt:.2f}x / {trn[1] / rtc:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()

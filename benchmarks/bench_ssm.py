@@ -1,7 +1,7 @@
 """Selective scan speed: zoo's chunked scan vs the sequential reference vs mambapy's parallel scan
 (Blelloch, `pip install mambapy`), forward + backward, at MambaVision's shapes, same run.
 
-    python benchmarks/bench_ssm.py                      # CPU, default shapes
+    python benchmarks/bench_ssm.py --threads 1           # CPU, default shapes
     python benchmarks/bench_ssm.py --shapes 128x160x196 64x640x49 --repeats 5
     python benchmarks/bench_ssm.py --device cuda        # + mamba_ssm's kernel if installed
 
@@ -10,7 +10,9 @@ tokens (one 14x14 window per image) over dim = 160 channels (half of C = 320), s
 B/L/S/L2 use larger dims. mambapy is given the same inputs and the same computation around its scan
 (the selective_scan of mambapy.mamba: exp(delta A), delta B u, pscan, C contraction, D skip), so only
 the scan differs. Every method is checked against the reference before timing. Each timing is the
-median of `--repeats` runs after one warm-up, the methods interleaved so load changes hit all alike.
+median of `--repeats` runs after `--warmup` warm-ups, the methods interleaved so load changes hit all
+alike. Both wall and process CPU time are reported: on a shared machine run with `--threads 1`
+(CPU time then measures the work; with more threads than free cores OpenMP's spinning inflates both).
 """
 from __future__ import annotations
 
@@ -65,11 +67,12 @@ def methods(device):
     return ours
 
 
-def time_step(fn, x, device, backward: bool) -> float:
+def time_step(fn, x, device, backward: bool) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one forward (+ backward of the sum)."""
     leaves = {k: v.clone().requires_grad_(backward) for k, v in x.items()}
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     if backward:
         fn(leaves).sum().backward()
     else:
@@ -77,7 +80,7 @@ def time_step(fn, x, device, backward: bool) -> float:
             fn(leaves)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main(argv=None):
@@ -86,35 +89,41 @@ def main(argv=None):
                    help="batch x dim x L")
     p.add_argument("--d-state", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     fns = methods(device)
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; "
-          f"median of {args.repeats} (after 1 warm-up); ratios = time(method) / time(chunked)")
-    print(f"| shape (B x d x L, N={args.d_state}) | pass | " + " | ".join(f"{m} (ms)" for m in fns)
-          + " | " + " | ".join(f"{m} / chunked" for m in fns if m != "chunked") + " |")
-    print("|---|---|" + "---|" * (2 * len(fns) - 1))
+    others = [m for m in fns if m != "chunked"]
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; median of "
+          f"{args.repeats} (after {args.warmup} warm-up); ms = wall / process CPU; ratios = time(method) / "
+          "time(chunked), wall and CPU")
+    print(f"| shape (B x d x L, N={args.d_state}) | pass | " + " | ".join(f"{m} ms (wall / CPU)" for m in fns)
+          + " | " + " | ".join(f"{m} / chunked (wall / CPU)" for m in others) + " |")
+    print("|---|---|" + "---|" * (len(fns) + len(others)))
     for spec in args.shapes:
         b, d, length = (int(v) for v in spec.lower().split("x"))
         x = inputs(b, d, length, args.d_state, device)
-        ref = fns["sequential"](x)
-        for name, fn in fns.items():
-            err = (fn(x) - ref).abs().max().item()
-            assert err < 2e-3 + 6e-4 * ref.abs().max().item(), f"{name} differs from the reference by {err}"
+        with torch.no_grad():
+            ref = fns["sequential"](x)
+            for name, fn in fns.items():
+                err = (fn(x) - ref).abs().max().item()
+                assert err < 2e-3 + 6e-4 * ref.abs().max().item(), f"{name} differs from the reference by {err}"
         for backward in (False, True):
             times = {name: [] for name in fns}
-            for r in range(args.repeats + 1):
+            for r in range(args.warmup + args.repeats):
                 for name, fn in fns.items():
                     t = time_step(fn, x, device, backward)
-                    if r:
+                    if r >= args.warmup:
                         times[name].append(t)
-            med = {k: statistics.median(v) for k, v in times.items()}
+            wall = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
+            cpu = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
             print(f"| {spec} | {'fwd+bwd' if backward else 'fwd'} | "
-                  + " | ".join(f"{1e3 * med[m]:.0f}" for m in fns) + " | "
-                  + " | ".join(f"{med[m] / med['chunked']:.2f}" for m in fns if m != "chunked") + " |", flush=True)
+                  + " | ".join(f"{1e3 * wall[m]:.0f} / {1e3 * cpu[m]:.0f}" for m in fns) + " | "
+                  + " | ".join(f"{wall[m] / wall['chunked']:.2f} / {cpu[m] / cpu['chunked']:.2f}" for m in others)
+                  + " |", flush=True)
 
 
 if __name__ == "__main__":

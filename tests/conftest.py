@@ -3,6 +3,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from lightning.pytorch import Callback
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +32,33 @@ def tiny_unet_args(root_dir, *extra: str) -> list[str]:
         "--data.batch_size=2",
         *extra,
     )
+
+
+class StopAfterFirstEpoch(Callback):
+    """Simulates an interrupted job: stops cleanly after epoch 0, once last.ckpt is written."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def interrupted_then_resumed(args: list[str], root) -> tuple[dict, "ZooCLI"]:
+    """Fits `args` (without the subcommand; default_root_dir `root`) stopped after epoch 0, then
+    relaunches the same command with `--ckpt_path=last`. Returns the interrupted job's last checkpoint
+    and the resumed CLI."""
+    from zoo.cli import ZooCLI
+
+    cli = ZooCLI(args=args, run=False)
+    cli.trainer.callbacks.insert(0, StopAfterFirstEpoch())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    first = torch.load(Path(root) / "checkpoints" / "last.ckpt", weights_only=True)
+    return first, ZooCLI(args=["fit", *args, "--ckpt_path=last"])
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
+    """Bit-identical parameters and buffers."""
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
 
 
 @pytest.fixture

@@ -7,14 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Callback
 from PIL import Image
 
 import zoo
 from zoo.cli import ZooCLI, run_tags, wandb_mode
 from zoo.scaling import InputScaler
 from zoo.tasks.segmentation import UNetSegmentation
-from tests.conftest import ROOT, tiny_unet_args
+from tests.conftest import ROOT, assert_same_weights, interrupted_then_resumed, tiny_unet_args
 
 
 def fit(root, *extra):
@@ -68,30 +67,17 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     assert loss(tmp_path / "a") != loss(tmp_path / "c")
 
 
-class StopAfterFirstEpoch(Callback):
-    """Simulates an interrupted job: stops cleanly after epoch 0, once last.ckpt is written."""
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
-
-
 def test_resume_from_last_is_exact(tmp_path):
     # 8 training samples, batch 2: 4 steps an epoch. The same 3-epoch job straight through, and
     # interrupted after 1 epoch then relaunched with --ckpt_path last, must end with identical weights.
     common = ["--trainer.max_steps=-1", "--trainer.val_check_interval=null", "--model.optimizer=sgd",
               "--model.scheduler=cosine", "--model.weight_decay=0.01", "--trainer.max_epochs=3"]
     straight = fit(tmp_path / "straight", *common)
-    cli = ZooCLI(args=tiny_unet_args(tmp_path / "resumed", *common), run=False)
-    cli.trainer.callbacks.insert(0, StopAfterFirstEpoch())
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    first = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    first, resumed = interrupted_then_resumed(tiny_unet_args(tmp_path / "resumed", *common), tmp_path / "resumed")
     assert first["global_step"] == 4 and first["epoch"] == 0
     assert first["optimizer_states"][0]["state"] and first["lr_schedulers"][0]["last_epoch"] == 4
-    resumed = fit(tmp_path / "resumed", *common, "--ckpt_path=last")
     assert resumed.trainer.global_step == straight.trainer.global_step == 12
-    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
-        if isinstance(a, torch.Tensor):
-            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_weights(straight.model, resumed.model)
 
 
 def test_model_and_data_overrides_and_print_config(tmp_path):

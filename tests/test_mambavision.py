@@ -246,6 +246,7 @@ def test_load_official_checkpoint_layout(tmp_path):
         warnings.simplefilter("error")  # nothing missing or unexpected besides the head: no warning
         report = load_official_checkpoint(other, path)
     assert report["head_reinitialised"] and other.head.weight.shape == (3, 128)
+    assert (other.head.bias == 0).all() and 0 < other.head.weight.std() < 0.03  # the model's head init
     torch.testing.assert_close(other.levels[2].blocks[0].mixer.A_log, src.levels[2].blocks[0].mixer.A_log)
     # a model with other norms: missing/unexpected keys are reported, and refused with strict=True
     with pytest.warns(UserWarning, match="missing keys"):
@@ -265,3 +266,65 @@ def test_onnx_export(tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (export checked only)")
     out = ort.InferenceSession(str(path)).run(None, {"image": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_import_zoo_registers_every_variant_with_timm():
+    # a fresh interpreter: `import zoo` alone must make timm.create_model("mambavision_t") work
+    import subprocess
+    code = ("import zoo, timm; print(sorted(m for m in timm.list_models('mambavision_*'))); "
+            "print(type(timm.create_model('mambavision_t', pretrained=False, num_classes=3, dim=8, in_dim=8, "
+            "depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))).__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == str(sorted(PAPER_PARAMS)) and out[1] == "zoo.models.mambavision"
+
+
+def test_official_t_takes_any_multiple_of_32():
+    # mambavision_t's windows are 14 and 7 (made for 224 px): at 160 and 288 px the stage maps are
+    # 10x10/5x5 and 18x18/9x9, padded to whole windows and cropped back
+    model = timm.create_model("mambavision_t", features_only=True).eval()
+    for size in (160, 288):
+        with torch.no_grad():
+            feats = model(torch.randn(1, 3, size, size))
+        assert [tuple(f.shape) for f in feats] == [(1, 80 * 2**i, size // 4 // 2**i, size // 4 // 2**i)
+                                                   for i in range(4)]
+        assert all(torch.isfinite(f).all() for f in feats)
+    assert timm.create_model("mambavision_t").eval()(torch.randn(1, 3, 160, 160)).shape == (1, 1000)
+
+
+def test_model_under_bf16_autocast_scans_in_float32(monkeypatch):
+    model = tiny()
+    randomize_(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    dtypes = []
+    scan = ssm._scan
+    monkeypatch.setattr(ssm, "_scan", lambda a, b, **kw: dtypes.append((a.dtype, b.dtype)) or scan(a, b, **kw))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert dtypes and set(dtypes) == {(torch.float32, torch.float32)}  # every mixer's scan ran in float32
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1 * ref.abs().max().item())
+
+
+class _NotAllowed:  # a pickled object that weights-only loading refuses
+    pass
+
+
+def test_load_official_checkpoint_reads_timm_training_files_and_refuses_other_pickles(tmp_path):
+    import argparse
+    src = tiny()
+    randomize_(src)
+    # timm's train.py (the official training script) saves its argparse Namespace as "args"
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"state_dict": src.state_dict(), "args": argparse.Namespace(model="mamba_vision_T", lr=5e-3),
+                "epoch": 299, "metric": 82.3}, path)
+    dst = tiny()
+    assert load_official_checkpoint(dst, path)["missing"] == []
+    torch.testing.assert_close(dst.head.weight, src.head.weight)
+    evil = tmp_path / "other.pth.tar"
+    torch.save({"state_dict": src.state_dict(), "extra": _NotAllowed()}, evil)
+    with pytest.raises(ValueError, match="trusted=True"):
+        load_official_checkpoint(tiny(), evil)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_official_checkpoint(tiny(), tmp_path / "nope.pth.tar")

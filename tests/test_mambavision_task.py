@@ -1,6 +1,7 @@
 """Classification data and task for MambaVision: the synthetic set (deterministic, balanced, not
 linearly separable), the ImageFolder datamodule, the LightningModule, and the CLI end to end."""
 import csv
+import math
 import json
 
 import numpy as np
@@ -148,3 +149,31 @@ def test_fit_load_and_predict_csv(tmp_path):
     probs = [float(rows[0][f"prob_{i}"]) for i in range(1, 6)]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
     assert {rows[0][f"label_{i}"] for i in range(1, 6)} <= set(shape_class_names(8))
+
+
+def test_training_loss_is_label_smoothed_and_schedule_is_cosine_with_warmup():
+    from types import SimpleNamespace
+    model = ImageClassification(num_classes=4, label_smoothing=0.2, lr=1e-2, warmup_steps=10, min_lr_ratio=0.1,
+                                weight_decay=0.05, **TINY_NET).eval()  # eval: no drop path, fixed BN
+    model.log = lambda *a, **k: None  # no trainer to log to
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(4, 3, 32, 32, generator=g) * 255, "label": torch.tensor([0, 1, 2, 3])}
+    with torch.no_grad():
+        logits = model(batch["image"])
+        loss = model.training_step(batch, 0)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, batch["label"], label_smoothing=0.2))
+    assert not torch.allclose(loss, F.cross_entropy(logits, batch["label"]))
+
+    model._trainer = SimpleNamespace(estimated_stepping_batches=100)
+    conf = model.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.AdamW) and conf["lr_scheduler"]["interval"] == "step"
+    assert sorted(group["weight_decay"] for group in opt.param_groups) == [0.0, 0.05]
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2)             # linear warm-up
+    assert lrs[55] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))))  # half-way
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(1e-3, rel=0.01)

@@ -4,28 +4,24 @@ import json
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback
 from PIL import Image
 
 import zoo
 from zoo.cli import ZooCLI
 from zoo.data.sketches import SketchDataModule, scale_factor
 from zoo.tasks.sketch import SketchRNNTask
-from tests.conftest import ROOT
+from tests.conftest import assert_same_weights, cli_args, interrupted_then_resumed
 
 
 def tiny_sketch_args(root, *extra):
-    return [
-        "--config", str(ROOT / "configs" / "sketch_rnn.yaml"),
-        f"--trainer.default_root_dir={root}",
-        "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+    return cli_args(
+        "sketch_rnn", root,
         "--model.enc_rnn_size=8", "--model.dec_rnn_size=16", "--model.z_size=4", "--model.num_mixture=2",
         "--model.num_images=2", "--model.max_seq_len=40",
         "--data.builtin=synthetic", "--data.classes=[circle, house]", "--data.num_per_class=10",
         "--data.batch_size=4", "--data.max_seq_len=40",
         *extra,
-    ]
+    )
 
 
 def test_fit_load_predict(tmp_path):
@@ -79,13 +75,6 @@ def test_unconditional_fit(tmp_path):
     assert summary["status"] == "ok" and "val/L_R" in summary["metrics"] and "val/L_KL" not in summary["metrics"]
 
 
-class StopAfterFirstEpoch(Callback):
-    """Simulates an interrupted job: stops cleanly after epoch 0, once last.ckpt is written."""
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
-
-
 def test_resume_from_last_is_exact(tmp_path):
     # 16 training sketches, batch 8: 2 steps an epoch, with augmentation, recurrent dropout and z draws.
     # Two epochs straight through, and stopped after one then relaunched with --ckpt_path last, must end
@@ -93,11 +82,7 @@ def test_resume_from_last_is_exact(tmp_path):
     common = ["--trainer.max_steps=-1", "--trainer.val_check_interval=null", "--trainer.max_epochs=2",
               "--trainer.limit_val_batches=1", "--data.batch_size=8", "--model.norm=layer"]
     straight = ZooCLI(args=["fit", *tiny_sketch_args(tmp_path / "straight", *common)])
-    cli = ZooCLI(args=tiny_sketch_args(tmp_path / "resumed", *common), run=False)
-    cli.trainer.callbacks.insert(0, StopAfterFirstEpoch())
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
-    resumed = ZooCLI(args=["fit", *tiny_sketch_args(tmp_path / "resumed", *common), "--ckpt_path=last"])
+    first, resumed = interrupted_then_resumed(tiny_sketch_args(tmp_path / "resumed", *common), tmp_path / "resumed")
+    assert first["global_step"] == 2
     assert resumed.trainer.global_step == straight.trainer.global_step == 4
-    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_weights(straight.model, resumed.model)

@@ -33,6 +33,7 @@ in float32 under autocast, and exports to ONNX).
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import warnings
 from pathlib import Path
@@ -441,9 +442,10 @@ def load_official_checkpoint(model: MambaVision, path: Union[str, Path], strict:
 
     Reads the `state_dict` (or `model`) entry and strips `module.` prefixes. When the checkpoint's head
     has another number of classes than `model`, the head weights are skipped and the model's head is
-    re-initialised (reported). The file is read with `torch.load(weights_only=True)`; a file holding
-    other pickled objects is refused unless `trusted=True` (only for files from a source you trust:
-    unpickling can run code).
+    re-initialised (reported). The file is read with `torch.load(weights_only=True)`, allowing the
+    argparse `Namespace` that timm's training script stores as `args`; a file holding other pickled
+    objects is refused unless `trusted=True` (only for files from a source you trust: unpickling can
+    run code).
 
     Returns {"missing": [...], "unexpected": [...], "head_reinitialised": bool}; missing/unexpected keys
     are logged as a warning, and with `strict=True` any of them raises RuntimeError.
@@ -453,7 +455,8 @@ def load_official_checkpoint(model: MambaVision, path: Union[str, Path], strict:
     if not path.is_file():
         raise FileNotFoundError(f"official checkpoint {str(path)!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as e:  # UnpicklingError for non-tensor objects
         if trusted:
             raise
