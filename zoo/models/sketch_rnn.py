@@ -33,7 +33,7 @@ autograd node (`FusedScan`): the input projection of all steps is one matmul, th
 without recording a graph, and back-propagation through time is hand-written with torch's fused norm
 kernels (native_layer_norm / _fused_rms_norm and their backward ops); weight
 gradients are one matmul over all steps. `batch` runs the same way (`BatchNormScan`, hand-written
-backward through the masked per-step statistics). See benchmarks/sketch_rnn.md for the measured speeds.
+backward through the masked per-step statistics). See benchmarks/README.md for the measured speeds.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ Normalization (`norm`, a `zoo.norm` kind, and `norm_position`):
     With norm="none" (identity) both placements give the same network, x = x + sublayer(x) with no
     final norm: pre-norm trains (the residual stream is a plain sum, each sub-layer sees it
     unnormalized), and post-norm is exactly that network, so it trains identically (same seed, same
-    numbers; see benchmarks/transformer.md). Nothing bounds the residual stream's growth over depth,
+    numbers; see benchmarks/README.md). Nothing bounds the residual stream's growth over depth,
     so deep stacks or the paper's learning rates may need a smaller lr or warm-up.
 Norms act on tokens (`TokenNorm`). Per-token norms (layer, rms, none) cannot see padding or the
 future. Batch norm computes per-channel statistics over tokens, so `TokenNorm` makes it:
