@@ -107,6 +107,19 @@ def _cell_norm_bwd(kind: str, g: Tensor, c: Tensor, gamma: Tensor, s1: Tensor, s
     return _rms_bwd(g * gamma, s1, s2)
 
 
+def _gates_to_cell(gates: Tensor, act: Tensor, c_prev: Tensor, c_out: Tensor, keep: Tensor | None):
+    """One LSTM cell update from (B, 4H) pre-activations in (i, f, g, o) order, written into the
+    preallocated `act` (B, 4H) and `c_out` (B, H): returns the output gate o and c = f*c_prev + i*g
+    (g times the recurrent-dropout mask `keep` when given)."""
+    H = c_prev.shape[1]
+    torch.sigmoid(gates, out=act)
+    torch.tanh(gates[:, 2 * H:3 * H], out=act[:, 2 * H:3 * H])
+    i, f, g, o = act.chunk(4, 1)
+    if keep is not None:
+        g = g * keep
+    return o, torch.mul(f, c_prev, out=c_out).addcmul_(i, g)
+
+
 class FusedScan(torch.autograd.Function):
     """One LSTM direction over a whole sequence as one autograd node (kinds none / layer / rms).
 
@@ -140,13 +153,7 @@ class FusedScan(torch.autograd.Function):
                 a, s1, s2 = _gate_norm_fwd(kind, a, g_gamma, g_beta, eps)
                 gs1.append(s1)
                 gs2.append(s2)
-            act = acts[t]
-            torch.sigmoid(a, out=act)
-            torch.tanh(a[:, 2 * H:3 * H], out=act[:, 2 * H:3 * H])
-            i, f, g, o = act.chunk(4, 1)
-            if drop:
-                g = g * keep[t]
-            c = torch.mul(f, cs[t], out=cs[t + 1]).addcmul_(i, g)
+            o, c = _gates_to_cell(a, acts[t], cs[t], cs[t + 1], keep[t] if drop else None)
             if kind != "none":
                 c, s1, s2 = _cell_norm_fwd(kind, c, c_gamma, c_beta, eps)
                 cs1.append(s1)
@@ -248,13 +255,7 @@ class BatchNormScan(torch.autograd.Function):
                 mh.append(m)
             torch.rsqrt(vh[t] + eps, out=rstd_h[t])
             gates = torch.addcmul(xn[t], (a - mh[t]) * rstd_h[t], h_gamma)
-            act = acts[t]
-            torch.sigmoid(gates, out=act)
-            torch.tanh(gates[:, 2 * H:3 * H], out=act[:, 2 * H:3 * H])
-            i, f, g, o = act.chunk(4, 1)
-            if drop:
-                g = g * keep[t]
-            c = torch.mul(f, cs[t], out=cs[t + 1]).addcmul_(i, g)
+            o, c = _gates_to_cell(gates, acts[t], cs[t], cs[t + 1], keep[t] if drop else None)
             if counts is not None:
                 v, m = torch.var_mean(c[:counts[t]], 0, correction=0) if counts[t] else (vc[-1], mc[-1])
                 vc.append(v)
