@@ -328,3 +328,41 @@ def test_load_official_checkpoint_reads_timm_training_files_and_refuses_other_pi
         load_official_checkpoint(tiny(), evil)
     with pytest.raises(FileNotFoundError, match="nope"):
         load_official_checkpoint(tiny(), tmp_path / "nope.pth.tar")
+
+
+def test_conv_norm_layer_is_timm_layernorm2d_at_every_conv_position():
+    """conv_norm='layer' (the run that stays at chance on the shapes data) is exactly timm's LayerNorm2d
+    (over C at each pixel, weight 1, bias 0) in the stem, the conv blocks and the final norm: swapping
+    every one for LayerNorm2d with the same eps gives the same logits and gradients, so that failure is
+    not a layout / init bug (timm's own ResNet with LayerNorm2d fails alike; benchmarks/mambavision.md)."""
+    from timm.layers import LayerNorm2d
+    model = tiny(conv_norm="layer").train()
+    ref = tiny(conv_norm="layer").train()
+    swapped = 0
+    for mod in ref.modules():
+        for name, child in list(mod.named_children()):
+            if getattr(child, "layout", None) == "nchw":
+                assert torch.equal(child.weight, torch.ones_like(child.weight)) and not child.bias.any()
+                setattr(mod, name, LayerNorm2d(child.normalized_shape[0], eps=child.eps))
+                swapped += 1
+    assert swapped == 2 + 2 * sum(TINY["depths"][:2]) + 1  # stem, conv blocks, final norm
+    x = torch.randn(2, 3, 32, 32)
+    out, out_ref = model(x), ref(x)
+    torch.testing.assert_close(out, out_ref)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    torch.testing.assert_close(model.patch_embed.conv_down[0].weight.grad, ref.patch_embed.conv_down[0].weight.grad)
+
+
+def test_mixer_grows_cubically_with_its_input_attention_and_mlp_linearly():
+    """Why token_norm='none' diverges: the mixer's dt, B and C are all linear in its input, so for large
+    inputs (softplus(dt) ~ dt) its output scales like |x|**3, while attention and the MLP scale like |x|.
+    Without a norm in front, a residual stream that grows in training feeds back cubically."""
+    block_mixer, block_attn = tiny().levels[3].blocks
+    x = torch.randn(4, 4, block_mixer.mlp.fc1.in_features)
+    with torch.no_grad():
+        def slope(f):  # log2 growth of |f(s x)| per doubling of s, between s = 64 and 256
+            return torch.log2(f(256 * x).norm() / f(64 * x).norm()).item() / 2
+        assert 2.7 < slope(block_mixer.mixer) < 3.3
+        assert 0.9 < slope(block_attn.mixer) < 1.1
+        assert 0.9 < slope(block_mixer.mlp) < 1.1
