@@ -334,7 +334,7 @@ def test_conv_norm_layer_is_timm_layernorm2d_at_every_conv_position():
     """conv_norm='layer' (the run that stays at chance on the shapes data) is exactly timm's LayerNorm2d
     (over C at each pixel, weight 1, bias 0) in the stem, the conv blocks and the final norm: swapping
     every one for LayerNorm2d with the same eps gives the same logits and gradients, so that failure is
-    not a layout / init bug (timm's own ResNet with LayerNorm2d fails alike; benchmarks/mambavision.md)."""
+    not a layout / init bug (timm's own ResNet with LayerNorm2d fails alike; benchmarks/README.md)."""
     from timm.layers import LayerNorm2d
     model = tiny(conv_norm="layer").train()
     ref = tiny(conv_norm="layer").train()
