@@ -7,6 +7,8 @@ import torch
 from lightning.pytorch import Callback
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+from zoo.cli import ZooCLI  # noqa: E402  (after the wandb mode is set)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,12 +43,10 @@ class StopAfterFirstEpoch(Callback):
         trainer.should_stop = True
 
 
-def interrupted_then_resumed(args: list[str], root) -> tuple[dict, "ZooCLI"]:
+def interrupted_then_resumed(args: list[str], root) -> tuple[dict, ZooCLI]:
     """Fits `args` (without the subcommand; default_root_dir `root`) stopped after epoch 0, then
     relaunches the same command with `--ckpt_path=last`. Returns the interrupted job's last checkpoint
     and the resumed CLI."""
-    from zoo.cli import ZooCLI
-
     cli = ZooCLI(args=args, run=False)
     cli.trainer.callbacks.insert(0, StopAfterFirstEpoch())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -225,7 +225,7 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
     (out / "report.md").write_text("\n".join(md) + "\n")
 
     h = html.escape
-    page = [f"<!doctype html><meta charset='utf-8'><title>zoo comparison</title>",
+    page = ["<!doctype html><meta charset='utf-8'><title>zoo comparison</title>",
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style>",
             f"<h1>Comparison: {h(', '.join(configs))}</h1>",

@@ -19,9 +19,10 @@ import math
 import numbers
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from zoo.data.sampling import seeded_generator
 
 __all__ = [
     "make_cells", "make_cell", "weight_map", "class_weights", "cell_distances", "connected_components",
@@ -48,16 +49,6 @@ def _size(size) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise ValueError(f"size {size!r} must be positive (an int or (H, W))")
     return h, w
-
-
-def _generator(seed, index: int) -> torch.Generator:
-    """A generator for image `index` of the stream `seed` (an int or a sequence of ints)."""
-    seeds = list(seed) if isinstance(seed, Sequence) else [seed]
-    entropy = [int(s) for s in seeds] + [int(index)]
-    if any(s < 0 for s in entropy):
-        raise ValueError(f"seed {seed!r} and index {index} must be non-negative integers")
-    state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
 def _smooth_field(channels: int, h: int, w: int, cells: float, g: torch.Generator) -> torch.Tensor:
@@ -90,7 +81,7 @@ def make_cell(index: int, size=256, seed=0, **knobs) -> tuple[torch.Tensor, torc
         raise ValueError(f"unknown knob(s) {sorted(unknown)}; accepted: {sorted(DEFAULT_KNOBS)}")
     k = {**DEFAULT_KNOBS, **knobs}
     h, w = _size(size)
-    g = _generator(seed, index)
+    g = seeded_generator(seed, index)
     u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
     spacing = float(k["cell_size"])
     if spacing <= 0:

@@ -35,7 +35,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-from zoo.data.cells import _generator
+from zoo.data.sampling import seeded_generator
 from zoo.data.segmentation import IMAGE_SUFFIXES, list_images
 from zoo.scaling import SCALER_KINDS, InputScaler
 
@@ -71,7 +71,7 @@ def _shape_distance(shape: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 
 def _draw(index: int, size: int, seed) -> tuple[torch.Tensor, torch.Tensor]:
     """The random draws of image `index`: (16,) parameters and (3, size, size) noise."""
-    g = _generator(seed, index)
+    g = seeded_generator(seed, index)
     p = torch.rand(16, generator=g)
     return p, 0.03 * torch.randn(3, size, size, generator=g)
 

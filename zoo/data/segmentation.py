@@ -43,11 +43,12 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
 from zoo.data.augment import WeightMap, paper_augmentation, set_generator
-from zoo.data.cells import _generator, class_weights, connected_components, make_cell, weight_map
+from zoo.data.cells import class_weights, connected_components, make_cell, weight_map
+from zoo.data.sampling import EpochSampler, seeded_generator
 from zoo.scaling import SCALER_KINDS, InputScaler
 
 __all__ = [
@@ -58,7 +59,7 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 # Seed streams of the synthetic splits and of the per-epoch training randomness.
-_TRAIN, _VAL, _TEST, _CROPS, _ORDER = 0, 1, 2, 10, 11
+_TRAIN, _VAL, _TEST, _CROPS = 0, 1, 2, 10
 
 
 @contextlib.contextmanager
@@ -220,29 +221,6 @@ def reflect_index(index: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(m < n, m, period - m)
 
 
-class EpochSampler(Sampler):
-    """Yields (epoch, index) pairs, shuffled by a generator seeded from (seed, epoch): the training
-    crops and augmentation of a sample are a function of (seed, epoch, index) only, whatever the
-    number of workers or where a run was resumed. Lightning calls `set_epoch` every epoch (also
-    through its DistributedSamplerWrapper under DDP)."""
-
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=_generator([self.seed, _ORDER], self.epoch)).tolist()
-        else:
-            order = range(self.n)
-        return iter([(self.epoch, int(i)) for i in order])
-
-
 class TrainCrops(Dataset):
     """Training samples: the whole image, mask and weight map augmented jointly (if `augment`),
     then a random S x S target window and the (S + 2c) x (S + 2c) image window around it, taken
@@ -265,7 +243,7 @@ class TrainCrops(Dataset):
 
     def __getitem__(self, item) -> dict[str, torch.Tensor]:
         epoch, i = item if isinstance(item, tuple) else (0, item)
-        g = _generator([self.seed, _CROPS, int(epoch)], int(i))
+        g = seeded_generator([self.seed, _CROPS, int(epoch)], int(i))
         image, mask, weight = self.split.images[i], self.split.mask(i), self.split.weights[i]
         if self.augment is not None:
             set_generator(self.augment, g)

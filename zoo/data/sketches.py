@@ -30,12 +30,14 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+
+from zoo.data.sampling import EpochSampler
 
 __all__ = ["SPLITS", "SketchSet", "read_npz", "write_npz", "load_sketch_files", "preprocess", "scale_factor",
            "polylines_to_stroke3", "stroke3_to_polylines", "stroke3_to_stroke5", "stroke5_to_stroke3",
            "random_scale", "augment_strokes", "hershey_sketches", "HERSHEY_CLASSES", "synthetic_sketches",
-           "SYNTHETIC_CLASSES", "render_sketches", "sketches_to_svg", "EpochShuffle", "SketchDataset",
+           "SYNTHETIC_CLASSES", "render_sketches", "sketches_to_svg", "SketchDataset",
            "SketchDataModule"]
 
 log = logging.getLogger(__name__)
@@ -461,28 +463,8 @@ def sketches_to_svg(sketches: Sequence[np.ndarray], columns: int = 8, cell: int 
 # Dataset and datamodule
 # --------------------------------------------------------------------------------------------- #
 
-class EpochShuffle(Sampler):
-    """Yields (epoch, index) pairs in an order drawn from (seed, epoch). With `SketchDataset` drawing each
-    item's augmentation from (seed, epoch, index), an epoch's batches depend on nothing else: the same
-    after resuming from a checkpoint at an epoch boundary and with any number of workers. Lightning
-    calls `set_epoch` every epoch (also through its distributed sampler wrapper)."""
-
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        order = np.random.default_rng([self.seed, 0, self.epoch]).permutation(self.n)
-        return iter([(self.epoch, int(i)) for i in order])
-
-
 class SketchDataset(Dataset):
-    """Items (float32 stroke-3 (L, 3) raw offsets, label), indexed by i or (epoch, i) (`EpochShuffle`);
+    """Items (float32 stroke-3 (L, 3) raw offsets, label), indexed by i or (epoch, i) (`EpochSampler`);
     with augmentation (training), the official random scale and stroke dropping are drawn from a
     generator seeded by (seed, epoch, i)."""
 
@@ -573,7 +555,7 @@ class SketchDataModule(L.LightningDataModule):
         hp = self.hparams
         ds = SketchDataset(self.sets[split], hp.random_scale_factor if train else 0.0,
                            hp.augment_stroke_prob if train else 0.0, seed=hp.seed)
-        sampler = EpochShuffle(len(ds), hp.seed) if train else None
+        sampler = EpochSampler(len(ds), hp.seed) if train else None
         return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, drop_last=train,
                           num_workers=hp.num_workers, collate_fn=_Collate(self.steps),
                           persistent_workers=hp.num_workers > 0)

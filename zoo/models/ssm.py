@@ -168,7 +168,15 @@ def _scan(a: Tensor, b: Tensor, reverse: bool = False, chunk: Optional[int] = No
     runs step by step after the chunks.
     """
     length, rest = a.shape[0], a.shape[1:]
-    chunk = chunk or _chunk_size(length)
+    chunk = chunk or (1 if a.device.type == "cpu" else _chunk_size(length))
+    if chunk == 1:  # one in-place op per step, each step's (rest) block stays in cache
+        if not reverse:
+            for t in range(1, length):
+                b[t].addcmul_(a[t], b[t - 1])
+        else:
+            for t in range(length - 2, -1, -1):
+                b[t].addcmul_(a[t + 1], b[t + 1])
+        return b
     n = length // chunk
     tail = length - n * chunk
     h = b

@@ -119,7 +119,7 @@ class SketchRNNTask(ZooModule):
 
     def training_step(self, batch, batch_idx):
         # Recurrent dropout and the draw of z come from a generator seeded by (run seed, step, rank), so a
-        # run resumed from a checkpoint draws what the uninterrupted run drew (the data side: EpochShuffle).
+        # run resumed from a checkpoint draws what the uninterrupted run drew (the data side: EpochSampler).
         key = np.random.SeedSequence([self.rng_seed, self.global_step, self.global_rank]).generate_state(1)[0]
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(int(key))
