@@ -1,7 +1,9 @@
-"""Selective scan speed: zoo's chunked scan vs the sequential reference vs mambapy's parallel scan
-(Blelloch, `pip install mambapy`), forward + backward, at MambaVision's shapes, same run.
+"""Selective scan speed: zoo's fast path (`selective_scan_chunked`, the "chunked" backend) vs the
+sequential reference vs mambapy's parallel scan (Blelloch, `pip install mambapy`), forward and
+forward + backward, at MambaVision's shapes, same run.
 
-    python benchmarks/bench_ssm.py --threads 1           # CPU, default shapes
+    python benchmarks/bench_ssm.py --threads 1           # CPU, default shapes (on a shared machine
+                                                         # also set OMP_NUM_THREADS=1)
     python benchmarks/bench_ssm.py --shapes 128x160x196 64x640x49 --repeats 5
     python benchmarks/bench_ssm.py --device cuda        # + mamba_ssm's kernel if installed
 
