@@ -34,16 +34,21 @@ def run(fn, inputs, **kw):
     return y, last, dict(zip(leaves, grads))
 
 
-@pytest.mark.parametrize("layout", ["bnl", "bgnl", "dn"])
-@pytest.mark.parametrize("shape", [(2, 4, 1, 3), (2, 6, 5, 4), (3, 8, 49, 8), (2, 8, 196, 8), (1, 4, 230, 2)])
-def test_fast_equals_reference_values_and_grads(shape, layout):
-    inputs = make_inputs(*shape, layout=layout)
+def assert_fast_equals_reference(inputs):
+    """The fast path's output, last state and every input gradient equal the sequential reference's
+    within mamba_ssm's fp32 tolerances."""
     y_ref, last_ref, g_ref = run(selective_scan_ref, inputs)
     y, last, g = run(selective_scan_chunked, inputs)
     torch.testing.assert_close(y, y_ref, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(last, last_ref, rtol=RTOL, atol=ATOL)
     for k in g_ref:
         torch.testing.assert_close(g[k], g_ref[k], rtol=RTOL, atol=ATOL, msg=lambda m: f"grad {k}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["bnl", "bgnl", "dn"])
+@pytest.mark.parametrize("shape", [(2, 4, 1, 3), (2, 6, 5, 4), (3, 8, 49, 8), (2, 8, 196, 8), (1, 4, 230, 2)])
+def test_fast_equals_reference_values_and_grads(shape, layout):
+    assert_fast_equals_reference(make_inputs(*shape, layout=layout))
 
 
 def test_fast_equals_reference_float64_tightly():
@@ -177,13 +182,7 @@ def test_mamba_ssm_is_imported_lazily(monkeypatch):
 def test_fast_path_time_blocks_equal_reference(block_elements, layout, monkeypatch):
     # per step (batch, N, dim) = 2 * 4 * 8 elements: blocks of 1, 3 and 5 steps, the last one short
     monkeypatch.setattr(ssm, "BLOCK_ELEMENTS", block_elements)
-    inputs = make_inputs(2, 8, 23, 4, layout=layout)
-    y_ref, last_ref, g_ref = run(selective_scan_ref, inputs)
-    y, last, g = run(selective_scan_chunked, inputs)
-    torch.testing.assert_close(y, y_ref, rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(last, last_ref, rtol=RTOL, atol=ATOL)
-    for k in g_ref:
-        torch.testing.assert_close(g[k], g_ref[k], rtol=RTOL, atol=ATOL, msg=lambda m: f"grad {k}: {m}")
+    assert_fast_equals_reference(make_inputs(2, 8, 23, 4, layout=layout))
 
 
 @pytest.mark.parametrize("layout", ["bnl", "dn"])
