@@ -1,6 +1,7 @@
-"""Selective scan speed: zoo's fast path (`selective_scan_chunked`, the "chunked" backend) vs the
-sequential reference vs mambapy's parallel scan (Blelloch, `pip install mambapy`), forward and
-forward + backward, at MambaVision's shapes, same run.
+"""Selective scan speed: zoo's fast path (`selective_scan_chunked`, the "chunked" backend: on CPU the C++
+kernel of zoo/csrc/selective_scan.cpp) and its pure-PyTorch form (the same backend with the C++ kernels
+off, as on GPUs or without a compiler) vs the sequential reference vs mambapy's parallel scan (Blelloch,
+`pip install mambapy`), forward and forward + backward, at MambaVision's shapes, same run.
 
     python benchmarks/bench_ssm.py --threads 1           # CPU, default shapes (on a shared machine
                                                          # also set OMP_NUM_THREADS=1)
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo import cpu_kernels  # noqa: E402
 from zoo.models.ssm import selective_scan, selective_scan_chunked, selective_scan_ref  # noqa: E402
 
 
@@ -52,11 +54,20 @@ def inputs(batch, dim, length, n, device, seed=0):
     return {k: v.to(device) for k, v in x.items()}
 
 
+def pure_torch(x):
+    """The chunked backend with the C++ kernels off (autograd keeps the path chosen in the forward)."""
+    enabled, cpu_kernels.ENABLED = cpu_kernels.ENABLED, False
+    try:
+        return selective_scan_chunked(**x, delta_softplus=True)
+    finally:
+        cpu_kernels.ENABLED = enabled
+
+
 def methods(device):
-    ours = dict(
-        chunked=lambda x: selective_scan_chunked(**x, delta_softplus=True),
-        sequential=lambda x: selective_scan_ref(**x, delta_softplus=True),
-    )
+    ours = dict(chunked=lambda x: selective_scan_chunked(**x, delta_softplus=True))
+    if device.type == "cpu" and cpu_kernels.available():
+        ours["pure_torch"] = pure_torch
+    ours["sequential"] = lambda x: selective_scan_ref(**x, delta_softplus=True)
     try:
         import mambapy.pscan  # noqa: F401
         ours["mambapy"] = lambda x: mambapy_scan(**x)

@@ -8,8 +8,18 @@ from lightning.pytorch import Callback
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from zoo import cpu_kernels  # noqa: E402
 from zoo.cli import ZooCLI  # noqa: E402  (after the wandb mode is set)
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def scan_path(request, monkeypatch):
+    """Runs a test with zoo's C++ CPU kernels (zoo/csrc) and again with the pure-PyTorch paths."""
+    monkeypatch.setattr(cpu_kernels, "ENABLED", request.param == "cpp")
+    if request.param == "cpp":
+        assert cpu_kernels.available(), "the C++ CPU kernels did not build (see the warning)"
+    return request.param
 
 
 def cli_args(config: str, root_dir, *extra: str) -> list[str]:

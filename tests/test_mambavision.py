@@ -291,18 +291,23 @@ def test_official_t_takes_any_multiple_of_32():
     assert timm.create_model("mambavision_t").eval()(torch.randn(1, 3, 160, 160)).shape == (1, 1000)
 
 
-def test_model_under_bf16_autocast_scans_in_float32(monkeypatch):
+def test_model_under_bf16_autocast_scans_in_float32(monkeypatch, scan_path):
     model = tiny()
     randomize_(model)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
     dtypes = []
-    scan = ssm._scan
-    monkeypatch.setattr(ssm, "_scan", lambda a, b, **kw: dtypes.append((a.dtype, b.dtype)) or scan(a, b, **kw))
+    if scan_path == "cpp":  # the whole scan is one C++ call: its tensor inputs
+        apply = ssm._SelectiveScanCpp.apply
+        monkeypatch.setattr(ssm._SelectiveScanCpp, "apply", lambda *a: dtypes.append(
+            {t.dtype for t in a if isinstance(t, torch.Tensor)}) or apply(*a))
+    else:  # the recurrence of the pure-PyTorch path
+        scan = ssm._scan
+        monkeypatch.setattr(ssm, "_scan", lambda a, b, **kw: dtypes.append({a.dtype, b.dtype}) or scan(a, b, **kw))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
-    assert dtypes and set(dtypes) == {(torch.float32, torch.float32)}  # every mixer's scan ran in float32
+    assert dtypes and all(d == {torch.float32} for d in dtypes)  # every mixer's scan ran in float32
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1 * ref.abs().max().item())
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import distributions as D
 
+from zoo import cpu_kernels
 from zoo.models.sketch_rnn import (
     CELL_NORMS,
     LSTMLayer,
@@ -88,7 +89,7 @@ def test_none_cell_is_torch_lstm_and_equals_lstmcell_loop():
 
 
 @pytest.mark.parametrize("kind", ["none", "layer", "rms"])
-def test_fused_scan_equals_slow_loop_with_dropout_outputs_and_gradients(kind):
+def test_fused_scan_equals_slow_loop_with_dropout_outputs_and_gradients(kind, scan_path):
     torch.manual_seed(1)
     layer = LSTMLayer(4, 6, kind, recurrent_dropout=0.3).double().train()
     with torch.no_grad():  # non-trivial gains and shifts
@@ -142,7 +143,7 @@ def slow_batch_norm_cell(layer, x, lengths, keep=None, eps=1e-3):
     return torch.stack(outs, 1), c
 
 
-def test_batch_norm_cell_equals_slow_masked_loop_and_ignores_padding():
+def test_batch_norm_cell_equals_slow_masked_loop_and_ignores_padding(scan_path):
     torch.manual_seed(2)
     layer = LSTMLayer(4, 5, "batch", recurrent_dropout=0.0).double().train()
     lengths = torch.tensor([6, 3, 5, 6])
@@ -163,7 +164,7 @@ def test_batch_norm_cell_equals_slow_masked_loop_and_ignores_padding():
     assert torch.isfinite(o_eval).all()
 
 
-def test_batch_norm_scan_gradients_equal_autograd_through_slow_loop():
+def test_batch_norm_scan_gradients_equal_autograd_through_slow_loop(scan_path):
     # Unsorted lengths, steps past the longest sequence (statistics reused), dropout, trained gains.
     torch.manual_seed(5)
     layer = LSTMLayer(3, 4, "batch", recurrent_dropout=0.3).double().train()
@@ -205,6 +206,37 @@ def test_batch_norm_scan_gradients_equal_autograd_through_slow_loop():
     torch.testing.assert_close(out_e, ref_e)
     torch.testing.assert_close(torch.autograd.grad((out_e * w).sum(), inputs),
                                torch.autograd.grad((ref_e * w).sum(), inputs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_kernels_equal_torch_scans_with_threads(dtype, monkeypatch):
+    """The C++ scans against the pure-PyTorch ones, in float32 and with rows/columns split over 2
+    threads (per-thread gain-gradient sums, per-column batch statistics)."""
+    assert cpu_kernels.available()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for norm in CELL_NORMS[1:]:
+            torch.manual_seed(0)
+            layer = LSTMLayer(5, 64, norm, recurrent_dropout=0.2).to(dtype).train()
+            x = torch.randn(300, 6, 5, dtype=dtype)
+            lengths = torch.randint(1, 7, (300,))
+            keep = (torch.rand(6, 300, 64) > 0.2).to(dtype) / 0.8
+            fixed_keep(layer, keep)
+            results = []
+            for enabled in (True, False):
+                monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
+                copy = LSTMLayer(5, 64, norm, recurrent_dropout=0.2).to(dtype).train()
+                copy.load_state_dict(layer.state_dict())
+                fixed_keep(copy, keep)
+                out, (_, c) = copy(x, lengths=lengths)
+                grads = torch.autograd.grad((out * out).sum() + c.sum(), list(copy.parameters()))
+                results.append([out, c, *grads, *copy.buffers()])
+            for a, b in zip(*results):  # float32: sums over 1800 rows, error relative to the largest entry
+                tol = dict(rtol=0, atol=1e-4 * b.detach().abs().max().item()) if dtype == torch.float32 else {}
+                torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{norm}: {m}")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_encoder_ignores_padding_for_every_norm():

@@ -1,5 +1,6 @@
-"""Selective scan: the chunked fast path against the sequential reference (values and gradients),
-layouts, dtypes, long sequences, autocast, dispatch; the reference against a hand-computed case."""
+"""Selective scan: the chunked fast path (its C++ CPU kernel and its pure-PyTorch form, `scan_path`)
+against the sequential reference (values and gradients), layouts, dtypes, long sequences, autocast,
+dispatch; the reference against a hand-computed case."""
 import ast
 import math
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zoo import cpu_kernels
 from zoo.models import ssm
 from zoo.models.ssm import linear_scan, selective_scan, selective_scan_chunked, selective_scan_ref
 
@@ -47,11 +49,11 @@ def assert_fast_equals_reference(inputs):
 
 @pytest.mark.parametrize("layout", ["bnl", "bgnl", "dn"])
 @pytest.mark.parametrize("shape", [(2, 4, 1, 3), (2, 6, 5, 4), (3, 8, 49, 8), (2, 8, 196, 8), (1, 4, 230, 2)])
-def test_fast_equals_reference_values_and_grads(shape, layout):
+def test_fast_equals_reference_values_and_grads(shape, layout, scan_path):
     assert_fast_equals_reference(make_inputs(*shape, layout=layout))
 
 
-def test_fast_equals_reference_float64_tightly():
+def test_fast_equals_reference_float64_tightly(scan_path):
     inputs = make_inputs(2, 6, 37, 4, dtype=torch.float64)
     y_ref, last_ref, g_ref = run(selective_scan_ref, inputs)
     y, last, g = run(selective_scan_chunked, inputs)
@@ -61,7 +63,7 @@ def test_fast_equals_reference_float64_tightly():
         torch.testing.assert_close(g[k], g_ref[k], rtol=1e-9, atol=1e-9)
 
 
-def test_optional_arguments_match_reference():
+def test_optional_arguments_match_reference(scan_path):
     x = make_inputs(2, 4, 20, 3)
     for kw in (dict(D=None, z=None, delta_bias=None), dict(z=None), dict(D=None)):
         args = {**x, **kw}
@@ -88,7 +90,7 @@ def test_reference_hand_computed():
         torch.testing.assert_close(fn(u, delta, A, B, C, D), torch.tensor([[ys]]))
 
 
-def test_long_sequence_where_cumulative_product_formulation_fails():
+def test_long_sequence_where_cumulative_product_formulation_fails(scan_path):
     # sum(delta * A) reaches about -1000: its exp underflows to 0 in float32 and the inverse
     # overflows, so h[t] = P[t] * cumsum(b / P) (P = cumprod of the decays) gives inf / nan.
     inputs = make_inputs(1, 4, 512, 4, delta_scale=0.3, seed=3)
@@ -136,7 +138,7 @@ def test_linear_scan_gradcheck():
     assert torch.autograd.gradcheck(linear_scan, (a, b))
 
 
-def test_runs_in_float32_under_autocast():
+def test_runs_in_float32_under_autocast(scan_path):
     inputs = make_inputs(2, 8, 49, 8)
     ref = selective_scan_ref(**inputs, delta_softplus=True)
     bf16 = {k: v.bfloat16() if k in ("u", "delta", "z") else v for k, v in inputs.items()}
@@ -197,3 +199,28 @@ def test_fast_path_gradcheck_float64_across_blocks(layout, monkeypatch):
         return y, last
 
     assert torch.autograd.gradcheck(f, leaves)
+
+
+@pytest.mark.parametrize("length", [15, 16, 17, 33])
+def test_cpu_kernel_gradcheck_float64_across_blocks(length):
+    # the C++ kernel keeps the state before each 16-step block and recomputes the rest backward
+    assert cpu_kernels.available()
+    x = make_inputs(2, 3, length, 2, dtype=torch.float64)
+    names = list(x)
+    leaves = [x[k].clone().requires_grad_() for k in names]
+
+    def f(*args):
+        return selective_scan_chunked(**dict(zip(names, args)), delta_softplus=True, return_last_state=True)
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_cpu_kernel_with_threads_equals_reference():
+    # batch rows split over 2 threads, each with its own sums of the A, D and delta_bias gradients
+    assert cpu_kernels.available()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert_fast_equals_reference(make_inputs(6, 16, 40, 4))
+    finally:
+        torch.set_num_threads(threads)

@@ -29,11 +29,13 @@ i, j, f, o):
            use the last).
 
 Speed: the normalized cells (and `none` with recurrent dropout in training) run a whole sequence as one
-autograd node (`FusedScan`): the input projection of all steps is one matmul, the forward steps run
-without recording a graph, and back-propagation through time is hand-written with torch's fused norm
-kernels (native_layer_norm / _fused_rms_norm and their backward ops); weight
-gradients are one matmul over all steps. `batch` runs the same way (`BatchNormScan`, hand-written
-backward through the masked per-step statistics). See benchmarks/README.md for the measured speeds.
+autograd node (`FusedScan`, `BatchNormScan` for `batch`): the input projection of all steps is one
+matmul, the forward steps run without recording a graph, back-propagation through time is hand-written
+(including through the masked per-step statistics of `batch`), and weight gradients are one matmul over
+all steps. On CPU both run as C++ kernels (zoo/csrc/lstm_scan.cpp, built on first use, see
+zoo.cpu_kernels): a step is the recurrent matmul plus one fused pass per row (or column, for batch
+statistics). Elsewhere, or without a compiler, the same math runs as torch ops (torch's fused norm
+kernels for layer/rms). See benchmarks/README.md for the measured speeds.
 """
 from __future__ import annotations
 
@@ -44,11 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo import cpu_kernels
+
 __all__ = ["CELL_NORMS", "LSTMLayer", "SketchRNN", "MixtureParams", "split_params", "gmm_log_prob",
            "reconstruction_loss", "kl_divergence", "kl_weight_schedule", "interpolate_latents",
            "sample_mixture"]
 
 CELL_NORMS = ("none", "layer", "rms", "batch")
+SCAN_KINDS = ("none", "layer", "rms")  # FusedScan's kinds, numbered as zoo/csrc/lstm_scan.cpp's
 RHO_MAX = 1.0 - 1e-5  # |rho| < 1 keeps log(1 - rho^2) finite where tanh saturates in float32
 LOG_2PI = math.log(2 * math.pi)
 
@@ -138,6 +143,13 @@ class FusedScan(torch.autograd.Function):
         T, B, H4 = xw.shape
         H = H4 // 4
         drop = keep.numel() > 0
+        ctx.kind, ctx.eps, ctx.drop = kind, eps, drop
+        ctx.cpp = cpu_kernels.usable(xw)
+        if ctx.cpp:  # the same scan in C++ (zoo/csrc/lstm_scan.cpp); its stats: gate/cell mean and rstd
+            hs, cs, acts, tcs, pre, *stats = torch.ops.zoo.lstm_scan_forward(
+                SCAN_KINDS.index(kind), eps, xw, h0, c0, w_hh, g_gamma, g_beta, c_gamma, c_beta, keep)
+            ctx.save_for_backward(w_hh, g_gamma, c_gamma, keep, hs, cs, acts, tcs, pre, *stats)
+            return hs[1:].clone(), cs[T].clone()
         hs = xw.new_empty(T + 1, B, H)
         cs = xw.new_empty(T + 1, B, H)
         acts = xw.new_empty(T, B, H4)       # sigmoid(i, f, o) and tanh(g) (before dropout)
@@ -159,7 +171,6 @@ class FusedScan(torch.autograd.Function):
                 cs1.append(s1)
                 cs2.append(s2)
             torch.mul(o, torch.tanh(c, out=tcs[t]), out=hs[t + 1])
-        ctx.kind, ctx.eps, ctx.drop = kind, eps, drop
         stats = [torch.stack(s) if s else xw.new_empty(0) for s in (gs1, gs2, cs1, cs2)]
         ctx.save_for_backward(w_hh, g_gamma, c_gamma, keep, hs, cs, acts, tcs,
                               pre if kind != "none" else xw.new_empty(0), *stats)
@@ -170,6 +181,12 @@ class FusedScan(torch.autograd.Function):
         (w_hh, g_gamma, c_gamma, keep, hs, cs, acts, tcs, pre, gs1, gs2, cs1, cs2) = ctx.saved_tensors
         kind, eps, drop = ctx.kind, ctx.eps, ctx.drop
         T, B, H = d_out.shape
+        if ctx.cpp:
+            d_cT = d_cT if d_cT is not None else d_out.new_zeros(B, H)
+            d_a, d_h0, d_c0, d_w_hh, *d_norm = torch.ops.zoo.lstm_scan_backward(
+                SCAN_KINDS.index(kind), d_out, d_cT, w_hh, g_gamma, c_gamma, keep, hs, cs, acts, tcs, pre,
+                gs1, gs2, cs1, cs2)
+            return (None, None, d_a, d_h0, d_c0, d_w_hh, *(d_norm or [None] * 4), None)
         norm = kind != "none"
         # Step-independent factors, all steps at once. With dc, dh the gradients of the step's cell
         # state (before its norm) and hidden state: d(i, f, g, o pre-activations) =
@@ -223,67 +240,94 @@ class FusedScan(torch.autograd.Function):
 class BatchNormScan(torch.autograd.Function):
     """The recurrent-batch-norm LSTM direction (Cooijmans et al.) over a sequence as one autograd node.
 
-    Inputs: xn (T, B, 4H) normalized input projections with the gate bias, h0, c0 (B, H), w_hh (4H, H),
-    h_gamma (4H,), c_gamma, c_beta (H,), keep (T, B, H) dropout multipliers or an empty tensor, and
-    either `counts` (training: a list of T ints, the rows of step t whose step is real are rows
-    0..counts[t]-1, i.e. the batch is sorted by decreasing length; steps with no real row reuse the
-    last real step's statistics) or `stats` (eval: per-step mean and variance of the recurrent
-    projection (T, 4H) and of the cell (T, H)). Returns the hidden states (T, B, H), the last cell
-    state (B, H) and, in training, the per-step batch statistics (mean_h, var_h, mean_c, var_c).
+    gates_t = BN(x_t W_x; gamma_x) + BN(h_{t-1} W_h; gamma_h) + b, c_t = f * c_{t-1} + i * g,
+    h_t = o * tanh(BN(c_t; gamma_c, beta_c)).
+
+    Inputs: xw (T, B, 4H) input projections, h0, c0 (B, H), w_hh (4H, H), x_gamma, h_gamma, bias (4H,),
+    c_gamma, c_beta (H,), keep (T, B, H) dropout multipliers or an empty tensor, and either `counts`
+    (training: a list of T ints, the rows of step t whose step is real are rows 0..counts[t]-1, i.e. the
+    batch is sorted by decreasing length; steps with no real row reuse the last real step's statistics)
+    or `stats` (eval: per-step mean and variance of the input projection (T, 4H), of the recurrent
+    projection (T, 4H) and of the cell (T, H)). Returns the hidden states (T, B, H), the last cell state
+    (B, H) and, in training, the per-step batch statistics (mean_x, var_x, mean_h, var_h, mean_c, var_c).
 
     The backward adds the gradient through the statistics: for y = (a - mean) * rstd over the real rows
     R of step s, read by the steps t that use step s's statistics, with G_t = dL/dy_t * gamma,
     dL/da_s = rstd * G_s - [b in R] * rstd / |R| * (sum_t sum_b G_t + xhat_s * sum_t sum_b G_t * xhat_t).
+    On CPU the scan runs in C++ (zoo/csrc/lstm_scan.cpp), the same math.
     """
 
     @staticmethod
-    def forward(ctx, eps, xn, h0, c0, w_hh, h_gamma, c_gamma, c_beta, keep, counts, stats):
-        T, B, H4 = xn.shape
+    def forward(ctx, eps, xw, h0, c0, w_hh, x_gamma, h_gamma, bias, c_gamma, c_beta, keep, counts, stats):
+        T, B, H4 = xw.shape
         H = H4 // 4
         drop = keep.numel() > 0
-        hs, cs = xn.new_empty(T + 1, B, H), xn.new_empty(T + 1, B, H)
-        acts, tcs, pre = xn.new_empty(T, B, H4), xn.new_empty(T, B, H), xn.new_empty(T, B, H4)
-        rstd_h, rstd_c = xn.new_empty(T, H4), xn.new_empty(T, H)
-        mh, vh, mc, vc = ([] for _ in range(4)) if counts is not None else (list(s.unbind(0)) for s in stats)
-        hs[0], cs[0] = h0, c0
-        w_t = w_hh.t()
-        for t in range(T):
-            a = torch.mm(hs[t], w_t, out=pre[t])
-            if counts is not None:
-                v, m = torch.var_mean(a[:counts[t]], 0, correction=0) if counts[t] else (vh[-1], mh[-1])
-                vh.append(v)
-                mh.append(m)
-            torch.rsqrt(vh[t] + eps, out=rstd_h[t])
-            gates = torch.addcmul(xn[t], (a - mh[t]) * rstd_h[t], h_gamma)
-            o, c = _gates_to_cell(gates, acts[t], cs[t], cs[t + 1], keep[t] if drop else None)
-            if counts is not None:
-                v, m = torch.var_mean(c[:counts[t]], 0, correction=0) if counts[t] else (vc[-1], mc[-1])
-                vc.append(v)
-                mc.append(m)
-            torch.rsqrt(vc[t] + eps, out=rstd_c[t])
-            cn = torch.addcmul(c_beta, (c - mc[t]) * rstd_c[t], c_gamma)
-            torch.mul(o, torch.tanh(cn, out=tcs[t]), out=hs[t + 1])
         ctx.eps, ctx.drop, ctx.counts = eps, drop, counts
-        mean_h, var_h, mean_c, var_c = (torch.stack(s) for s in (mh, vh, mc, vc))
-        ctx.save_for_backward(w_hh, h_gamma, c_gamma, keep, hs, cs, acts, tcs, pre, mean_h, rstd_h, mean_c, rstd_c)
+        ctx.cpp = cpu_kernels.usable(xw)
+        if ctx.cpp:
+            ctx.counts = torch.tensor(counts if counts is not None else [], dtype=torch.long)
+            hs, cs, acts, tcs, pre, *st = torch.ops.zoo.bn_lstm_scan_forward(
+                eps, xw, h0, c0, w_hh, x_gamma, h_gamma, bias, c_gamma, c_beta, keep, ctx.counts,
+                list(stats) if stats is not None else [])
+            means, variances, rstds = st[0::3], st[1::3], st[2::3]
+        else:
+            hs, cs = xw.new_empty(T + 1, B, H), xw.new_empty(T + 1, B, H)
+            acts, tcs, pre = xw.new_empty(T, B, H4), xw.new_empty(T, B, H), xw.new_empty(T, B, H4)
+            # per statistic (x, h, c): lists of per-step means and variances, and the (T, width) rstd
+            if counts is not None:
+                means, variances = [[], [], []], [[], [], []]
+            else:
+                means, variances = [list(s.unbind(0)) for s in stats[0::2]], [list(s.unbind(0)) for s in stats[1::2]]
+            rstds = [xw.new_empty(T, H4), xw.new_empty(T, H4), xw.new_empty(T, H)]
+
+            def normalize(k, v, t):
+                """(v - mean) * rstd with statistic k's step-t statistics (computed in training)."""
+                if counts is not None:
+                    var, mean = (torch.var_mean(v[:counts[t]], 0, correction=0) if counts[t]
+                                 else (variances[k][-1], means[k][-1]))
+                    variances[k].append(var)
+                    means[k].append(mean)
+                torch.rsqrt(variances[k][t] + eps, out=rstds[k][t])
+                return (v - means[k][t]) * rstds[k][t]
+
+            hs[0], cs[0] = h0, c0
+            w_t = w_hh.t()
+            for t in range(T):
+                a = torch.mm(hs[t], w_t, out=pre[t])
+                gates = torch.addcmul(torch.addcmul(bias, normalize(0, xw[t], t), x_gamma), normalize(1, a, t), h_gamma)
+                o, c = _gates_to_cell(gates, acts[t], cs[t], cs[t + 1], keep[t] if drop else None)
+                cn = torch.addcmul(c_beta, normalize(2, c, t), c_gamma)
+                torch.mul(o, torch.tanh(cn, out=tcs[t]), out=hs[t + 1])
+            means, variances = [torch.stack(m) for m in means], [torch.stack(v) for v in variances]
+        ctx.save_for_backward(w_hh, x_gamma, h_gamma, c_gamma, keep, xw, hs, cs, acts, tcs, pre, *means, *rstds)
         out = (hs[1:].clone(), cs[T].clone())
         if counts is not None:
-            out += (mean_h, var_h, mean_c, var_c)
-            ctx.mark_non_differentiable(mean_h, var_h, mean_c, var_c)
+            stats_out = [s for pair in zip(means, variances) for s in pair]
+            ctx.mark_non_differentiable(*stats_out)
+            out += tuple(stats_out)
         return out
 
     @staticmethod
     def backward(ctx, d_out, d_cT, *_):
-        w_hh, h_gamma, c_gamma, keep, hs, cs, acts, tcs, pre, mean_h, rstd_h, mean_c, rstd_c = ctx.saved_tensors
+        (w_hh, x_gamma, h_gamma, c_gamma, keep, xw, hs, cs, acts, tcs, pre,
+         mean_x, mean_h, mean_c, rstd_x, rstd_h, rstd_c) = ctx.saved_tensors
         drop, counts = ctx.drop, ctx.counts
         T, B, H = d_out.shape
+        if ctx.cpp:
+            d_cT = d_cT if d_cT is not None else d_out.new_zeros(B, H)
+            grads = torch.ops.zoo.bn_lstm_scan_backward(d_out, d_cT, w_hh, x_gamma, h_gamma, c_gamma, keep, counts,
+                                                        xw, hs, cs, acts, tcs, pre, mean_x, rstd_x, mean_h, rstd_h,
+                                                        mean_c, rstd_c)
+            return (None, *grads, None, None, None)
         i, f, g, o = acts.chunk(4, 2)
         gk, ik = (g * keep, i * keep) if drop else (g, i)
         mult = torch.stack([gk * i * (1 - i), cs[:-1] * f * (1 - f), ik * (1 - g * g), tcs * o * (1 - o)], 2)
         d_tc = o * (1 - tcs * tcs)
+        xhat_x = (xw - mean_x[:, None]) * rstd_x[:, None]
         xhat_h = (pre - mean_h[:, None]) * rstd_h[:, None]
         xhat_c = (cs[1:] - mean_c[:, None]) * rstd_c[:, None]
-        d_gates = d_out.new_empty(T, B, 4 * H)   # = d loss / d xn
+        d_gates = d_out.new_empty(T, B, 4 * H)   # d loss / d gates (= d loss / d bias)
+        d_xw = d_out.new_empty(T, B, 4 * H)
         d_a = d_out.new_empty(T, B, 4 * H)       # d loss / d (h W_hh^T)
         d_cn = d_out.new_empty(T, B, H)          # d loss / d normalized cell (after gain and shift)
         acc = {}                                 # statistics' gradient sums of steps reusing a step's
@@ -315,12 +359,15 @@ class BatchNormScan(torch.autograd.Function):
             torch.mul(mult[t, :, :3], dc[:, None], out=da[:, :3])
             torch.mul(mult[t, :, 3], dh, out=da[:, 3])
             d_a[t] = norm_bwd("h", d_gates[t] * h_gamma, xhat_h[t], rstd_h[t], t)
+            d_xw[t] = norm_bwd("x", d_gates[t] * x_gamma, xhat_x[t], rstd_x[t], t)
         d_h0 = d_a[0] @ w_hh
         d_c0 = dc * f[0]
         d_w_hh = d_a.flatten(0, 1).t() @ hs[:-1].flatten(0, 1)
+        d_xg = (d_gates * xhat_x).sum((0, 1))
         d_hg = (d_gates * xhat_h).sum((0, 1))
         d_cg = (d_cn * xhat_c).sum((0, 1))
-        return None, d_gates, d_h0, d_c0, d_w_hh, d_hg, d_cg, d_cn.sum((0, 1)), None, None, None
+        return (None, d_xw, d_h0, d_c0, d_w_hh, d_xg, d_hg, d_gates.sum((0, 1)), d_cg, d_cn.sum((0, 1)),
+                None, None, None)
 
 
 class LSTMLayer(nn.Module):
@@ -421,40 +468,28 @@ class LSTMLayer(nn.Module):
         """Recurrent batch norm over (B, T, D) with per-step statistics over real steps (`BatchNormScan`).
         In training the batch is sorted by decreasing length, so each step's real rows are a prefix."""
         B, T, _ = x.shape
-        eps = self.eps
-        xw = F.linear(x.transpose(0, 1), self.weight_ih)  # (T, B, 4H)
-        order = None
+        xw = F.linear(x.transpose(0, 1), self.weight_ih).contiguous()  # (T, B, 4H)
+        order, counts, stats = None, None, None
         if self.training:
-            if lengths is None:
-                counts = torch.full((T,), B, device=x.device)
-            else:
+            counts = [B] * T
+            if lengths is not None:
                 if int(lengths.max()) < 1:
                     raise ValueError("recurrent batch norm needs at least one sequence with length >= 1")
                 order = torch.argsort(lengths, descending=True, stable=True)
-                counts = (lengths[None, :] > torch.arange(T, device=x.device)[:, None]).sum(1)
+                counts = (lengths[None, :] > torch.arange(T, device=x.device)[:, None]).sum(1).tolist()
                 xw, h0, c0 = xw[:, order], h0[order], c0[order]
                 keep = keep[:, order] if keep.numel() else keep
-            n = counts.to(x.dtype)[:, None]                       # (T, 1)
-            real = int((counts > 0).sum())                        # steps 0..real-1 hold data
-            m = (torch.arange(B, device=x.device)[None, :] < counts[:, None]).to(x.dtype)[..., None]
-            mean_x = (xw * m).sum(1) / n.clamp_min(1)
-            var_x = ((xw - mean_x[:, None]).square() * m).sum(1) / n.clamp_min(1)
-            self._update_running("x", t0, mean_x[:real], var_x[:real], n[:real])
-            idx = torch.arange(T, device=x.device).clamp(max=real - 1)
-            mean_x, var_x = mean_x[idx], var_x[idx]
-            counts, stats = counts.tolist(), None
         else:
             idx = (torch.arange(T, device=x.device) + t0).clamp(max=self.max_steps - 1)
-            mean_x, var_x = self.running_mean_x[idx], self.running_var_x[idx]
-            counts = None
-            stats = tuple(getattr(self, f"running_{s}_{k}")[idx] for k in "hc" for s in ("mean", "var"))
-        xn = torch.addcmul(self.bias, (xw - mean_x[:, None]) * torch.rsqrt(var_x[:, None] + eps), self.x_weight)
-        out = BatchNormScan.apply(eps, xn, h0.contiguous(), c0.contiguous(), self.weight_hh, self.h_weight,
-                                  self.cell_weight, self.cell_bias, keep, counts, stats)
+            stats = tuple(getattr(self, f"running_{s}_{k}")[idx] for k in "xhc" for s in ("mean", "var"))
+        out = BatchNormScan.apply(self.eps, xw, h0.contiguous(), c0.contiguous(), self.weight_hh, self.x_weight,
+                                  self.h_weight, self.bias, self.cell_weight, self.cell_bias, keep, counts, stats)
         hs, c = out[:2]
         if counts is not None:
-            self._update_running("h", t0, out[2][:real], out[3][:real], n[:real])
-            self._update_running("c", t0, out[4][:real], out[5][:real], n[:real])
+            real = sum(n > 0 for n in counts)  # steps 0..real-1 hold data
+            n = torch.tensor(counts[:real], dtype=x.dtype, device=x.device)[:, None]
+            for k, mean, var in zip("xhc", out[2::2], out[3::2]):
+                self._update_running(k, t0, mean[:real], var[:real], n)
         if order is not None:
             inverse = torch.argsort(order)
             hs, c = hs[:, inverse], c[inverse]

@@ -15,7 +15,10 @@ Returns y (batch, dim, L) in u's dtype, and with `return_last_state` also h[L-1]
 
 Backends, one interface:
     "sequential"  `selective_scan_ref`: a Python loop over time; obviously correct, used in tests.
-    "chunked"     `selective_scan_chunked`: pure PyTorch for CPUs and GPUs without mamba_ssm, one
+    "chunked"     `selective_scan_chunked`: the fast path. On CPU, for B and C of layout (batch, N, L)
+                  (Mamba's and MambaVision's), one C++ kernel does the whole computation, forward and
+                  backward (zoo/csrc/selective_scan.cpp, built on first use, see zoo.cpu_kernels).
+                  Otherwise (other layouts, GPUs without mamba_ssm, no compiler) pure PyTorch: one
                   autograd Function with a hand-written backward (the adjoint recurrence in reverse
                   time). On CPU the time axis is cut into blocks of a few steps whose tensors stay in
                   cache; within a block everything but the recurrence is one vectorised op over the
@@ -42,6 +45,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from zoo import cpu_kernels
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_chunked", "linear_scan", "BACKENDS"]
 
@@ -369,14 +374,41 @@ class _SelectiveScanFn(torch.autograd.Function):
         return g_du.mul_(delta), g_delta, g_A, g_B, g_C
 
 
+class _SelectiveScanCpp(torch.autograd.Function):
+    """The whole selective scan (bias, softplus, recurrence, D skip, silu(z) gate) as one C++ CPU kernel
+    (zoo/csrc/selective_scan.cpp) with its hand-written backward, for B, C of layout (batch, N, L):
+    mamba_ssm's shapes in and out, except the last state, (batch, N, dim). It keeps delta after the
+    softplus and the state before each 16-step block, and recomputes the rest in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        empty = u.new_empty(0)
+        args = [u, delta, A, B, C] + [empty if t is None else t for t in (D, z, delta_bias)]
+        y, last, *kept = torch.ops.zoo.selective_scan_forward(*args, delta_softplus)
+        ctx.softplus, ctx.given = delta_softplus, [t is not None for t in (D, z, delta_bias)]
+        ctx.save_for_backward(*args, *kept)
+        return y, last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, g_last):
+        *args, starts, delta = ctx.saved_tensors
+        grads = torch.ops.zoo.selective_scan_backward(gy, g_last, *args, ctx.softplus, starts, delta)
+        return (*grads[:5], *(g if given else None for g, given in zip(grads[5:], ctx.given)), None)
+
+
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                            z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                            delta_softplus: bool = False, return_last_state: bool = False):
     """The fast pure-PyTorch selective scan (blocked over time, hand-written backward; module
     docstring); the same results as `selective_scan_ref` up to float rounding, differentiable once."""
     _check(u, delta, A, B, C, D, z, delta_bias)
-    dtype_in = u.dtype
+    dtype_in, dtype = u.dtype, _compute_dtype(u)
     with torch.autocast(u.device.type, enabled=False):
+        if B.dim() == 3 and C.dim() == 3 and cpu_kernels.usable(u.to(dtype)):  # Mamba's layout on CPU: C++
+            f = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+            y, last = _SelectiveScanCpp.apply(*map(f, (u, delta, A, B, C, D, z, delta_bias)), delta_softplus)
+            return (y.to(dtype_in), last.transpose(1, 2)) if return_last_state else y.to(dtype_in)
         dtype, u, delta, A = _prepare(u, delta, A, delta_bias, delta_softplus)
         batch, dim, length = u.shape
         # time-major (L, batch, N, dim): each step of the scan is then one contiguous block
