@@ -28,7 +28,13 @@ def available() -> bool:
         return False
     if _loaded is None:
         try:
-            from torch.utils import cpp_extension
+            # its import warns "No CUDA runtime is found" on CPU-only machines: irrelevant to CPU kernels
+            quiet = logging.getLogger("torch.utils.cpp_extension")
+            level, quiet.level = quiet.level, logging.ERROR
+            try:
+                from torch.utils import cpp_extension
+            finally:
+                quiet.setLevel(level)
             logging.getLogger(__name__).info("building zoo's C++ CPU kernels (once): %s", ", ".join(SOURCES))
             name, flags = "zoo_cpu_kernels", ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
             if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
