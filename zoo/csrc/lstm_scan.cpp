@@ -1,5 +1,6 @@
-// CPU kernels of zoo.models.sketch_rnn.FusedScan: one LSTM direction (plain, layer- or RMS-normalized
-// cell) over a whole sequence, forward and hand-written back-propagation through time.
+// CPU kernels of zoo.models.sketch_rnn's FusedScan (one LSTM direction with a plain, layer- or
+// RMS-normalized cell) and BatchNormScan (recurrent batch norm, further below): a whole sequence,
+// forward and hand-written back-propagation through time.
 //
 // Why C++: at the sizes Sketch-RNN trains with, a step of the Python scan is ~10 element-wise torch
 // ops per direction (forward and backward), and their dispatch and memory passes cost as much as the
@@ -9,12 +10,13 @@
 // Shapes (L steps, B batch, H hidden, gates in torch's order i, f, g, o):
 //   xw (L, B, 4H) input projections; h0, c0 (B, H); w_hh (4H, H); g_gamma, g_beta (4H,);
 //   c_gamma, c_beta (H,); keep (L, B, H) recurrent-dropout multipliers of the candidate g, or empty.
-// The math is the Python FusedScan's (zoo/models/sketch_rnn.py), which the tests compare this with.
+// The math is the Python scans' (zoo/models/sketch_rnn.py), which the tests compare these with.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 

@@ -28,8 +28,8 @@ every token block; default "layer") take any `zoo.norm` kind. Other values chang
 (and the state dict), so official weights then load only partially.
 
 The selective scan is `zoo.models.ssm.selective_scan` (`scan_backend`: "auto" = mamba_ssm's CUDA
-kernel for CUDA tensors when installed, else the chunked pure-PyTorch scan, which runs on any device,
-in float32 under autocast, and exports to ONNX).
+kernel for CUDA tensors when installed, else the chunked fast path: a C++ kernel on CPU, pure PyTorch
+elsewhere and while tracing; it runs in float32 under autocast and exports to ONNX).
 """
 from __future__ import annotations
 

@@ -400,8 +400,9 @@ class _SelectiveScanCpp(torch.autograd.Function):
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                            z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                            delta_softplus: bool = False, return_last_state: bool = False):
-    """The fast pure-PyTorch selective scan (blocked over time, hand-written backward; module
-    docstring); the same results as `selective_scan_ref` up to float rounding, differentiable once."""
+    """The fast selective scan (on CPU the C++ kernel for B, C of layout (batch, N, L), otherwise pure
+    PyTorch blocked over time; both with a hand-written backward; module docstring); the same results as
+    `selective_scan_ref` up to float rounding, differentiable once."""
     _check(u, delta, A, B, C, D, z, delta_bias)
     dtype_in, dtype = u.dtype, _compute_dtype(u)
     with torch.autocast(u.device.type, enabled=False):
