@@ -18,6 +18,9 @@ the reference that needs nothing else is printed: tiled_predict vs one whole-ima
    - the same two tilers on the same network (our same-padded UNet), which isolates the tiling code,
    - the reference: whole_image_predict, one pass of the valid net over the mirror-padded image.
    All use the same batch of tiles per forward (--tile-batch).
+3. The synthetic data's cost per image (the datamodule makes each image and its weight map once, in
+   setup): `make_cell` and `weight_map` on a --data-size px image, in ms and in training steps (section 1).
+   (These timings were once asserted in tests/test_cells.py; tests check behaviour, this prints speed.)
 
 Modules are timed in alternating blocks; the ratio is the median over repeats of ours / theirs in
 adjacent blocks (ratio < 1: ours is faster), which cancels most load from other processes.
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo.data.cells import make_cell, weight_map  # noqa: E402
 from zoo.models.unet import UNet, tiled_predict, whole_image_predict  # noqa: E402
 from zoo.norm import default_num_groups  # noqa: E402
 
@@ -111,6 +115,7 @@ def main():
     p.add_argument("--tile-batch", type=int, default=4, help="tiles per forward in inference")
     p.add_argument("--norm", default="batch", choices=["none", "batch", "instance", "group"],
                    help="norm of both nets in the training step")
+    p.add_argument("--data-size", type=int, default=256, help="synthetic image side for the data timings")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5 training, 3 inference)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
@@ -147,6 +152,7 @@ def main():
     print("| model | params | ms / step | zoo / this |\n|---|---:|---:|---:|")
     for (name, n), t in zip(rows, times):
         print(f"| {name} | {n:,} | {1e3 * statistics.median(t):.1f} | {ratio(times[0], t):.3f} |")
+    step_s = statistics.median(times[0])
     del ours, fns
 
     # 2. whole-image inference ----------------------------------------------------------------------
@@ -181,6 +187,20 @@ def main():
     if monai is not None:
         print(f"\nsame network (zoo same-padded UNet), time of tiled_predict / sliding_window_inference: "
               f"{ratio(times[2], times[3]):.3f}")
+
+    # 3. synthetic data, once per image in the datamodule's setup (CPU) ------------------------------
+    size = args.data_size
+    print(f"\n## synthetic data per {size} px image (CPU, threads={torch.get_num_threads()})")
+    repeats = args.repeats or 5
+    images = [make_cell(i, size, 0) for i in range(repeats + 1)]  # one per call, warm-up included
+    new_image, next_masks = iter(range(len(images))), iter(images)
+    cases = [("make_cell", lambda: make_cell(next(new_image), size, 0)),
+             ("weight_map (w0 10, sigma 5)", lambda: weight_map(*next(next_masks)[1:]))]
+    times = interleaved([fn for _, fn in cases], repeats, torch.device("cpu"))
+    print(f"| step | cells | ms / image | per training step ({1e3 * step_s:.1f} ms) |\n|---|---:|---:|---:|")
+    cells = statistics.median(int(inst.max()) for _, _, inst in images)
+    for (name, _), t in zip(cases, times):
+        print(f"| {name} | {cells:.0f} | {1e3 * statistics.median(t):.1f} | {statistics.median(t) / step_s:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -74,3 +75,16 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
 @pytest.fixture
 def python():
     return sys.executable
+
+
+class KillAt(Callback):
+    """Simulates a crash: SIGKILLs its own process at the start of a training batch, once the
+    checkpoint of the step before it is on disk — after `step` optimizer steps, or at the first batch
+    of epoch `epoch`."""
+
+    def __init__(self, step: int | None = None, epoch: int | None = None):
+        self.step, self.epoch = step, epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step or (trainer.current_epoch == self.epoch and batch_idx == 0):
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,6 +1,5 @@
 """Synthetic touching cells, the U-Net weight map (paper Eq. 2) and connected components."""
 import math
-import time
 from collections import deque
 
 import numpy as np
@@ -11,14 +10,6 @@ import torch.nn.functional as F
 from zoo.data.cells import (
     DEFAULT_KNOBS, cell_distances, class_weights, connected_components, make_cell, make_cells, weight_map,
 )
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- generator
@@ -78,16 +69,6 @@ def test_knobs():
     thin = make_cells(2, 96, seed=0, membrane=(1.0, 1.0))["semantic"].float().mean()
     assert thin > thick
     assert set(DEFAULT_KNOBS) >= {"cell_size", "membrane", "missing", "noise", "blur"}
-
-
-def test_generation_is_fast(one_thread):
-    make_cell(0, 256, 0)
-    times = []
-    for i in range(5):
-        t = time.perf_counter()
-        make_cell(i, 256, 0)
-        times.append(time.perf_counter() - t)
-    assert sorted(times)[2] < 0.15, times  # ~30 ms on one idle core; generous for busy machines
 
 
 # ----------------------------------------------------------------------------- weight map
@@ -172,13 +153,25 @@ def test_weight_map_without_two_cells_has_no_border_term(n_cells):
     assert torch.isinf(d2).all()
 
 
-def test_weight_map_is_fast_for_many_cells(one_thread):
-    _, sem, inst = make_cell(0, 256, 0)
+def test_weight_map_for_many_cells_matches_all_pairs_distances():
+    # The local search (each cell compared with pixels near its bounding box, the radius grown where
+    # the second-nearest cell is not yet found) against all pixel pairs, on 64 cells: a search that
+    # stopped too early or skipped a cell would give a larger d1 / d2 somewhere. (Its speed is
+    # printed by benchmarks/bench_unet.py, not asserted here.)
+    _, sem, inst = make_cell(0, 96, 0, cell_size=12.0)
     assert inst.max() >= 50
-    weight_map(sem, inst)
-    t = time.perf_counter()
-    weight_map(sem, inst)
-    assert time.perf_counter() - t < 0.5
+    h, w = inst.shape
+    yx = torch.cartesian_prod(torch.arange(h), torch.arange(w)).double()
+    per_cell = [torch.cdist(yx, yx[inst.flatten() == k], compute_mode="donot_use_mm_for_euclid_dist").amin(1)
+                for k in range(1, int(inst.max()) + 1)]
+    r1, r2 = torch.stack(per_cell).sort(0).values[:2].float().view(2, h, w)
+    bg = sem == 0
+    for radius in (1, 16):  # 1: grown 4x per round until it covers the image; 16: the default
+        d1, d2 = cell_distances(inst, radius=radius)
+        torch.testing.assert_close(d1[bg], r1[bg])
+        torch.testing.assert_close(d2[bg], r2[bg])
+    expect = 1 + torch.where(bg, 10.0 * torch.exp(-((r1 + r2) ** 2) / (2 * 5.0 ** 2)), 0)
+    torch.testing.assert_close(weight_map(sem, inst, w0=10.0, sigma=5.0), expect)
 
 
 def test_weight_map_rejects_bad_input():

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import zoo
-from zoo.cli import ZooCLI, run_tags, wandb_mode
+from zoo.cli import ZooCLI, error_line, run_tags, wandb_mode
 from zoo.scaling import InputScaler
 from zoo.tasks.segmentation import UNetSegmentation
 from tests.conftest import ROOT, assert_same_weights, interrupted_then_resumed, tiny_unet_args
@@ -90,8 +90,9 @@ def test_model_and_data_overrides_and_print_config(tmp_path):
 
 
 def test_unknown_norm_is_a_clear_error(tmp_path):
-    with pytest.raises((ValueError, SystemExit)):
+    with pytest.raises(ValueError) as raised:
         fit(tmp_path, "--model.norm=bogus")
+    assert error_line(raised.value) == "error: unknown norm kind 'bogus'; valid kinds: batch, layer, instance, group, rms, none"
 
 
 def test_predict_writes_probability_maps_and_masks(tmp_path):

@@ -293,7 +293,7 @@ def test_context_from_attached_model():
     dm = small_dm()
     dm.setup("fit")
     assert dm.training_context() == 0  # no trainer
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(input_context=12))
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(input_context=12), training=False)
     assert dm.training_context() == 12
     assert next(iter(dm.train_dataloader()))["image"].shape == (2, 1, 44, 44)
     dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace())  # a module without input_context

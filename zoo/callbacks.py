@@ -1,18 +1,25 @@
-"""Callbacks the CLI adds to every run: a run summary for comparisons and a prediction writer."""
+"""What the CLI adds to every run: a run summary for comparisons, a prediction writer, per-batch
+seeding of the global generators, and crash-safe checkpoint files."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import random
 import resource
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.data import extract_batch_size
+
+from zoo.data.sampling import _seed_int
+from zoo.files import atomic_open, atomic_write_text
 
 SUMMARY_FILE = "summary.json"
 
@@ -119,8 +126,7 @@ class RunSummary(Callback):
             "metrics": {k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())},
             **mem,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(summary, indent=2))
+        atomic_write_text(self.path, json.dumps(summary, indent=2))
 
 
 class WritePredictions(BasePredictionWriter):
@@ -136,3 +142,36 @@ class WritePredictions(BasePredictionWriter):
 
     def on_predict_end(self, trainer, pl_module) -> None:
         print(f"predictions written to {self.out_dir}")
+
+
+class StepSeed(Callback):
+    """Seeds torch's (CPU and CUDA), NumPy's and Python's global generators before every training
+    batch from (run seed, rank, batch number). Dropout and any other draw of a training step are then
+    a function of where the run stands, not of what ran before it (validation, data loader start-up,
+    a restart): a run resumed from a checkpoint draws what the uninterrupted run drew, and changing
+    how often validation runs does not change training."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # total_batch_idx counts every batch of the run and is restored from the checkpoint on resume.
+        s = _seed_int([self.seed, trainer.global_rank], trainer.fit_loop.total_batch_idx)
+        torch.manual_seed(s)
+        np.random.seed(s % 2**32)
+        random.seed(s)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside the target, fsynced, then renamed over it: a kill
+    at any moment leaves the previous or the new complete `last.ckpt`, never a truncated one. Loading
+    is `weights_only` (plain data and tensors only)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):  # remote filesystems: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_open(path, "wb") as f:
+            torch.save(checkpoint, f)
+
+    def load_checkpoint(self, path, map_location="cpu", weights_only=None) -> dict:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)

@@ -3,17 +3,25 @@
 A zoo checkpoint is a Lightning checkpoint whose `hyper_parameters` are plain data and which carries
 `checkpoint["zoo"] = {"task": "<module>.<Class>", "format": 1}` (written by `ZooModule`). Everything
 inference needs (weights, fitted input scaler, vocabularies) lives in the state dict or in plain data.
+
+The task name is looked up among registered task classes only (every `ZooModule` subclass registers
+itself when defined; zoo's own task modules are imported here), so a file cannot make zoo import a
+module or call anything else with its hyper-parameters.
 """
 from __future__ import annotations
 
 import importlib
 import pickle
+import pkgutil
 import zipfile
 from pathlib import Path
 
 import torch
 
 FORMAT = 1
+
+# "<module>.<qualname>" -> class, of every ZooModule subclass defined so far (`register_task`).
+_TASKS: dict[str, type] = {}
 
 
 class CheckpointError(ValueError):
@@ -51,20 +59,34 @@ def read(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
+def register_task(cls: type) -> None:
+    """Makes `cls` nameable by checkpoints, under the name `ZooModule.on_save_checkpoint` writes.
+    Called by `ZooModule.__init_subclass__` for every task class."""
+    _TASKS[f"{cls.__module__}.{cls.__qualname__}"] = cls
+
+
+def _import_zoo_tasks() -> None:
+    """Imports every module of `zoo.tasks` (a fixed list, never a name from a file), registering zoo's
+    own task classes."""
+    import zoo.tasks
+
+    for info in pkgutil.iter_modules(zoo.tasks.__path__, "zoo.tasks."):
+        importlib.import_module(info.name)
+
+
 def task_class(ckpt: dict, path: str | Path = "<checkpoint>") -> type:
-    """The LightningModule class a zoo checkpoint was written by; only classes inside `zoo` load."""
+    """The task class (ZooModule subclass) a zoo checkpoint was written by. Only registered task
+    classes are found: zoo's own, and a user's own once the module defining it has been imported."""
     name = ckpt["zoo"].get("task", "")
-    module_name, _, cls_name = name.rpartition(".")
-    if not module_name.startswith("zoo.") or not cls_name:
+    if isinstance(name, str) and name not in _TASKS:
+        _import_zoo_tasks()
+    if not isinstance(name, str) or name not in _TASKS:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} names task {name!r}, which is not a zoo task (zoo.<module>.<Class>)"
+            f"checkpoint {str(path)!r} names task {name!r}, which is not a zoo task class; refused. "
+            f"Registered task classes: {', '.join(sorted(_TASKS))}. A task class defined outside zoo "
+            f"(a ZooModule subclass) is registered once the module defining it is imported."
         )
-    try:
-        return getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError) as e:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} names task {name!r}, which this version of zoo does not have ({e})"
-        ) from None
+    return _TASKS[name]
 
 
 def load(path: str | Path, expected: type | None = None, map_location="cpu", strict: bool = True):

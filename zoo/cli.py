@@ -3,21 +3,29 @@
 `fit`/`validate`/`test`/`predict` are Lightning's own (LightningCLI); the model and data are chosen by
 the config (`model.class_path`, `data.class_path`), and every argument can be overridden from the
 command line (`--model.norm group`). `compare` lives in `zoo.compare`.
+
+Bad input ends in one line, `error: <what is wrong>`, and exit status 2 (1 for a failure while
+running); `ZOO_DEBUG=1` shows the traceback instead.
 """
 from __future__ import annotations
 
 import netrc
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Literal, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
-from zoo.callbacks import RunSummary, WritePredictions
+from zoo import checkpoint
+from zoo.callbacks import AtomicCheckpointIO, RunSummary, StepSeed, WritePredictions
+from zoo.files import remove_stray_temp_files
 
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -65,8 +73,10 @@ class ZooCLI(LightningCLI):
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            # parse errors raise (main prints them as one line) instead of printing usage and exiting
             parser_kwargs={"description": "zoo: train.py {fit,validate,test,predict} as LightningCLI; "
-                           "`train.py compare --help` runs one config over several norms."},
+                           "`train.py compare --help` runs one config over several norms.",
+                           "exit_on_error": False},
             args=args,
             run=run,
         )
@@ -100,38 +110,148 @@ class ZooCLI(LightningCLI):
             ))
         return loggers
 
+    @staticmethod
+    def _root(trainer_cfg, task: str) -> Path:
+        """The run's fixed directory: `trainer.default_root_dir`, else runs/<task class name>."""
+        return Path(trainer_cfg.get("default_root_dir") or Path("runs") / task.rsplit(".", 1)[-1].lower())
+
+    def _parse_ckpt_path(self) -> None:
+        """Checks `--ckpt_path` before anything is built from it, with `zoo.load`'s checks (plain data
+        only, a zoo checkpoint, of the task the config builds). `last` means
+        <run dir>/checkpoints/last.ckpt; fit without one starts a new run and says so. Resuming fit
+        with model arguments other than the checkpoint's is refused; validate/test/predict need a
+        checkpoint and build the model with its arguments (as Lightning does), saying which differ."""
+        stage = self.config.get("subcommand")
+        if not stage:
+            return
+        cfg = self.config[stage]
+        path = cfg.get("ckpt_path")
+        ckpt_dir = self._root(cfg["trainer"], cfg["model"]["class_path"]) / "checkpoints"
+        if stage == "fit":
+            remove_stray_temp_files(ckpt_dir)  # left by a writer killed mid-write
+        if path in (None, "last"):
+            last = ckpt_dir / "last.ckpt"
+            if stage != "fit" and path is None:
+                raise ValueError(f"{stage} needs --ckpt_path: a checkpoint written by `train.py fit` (or `last`: "
+                                 f"{last}); without one the model would have untrained weights")
+            if path is None:
+                return
+            if not last.is_file():
+                if stage != "fit":
+                    raise FileNotFoundError(f"--ckpt_path last: no last.ckpt in {last.parent}")
+                print(f"no last.ckpt in {last.parent}: starting a new run", file=sys.stderr)
+                cfg.ckpt_path = None
+                return
+            cfg.ckpt_path = path = str(last)
+        ckpt = checkpoint.read(path)
+        task = checkpoint.task_class(ckpt, path)
+        task_name = f"{task.__module__}.{task.__qualname__}"
+        if task_name != cfg["model"]["class_path"]:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path!r} holds a {task_name} model, but the config builds "
+                f"{cfg['model']['class_path']}; use the config it was trained with")
+        given = dict(cfg["model"].get("init_args") or {})
+        differ = {k: (v, given[k]) for k, v in ckpt.get("hyper_parameters", {}).items()
+                  if not k.startswith("_") and k in given and _plain(v) != _plain(given[k])}
+        if differ:
+            what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            if stage == "fit":
+                raise ValueError(f"cannot resume {path} with other model arguments ({what}); resume with the "
+                                 "checkpoint's arguments, or start a new run in another --trainer.default_root_dir")
+            print(f"using the checkpoint's model arguments ({what})", file=sys.stderr)
+        super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        if type(self.datamodule).__module__.startswith("zoo.data."):
+            # zoo's training samplers (EpochSampler) resume from the fit loop's own progress counters,
+            # so Lightning's warning about loaders without state_dict does not apply to them.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+
     def instantiate_trainer(self, **kwargs):
         # run=False (programmatic use, no subcommand) configures a trainer for fit.
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         stage = self.subcommand or "fit"
         trainer_cfg = cfg["trainer"]
-        root = Path(trainer_cfg.get("default_root_dir") or Path("runs") / type(self.model).__name__.lower())
+        root = self._root(trainer_cfg, type(self.model).__name__)
         kwargs["default_root_dir"] = str(root)
+        if not trainer_cfg.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = self._loggers(cfg, root, self.model, stage)
         callbacks = list(trainer_cfg.get("callbacks") or [])
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             metric, mode = getattr(self.model, "monitor", (None, "min"))
-            callbacks.append(ModelCheckpoint(
-                dirpath=root / "checkpoints", filename="best-{epoch}-{step}", monitor=metric, mode=mode,
-                save_last=True, save_top_k=1,
-            ))
+            callbacks += [
+                ModelCheckpoint(dirpath=root / "checkpoints", filename="best-{epoch}-{step}", monitor=metric,
+                                mode=mode, save_top_k=1),
+                # last.ckpt at every validation: Lightning's save_last=True rewrites it only when the
+                # monitored metric improved, so a resume could lose every step since the best one.
+                ModelCheckpoint(dirpath=root / "checkpoints", filename="last", save_top_k=1,
+                                enable_version_counter=False),
+            ]
         if stage == "fit":
-            callbacks.append(RunSummary(root))
+            # seed_everything ran before the model was built: torch's initial seed is the run's seed
+            callbacks += [RunSummary(root), StepSeed(torch.initial_seed())]
         if stage == "predict":
             callbacks.append(WritePredictions(cfg["predict_out"] or root / "predictions"))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "compare":
-        from zoo.compare import main as compare
+def _plain(value):
+    """Config values compared as plain data (tuples and lists alike)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
-        sys.exit(compare(argv[1:]))
+
+# Errors that describe bad input; anything else is a failure while running and names its type.
+USER_ERRORS = (ValueError, TypeError, KeyError, LookupError, FileNotFoundError, NotADirectoryError,
+               IsADirectoryError, PermissionError, ImportError)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an exception: jsonargparse wraps errors raised while building the model or data
+    (`Does not validate against any of the Union subtypes ... Given value: Namespace(...)`); the
+    message is the error it wraps, after the option it concerns (`--data: ...`)."""
+    key = None
+    while exc.__cause__ is not None and _raised_in(exc, "jsonargparse") and "Union subtypes" in str(exc):
+        key = (re.match(r'Parser key "([^"]+)":', str(exc)) or [None, key])[1]
+        exc = exc.__cause__
+    message = re.sub(r'^Parser key "([^"]+)":', r"--\1:", " ".join(str(exc).split())) or type(exc).__name__
+    if key and not message.startswith("--"):
+        message = f"--{key}: {message}"
+    if type(exc) is KeyError and len(exc.args) == 1:  # str(KeyError('x')) is just "'x'"
+        message = f"missing key {exc.args[0]!r}"
+    if not isinstance(exc, USER_ERRORS) and not _raised_in(exc, "jsonargparse"):
+        message = f"{type(exc).__name__}: {message} (ZOO_DEBUG=1 shows the traceback)"
+    return f"error: {message}"
+
+
+def _raised_in(exc: BaseException, package: str) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}{package}{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        ZooCLI(args=argv)
+        if args and args[0] == "compare":
+            from zoo.compare import main as compare
+
+            sys.exit(compare(args[1:]))
+        ZooCLI(args=argv)  # None: LightningCLI reads the command line itself
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if os.environ.get("ZOO_DEBUG", "") not in ("", "0"):
+            raise
+        print(error_line(e), file=sys.stderr)
+        sys.exit(2 if isinstance(e, USER_ERRORS) or _raised_in(e, "jsonargparse") else 1)
     finally:
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
             sys.modules["wandb"].finish()

@@ -111,8 +111,16 @@ def run_one(run: Run, configs: list[str], overrides: list[str], group: str, tags
     summary_path = run.dir / SUMMARY_FILE
     run.summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if proc.returncode != 0 and run.summary.get("status") != "failed":
-        tail = (run.dir / "run.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        run.summary = {**run.summary, "status": "failed", "error": f"exit code {proc.returncode}: {tail[0]}"}
+        run.summary = {**run.summary, "status": "failed", "error": failure_reason(run.dir / "run.log", proc.returncode)}
+
+
+def failure_reason(log: Path, returncode: int) -> str:
+    """The run's own `error: ...` line (the CLI ends every failure with one), else its last line."""
+    lines = log.read_text(errors="replace").strip().splitlines()
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    if errors:
+        return errors[-1]
+    return f"exit code {returncode}: {lines[-1] if lines else '(no output)'}"
 
 
 def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -35,7 +35,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-from zoo.data.sampling import seeded_generator
+from zoo.data.sampling import EpochSampler, seeded_generator, seeded_item, split_item
 from zoo.data.segmentation import IMAGE_SUFFIXES, list_images
 from zoo.scaling import SCALER_KINDS, InputScaler
 
@@ -46,6 +46,7 @@ SHAPES = ("disk", "square", "triangle", "cross")
 TEXTURES = ("solid", "stripes", "checker")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 _SPLITS = {"train": 0, "val": 1, "test": 2}
+_AUGMENT = 3  # seed stream of the training augmentation, apart from the splits' streams
 
 
 def shape_class_names(num_classes: int) -> list[str]:
@@ -126,27 +127,31 @@ def make_shapes(n: int, size: int, num_classes: int, seed: int = 0, split: str =
 
 
 class ShapesDataset(Dataset):
-    """In-memory images (N, 3, S, S) uint8 and labels; items {"image": (3, S, S) float32, "label"}.
-    With `hflip`, each item is mirrored left-right with probability 1/2 (flips keep the class)."""
+    """In-memory images (N, 3, S, S) uint8 and labels; items {"image": (3, S, S) float32, "label"},
+    indexed by i or (epoch, i) (`EpochSampler`). With `hflip`, each item is mirrored left-right with
+    probability 1/2 (flips keep the class), drawn from a generator seeded by (seed, epoch, i)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, hflip: bool = False):
-        self.images, self.labels, self.hflip = images, labels, hflip
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, hflip: bool = False, seed: int = 0):
+        self.images, self.labels, self.hflip, self.seed = images, labels, hflip, seed
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, item) -> dict:
+        epoch, i = split_item(item)
         img = self.images[i].float()
-        if self.hflip and torch.rand(()) < 0.5:
+        if self.hflip and torch.rand((), generator=seeded_generator([self.seed, _AUGMENT, epoch], i)) < 0.5:
             img = img.flip(-1)
         return {"image": img, "label": self.labels[i]}
 
 
 class FolderImages(Dataset):
     """One ImageFolder split with the training split's classes; items {"image": (3, S, S) float32 in
-    [0, 255], "label"}."""
+    [0, 255], "label"}, indexed by i or (epoch, i); the transform's random draws are seeded by (seed,
+    epoch, i)."""
 
-    def __init__(self, folder: Path, classes: list[str], transform):
+    def __init__(self, folder: Path, classes: list[str], transform, seed: int = 0):
+        self.seed = seed
         self.folder = ImageFolder(str(folder), transform=transform, allow_empty=True)
         unknown = sorted(set(self.folder.classes) - set(classes))
         if unknown:
@@ -159,8 +164,10 @@ class FolderImages(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, i: int) -> dict:
-        img, label = self.folder[i]
+    def __getitem__(self, item) -> dict:
+        epoch, i = split_item(item)
+        with seeded_item([self.seed, _AUGMENT, epoch], i):
+            img, label = self.folder[i]
         return {"image": img.float(), "label": self.remap[label]}
 
 
@@ -247,12 +254,12 @@ class ImagesDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.root is None:
             images, labels = make_shapes(hp.num_train, hp.image_size, hp.num_classes, hp.seed, "train")
-            self.train_set = ShapesDataset(images, labels, hflip=hp.augment)
+            self.train_set = ShapesDataset(images, labels, hflip=hp.augment, seed=hp.seed)
             fit_on = [images.float()]
         else:
             folder = self._folder("train")
             self.classes = ImageFolder(str(folder)).classes
-            self.train_set = FolderImages(folder, self.classes, self._transform(True))
+            self.train_set = FolderImages(folder, self.classes, self._transform(True), hp.seed)
             plain = FolderImages(folder, self.classes, self._transform(False))
             picks = np.linspace(0, len(plain) - 1, min(hp.scaler_images, len(plain))).round().astype(int)
             fit_on = (plain[int(i)]["image"][None] for i in np.unique(picks))
@@ -304,23 +311,24 @@ class ImagesDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset, train: bool) -> DataLoader:
         w, bs = self.hparams.num_workers, self.hparams.batch_size
+        sampler = EpochSampler.for_training(self, len(dataset), self.hparams.seed, bs) if train else None
         # training drops a last short batch: a batch of one would break batch norm
-        return DataLoader(dataset, batch_size=bs, shuffle=shuffle, num_workers=w, persistent_workers=w > 0,
-                          drop_last=shuffle and len(dataset) > bs)
+        return DataLoader(dataset, batch_size=bs, sampler=sampler, num_workers=w, persistent_workers=w > 0,
+                          drop_last=train and len(dataset) > bs)
 
     def train_dataloader(self) -> DataLoader:
         self._setup_train()
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
         self._setup_val()
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
         self._setup_predict()
-        return self._loader(self.predict_set, shuffle=False)
+        return self._loader(self.predict_set, train=False)

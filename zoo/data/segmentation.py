@@ -48,7 +48,7 @@ from torchvision import tv_tensors
 
 from zoo.data.augment import WeightMap, paper_augmentation, set_generator
 from zoo.data.cells import class_weights, connected_components, make_cell, weight_map
-from zoo.data.sampling import EpochSampler, seeded_generator
+from zoo.data.sampling import EpochSampler, seeded_generator, split_item
 from zoo.scaling import SCALER_KINDS, InputScaler
 
 __all__ = [
@@ -242,7 +242,7 @@ class TrainCrops(Dataset):
         return len(self.split)
 
     def __getitem__(self, item) -> dict[str, torch.Tensor]:
-        epoch, i = item if isinstance(item, tuple) else (0, item)
+        epoch, i = split_item(item)
         g = seeded_generator([self.seed, _CROPS, int(epoch)], int(i))
         image, mask, weight = self.split.images[i], self.split.mask(i), self.split.weights[i]
         if self.augment is not None:
@@ -480,7 +480,7 @@ class CellsDataModule(L.LightningDataModule):
         split = self._split("train")
         augment = paper_augmentation(elastic_std=hp.elastic_std) if hp.augment else None
         data = TrainCrops(split, hp.crop_size, self.training_context(), augment, hp.seed)
-        return self._loader(data, hp.batch_size, EpochSampler(len(data), hp.seed))
+        return self._loader(data, hp.batch_size, EpochSampler.for_training(self, len(data), hp.seed, hp.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(EvalImages(self._split("val")), 1)

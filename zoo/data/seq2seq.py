@@ -35,6 +35,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from zoo.data.sampling import EpochSampler
 from zoo.data.text import PAD, Tokenizer, _collate_text, _Lines, read_lines
 
 __all__ = ["TASKS", "ALGORITHMIC_TASKS", "make_pairs", "cmudict_pairs", "Seq2SeqDataModule", "PairDataset",
@@ -191,12 +192,14 @@ class Seq2SeqDataModule(L.LightningDataModule):
                 warnings.warn(f"{self.hparams.task} {name}: {unknown} token(s) outside the training vocabulary "
                               "were mapped to <unk>")
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
+    def _loader(self, split: str, sampler=None) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, sampler=sampler,
                           collate_fn=collate_pairs, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        hp = self.hparams
+        return self._loader("train", EpochSampler.for_training(self, len(self.datasets["train"]), hp.seed,
+                                                               hp.batch_size, with_epoch=False))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -9,8 +9,9 @@ Formats:
               p2 = pen_lifted, p1 = 1 - p2; every row after a sketch has p3 = 1 (end of sketch).
 
 A sketch-rnn `.npz` holds `train`, `valid` and `test`, each a 1-D object array of int16 stroke-3
-arrays (QuickDraw classes: 70000 / 2500 / 2500), pickled by Python 2: read with
-`np.load(path, encoding="latin1", allow_pickle=True)`. Several files are several classes.
+arrays (QuickDraw classes: 70000 / 2500 / 2500), pickled by Python 2. `read_npz` unpickles them
+with an unpickler that can build numpy arrays and dtypes and nothing else, so a crafted file cannot
+run code. Several files are several classes.
 
 Preprocessing as magenta's sketch_rnn: offsets clamped to +-1000 (with a warning counting them),
 sketches longer than `max_seq_len` dropped (with a warning counting them), one scale factor = the
@@ -32,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.data.sampling import EpochSampler
+from zoo.data.sampling import EpochSampler, split_item
 
 __all__ = ["SPLITS", "SketchSet", "read_npz", "write_npz", "load_sketch_files", "preprocess", "scale_factor",
            "polylines_to_stroke3", "stroke3_to_polylines", "stroke3_to_stroke5", "stroke5_to_stroke3",
@@ -82,28 +83,93 @@ def _records(arr, where: str) -> list:
                      f"{type(arr).__name__} with shape {shape} and dtype {getattr(arr, 'dtype', None)}")
 
 
+# What a pickled object array of int16 arrays references: numpy 1.x writes numpy.core.multiarray,
+# numpy 2.x numpy._core.multiarray; Python 3 protocol-2 pickles spell bytes as _codecs.encode(s, "latin1").
+_reconstruct = np.empty(0).__reduce__()[0]  # numpy's array-unpickling function, whatever its module
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    if encoding != "latin1":  # the only encoding pickle uses for bytes
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _Refused(ValueError):
+    """A sketch file whose pickle names something other than numpy's array machinery."""
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays only: any other global (a function, a class) is refused, so nothing in the
+    file is ever called. `where` names the file and member in the error."""
+
+    def __init__(self, file, where: str):
+        super().__init__(file, encoding="latin1")  # Python 2 str (the array bytes) -> latin1 str
+        self.where = where
+
+    def find_class(self, module, name):
+        try:
+            return _PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise _Refused(f"{self.where} pickles {module + '.' + name!r}, which is not a numpy array; "
+                           "refused (only arrays of numbers are read)") from None
+
+
+def _read_npy(fp, where: str) -> np.ndarray:
+    """One .npy member -> array. Numeric arrays are read as numpy does with pickles disallowed; object
+    arrays go through `_ArrayUnpickler` and must come out as object arrays of numeric arrays."""
+    fmt = np.lib.format
+    header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(fp))
+    if header is None or not header(fp)[2].hasobject:
+        fp.seek(0)  # numbers only (or a newer header version, which numpy reads without pickle)
+        return fmt.read_array(fp, allow_pickle=False)
+    arr = _ArrayUnpickler(fp, where).load()
+    if type(arr) is not np.ndarray or arr.dtype != object:
+        raise _Refused(f"{where} holds a pickled {type(arr).__name__}, not an array of sketches; refused")
+    for i, item in enumerate(arr.flat):
+        if type(item) is not np.ndarray or item.dtype.kind not in "biufc":
+            raise _Refused(f"{where} element {i} is {type(item).__name__}"
+                           f"{' of ' + str(item.dtype) if isinstance(item, np.ndarray) else ''}, "
+                           "not an array of numbers; refused")
+    return arr
+
+
 def read_npz(path: Union[str, Path], splits: Sequence[str] = SPLITS) -> dict[str, list[np.ndarray]]:
     """A sketch-rnn .npz -> {split: [float32 (L, 3) stroke-3 arrays]}. Raises ValueError naming the
-    file (and split and record) when it cannot be read, lacks a split, or holds a malformed sketch."""
+    file (and split and record) when it cannot be read, lacks a split, holds a malformed sketch, or
+    pickles anything but numpy arrays of numbers (nothing in the file is run)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sketch file {str(path)!r} does not exist")
+    with path.open("rb") as f:
+        if f.read(6) == b"\x93NUMPY":
+            raise ValueError(f"{str(path)!r} is a single .npy array, not a sketch-rnn .npz with {', '.join(splits)}")
     try:
-        data = np.load(path, encoding="latin1", allow_pickle=True)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, pickle.UnpicklingError) as e:
+        zf = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
         raise ValueError(f"cannot read {str(path)!r} as a sketch-rnn .npz: {type(e).__name__}: {e}") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{str(path)!r} is a single .npy array, not a sketch-rnn .npz with {', '.join(splits)}")
-    with data:
-        missing = [s for s in splits if s not in data.files]
+    with zf:
+        members = {n[:-len(".npy")] if n.endswith(".npy") else n: n for n in zf.namelist()}
+        missing = [s for s in splits if s not in members]
         if missing:
-            raise ValueError(f"{str(path)!r} lacks the split(s) {missing}; found {sorted(data.files)}, "
+            raise ValueError(f"{str(path)!r} lacks the split(s) {missing}; found {sorted(members)}, "
                              f"a sketch-rnn .npz holds {', '.join(SPLITS)}")
         out = {}
         for split in splits:
             try:
-                arr = data[split]
-            except Exception as e:  # noqa: BLE001 - numpy raises many kinds for corrupt members
+                with zf.open(members[split]) as fp:
+                    arr = _read_npy(fp, f"sketch file {str(path)!r} member {split!r}")
+            except _Refused:
+                raise
+            except Exception as e:  # noqa: BLE001 - numpy and zipfile raise many kinds for corrupt members
                 raise ValueError(f"cannot read split {split!r} of {str(path)!r}: {type(e).__name__}: {e}") from None
             records = _records(arr, f"{path}, split {split!r}")
             out[split] = [_check_record(seq, f"{path}, split {split!r}, record {i}") for i, seq in enumerate(records)]
@@ -477,7 +543,7 @@ class SketchDataset(Dataset):
         return len(self.data)
 
     def __getitem__(self, item):
-        epoch, i = item if isinstance(item, tuple) else (0, item)
+        epoch, i = split_item(item)
         seq = self.data.sketches[i]
         if self.random_scale_factor > 0 or self.augment_stroke_prob > 0:
             rng = np.random.default_rng([self.seed, 1, epoch, i])
@@ -555,7 +621,7 @@ class SketchDataModule(L.LightningDataModule):
         hp = self.hparams
         ds = SketchDataset(self.sets[split], hp.random_scale_factor if train else 0.0,
                            hp.augment_stroke_prob if train else 0.0, seed=hp.seed)
-        sampler = EpochSampler(len(ds), hp.seed) if train else None
+        sampler = EpochSampler.for_training(self, len(ds), hp.seed, hp.batch_size) if train else None
         return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, drop_last=train,
                           num_workers=hp.num_workers, collate_fn=_Collate(self.steps),
                           persistent_workers=hp.num_workers > 0)

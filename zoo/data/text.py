@@ -31,10 +31,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+
+from zoo.data.sampling import EpochSampler
 
 __all__ = ["Tokenizer", "SPECIALS", "PAD", "BOS", "EOS", "UNK", "ENGLISH_STOP_WORDS", "LEVELS",
-           "stdlib_corpus", "STDLIB_MODULES", "LMDataModule", "TokenWindows", "RandomStarts", "read_lines"]
+           "stdlib_corpus", "STDLIB_MODULES", "LMDataModule", "TokenWindows", "read_lines"]
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -207,11 +209,11 @@ def stdlib_corpus(modules: tuple[str, ...] | list[str] = STDLIB_MODULES) -> str:
 
 class TokenWindows(Dataset):
     """Windows of L + 1 tokens from a token stream, window i starting at token i * stride:
-    item -> {"input": (L,), "target": (L,)} int64."""
+    item -> {"input": (L,), "target": (L,)} int64. `name` says in errors which text it is."""
 
-    def __init__(self, tokens: torch.Tensor, block_size: int, stride: int):
+    def __init__(self, tokens: torch.Tensor, block_size: int, stride: int, name: str = "text"):
         if len(tokens) < block_size + 1:
-            raise ValueError(f"text of {len(tokens)} tokens is shorter than block_size + 1 = {block_size + 1}")
+            raise ValueError(f"{name} has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}")
         self.tokens, self.block_size, self.stride = tokens, block_size, stride
 
     def __len__(self) -> int:
@@ -221,22 +223,6 @@ class TokenWindows(Dataset):
         start = i * self.stride
         chunk = self.tokens[start:start + self.block_size + 1]
         return {"input": chunk[:-1], "target": chunk[1:]}
-
-
-class RandomStarts(Sampler):
-    """nanoGPT's sampling: each epoch, `num_samples` window starts drawn uniformly with replacement,
-    from a generator seeded by (seed, epoch)."""
-
-    def __init__(self, num_windows: int, num_samples: int, seed: int):
-        self.num_windows, self.num_samples, self.seed, self.epoch = num_windows, num_samples, seed, 0
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        self.epoch += 1
-        return iter(torch.randint(self.num_windows, (self.num_samples,), generator=g).tolist())
 
 
 class _Lines(Dataset):
@@ -301,6 +287,10 @@ class LMDataModule(L.LightningDataModule):
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        for name, value, least in (("block_size", block_size, 1), ("batch_size", batch_size, 1),
+                                   ("max_new_tokens", max_new_tokens, 0), ("num_workers", num_workers, 0)):
+            if value < least:
+                raise ValueError(f"{name}={value} must be >= {least}")
         self.save_hyperparameters()
         self.tokenizer = Tokenizer(level, lowercase, stop_words, min_freq, max_size)
         self.train_set = self.val_set = None
@@ -324,14 +314,17 @@ class LMDataModule(L.LightningDataModule):
             warnings.warn(f"{self.tokenizer.unknown} validation token(s) are not in the vocabulary built on "
                           "the training split and were mapped to <unk>")
         self.chars_per_token = len(val_text) / max(len(val), 1)  # for bits per character
-        self.train_set = TokenWindows(train, hp.block_size, 1)
-        self.val_set = TokenWindows(val, hp.block_size, hp.block_size)
+        source = hp.path or "the built-in corpus"
+        self.train_set = TokenWindows(train, hp.block_size, 1, f"the training split of {source}")
+        self.val_set = TokenWindows(val, hp.block_size, hp.block_size,
+                                    f"the validation split (last val_fraction={hp.val_fraction}) of {source}")
 
     def train_dataloader(self) -> DataLoader:
         # Windows at every start position, sampled at random as nanoGPT does; an epoch draws as many
         # windows as tile the training text once.
-        sampler = RandomStarts(len(self.train_set), len(self.train_set) // self.hparams.block_size,
-                               torch.initial_seed() % 2**31)
+        n = len(self.train_set)
+        sampler = EpochSampler.for_training(self, n, torch.initial_seed() % 2**31, self.hparams.batch_size,
+                                            num_samples=n // self.hparams.block_size, with_epoch=False)
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.hparams.num_workers)
 

@@ -18,10 +18,15 @@ class ZooModule(L.LightningModule):
 
     Subclasses call `self.save_hyperparameters()` with plain-data arguments only (a norm is its
     name), set `self.input_scaler` (a `zoo.scaling.InputScaler`) if their inputs are scaled, and
-    may set `monitor = (metric, "min" | "max")` for the best-checkpoint callback.
+    may set `monitor = (metric, "min" | "max")` for the best-checkpoint callback. Defining a
+    subclass registers it, so its checkpoints load (`zoo.checkpoint.task_class`).
     """
 
     monitor: tuple[str, str] = ("val/loss", "min")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        checkpoint.register_task(cls)  # checkpoints may name registered task classes only
 
     def setup(self, stage: str) -> None:
         # The datamodule fits the scaler on its training split; the model carries it from here on,

@@ -74,7 +74,6 @@ class SketchRNNTask(ZooModule):
                              num_mixture=num_mixture, norm=norm, recurrent_dropout=recurrent_dropout,
                              conditional=conditional, max_seq_len=max_seq_len)
         self.register_buffer("scale_factor", torch.tensor(1.0))
-        self.rng_seed = torch.initial_seed()  # the run's seed (seed_everything runs before the CLI builds us)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -118,12 +117,8 @@ class SketchRNNTask(ZooModule):
         return kl_weight_schedule(self.global_step, hp.kl_weight, hp.kl_weight_start, hp.kl_decay_rate)
 
     def training_step(self, batch, batch_idx):
-        # Recurrent dropout and the draw of z come from a generator seeded by (run seed, step, rank), so a
-        # run resumed from a checkpoint draws what the uninterrupted run drew (the data side: EpochSampler).
-        key = np.random.SeedSequence([self.rng_seed, self.global_step, self.global_rank]).generate_state(1)[0]
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(int(key))
-            parts = self.losses(batch, mask_pen=False)
+        # Recurrent dropout and the draw of z: the CLI's StepSeed seeds them per batch for exact resume.
+        parts = self.losses(batch, mask_pen=False)
         loss = parts["L_R"]
         B = len(batch["lengths"])
         if self.hparams.conditional:

@@ -1,0 +1,122 @@
+"""Bad input through `train.py` ends in one line, `error: <what is wrong>`, and a non-zero exit; the
+traceback only with ZOO_DEBUG=1. Checkpoints given to fit/predict get `zoo.load`'s checks."""
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, cli_args, tiny_unet_args
+from zoo.cli import ZooCLI, main
+
+
+def run_main(capsys, *argv) -> tuple[int, str]:
+    """`train.py ARGV` in-process: (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+@pytest.fixture(scope="module")
+def unet_ckpt(tmp_path_factory):
+    """A real checkpoint of a tiny U-Net run trained with norm=none (the config's default)."""
+    root = tmp_path_factory.mktemp("unet")
+    ZooCLI(args=["fit", *tiny_unet_args(root, "--trainer.max_steps=2")])
+    return root / "checkpoints" / "last.ckpt"
+
+
+def test_bad_norm_is_one_line_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "fit", *tiny_unet_args(tmp_path, "--model.norm=bogus")],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2
+    assert lines[-1] == "error: unknown norm kind 'bogus'; valid kinds: batch, layer, instance, group, rms, none"
+    assert len(lines) <= 2 and "Traceback" not in proc.stderr  # at most Lightning's "Seed set to 0" before it
+    debug = subprocess.run([sys.executable, "train.py", "fit", *tiny_unet_args(tmp_path, "--model.norm=bogus")],
+                           cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "WANDB_MODE": "disabled", "ZOO_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "unknown norm kind 'bogus'" in debug.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.nrm=3"], "Option 'nrm' is not accepted"),
+    (["--trainer.max_steps=abc"], "error: --trainer.max_steps: Expected a <class 'int'>. Got value: abc"),
+    (["--data.crop_size=-3"], "error: crop_size=-3 must be >= 1"),
+])
+def test_bad_arguments_name_the_value(tmp_path, capsys, extra, message):
+    code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, *extra))
+    assert code == 2 and len(error_lines(err)) == 1 and message in err and "Traceback" not in err
+
+
+def test_language_model_data_errors_name_value_split_and_file(tmp_path, capsys):
+    code, err = run_main(capsys, "fit", *cli_args("transformer_lm", tmp_path, "--data.batch_size=-1"))
+    assert code == 2 and error_lines(err) == ["error: batch_size=-1 must be >= 1"]
+    text = tmp_path / "tiny.txt"
+    text.write_text("abcdefghij" * 40)  # 400 characters: a 40-character validation split
+    code, err = run_main(capsys, "fit", *cli_args("transformer_lm", tmp_path, f"--data.path={text}",
+                                                  "--model.block_size=64", "--data.block_size=64"))
+    assert code == 2 and error_lines(err) == [
+        f"error: the validation split (last val_fraction=0.1) of {text} has 40 tokens, "
+        "fewer than block_size + 1 = 65"]
+
+
+def test_predict_and_test_refuse_untrained_weights(tmp_path, capsys):
+    for stage in ("predict", "test"):
+        code, err = run_main(capsys, stage, *tiny_unet_args(tmp_path))
+        assert code == 2 and error_lines(err) == [
+            f"error: {stage} needs --ckpt_path: a checkpoint written by `train.py fit` (or `last`: "
+            f"{tmp_path / 'checkpoints' / 'last.ckpt'}); without one the model would have untrained weights"]
+
+
+def test_foreign_truncated_and_code_checkpoints_are_refused_naming_the_file(tmp_path, capsys, unet_ckpt):
+    ckpt = torch.load(unet_ckpt, weights_only=True)
+    lm = tmp_path / "lm.ckpt"
+    torch.save({**ckpt, "zoo": {**ckpt["zoo"], "task": "zoo.tasks.language.LanguageModel"}}, lm)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(unet_ckpt.read_bytes()[:5000])
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    marker = tmp_path / "ran"
+
+    class Payload:  # unpickling it would create the marker file
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({**ckpt, "payload": Payload()}, evil, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    cases = {lm: "holds a zoo.tasks.language.LanguageModel model, but the config builds "
+                 "zoo.tasks.segmentation.UNetSegmentation",
+             truncated: "is truncated or corrupt", plain: "is not a zoo checkpoint",
+             evil: "holds pickled objects that are not plain data"}
+    for path, message in cases.items():
+        for stage in ("predict", "fit"):
+            code, err = run_main(capsys, stage, *tiny_unet_args(tmp_path / "run"), f"--ckpt_path={path}")
+            (line,) = error_lines(err)
+            assert code == 2 and str(path) in line and message in line, line
+    assert not marker.exists()
+
+
+def test_resume_with_other_model_arguments_is_refused(tmp_path, capsys, unet_ckpt):
+    code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, "--model.norm=batch"), f"--ckpt_path={unet_ckpt}")
+    assert code == 2 and error_lines(err) == [
+        f"error: cannot resume {unet_ckpt} with other model arguments (norm: checkpoint 'none', now 'batch'); "
+        "resume with the checkpoint's arguments, or start a new run in another --trainer.default_root_dir"]
+
+
+def test_predict_uses_the_checkpoints_model_arguments_and_says_so(tmp_path, capsys, unet_ckpt):
+    ZooCLI(args=["predict", *tiny_unet_args(tmp_path, "--model.norm=batch"), f"--ckpt_path={unet_ckpt}",
+                 f"--predict_out={tmp_path / 'pred'}"])
+    assert "using the checkpoint's model arguments (norm: checkpoint 'none', now 'batch')" in capsys.readouterr().err
+    assert list((tmp_path / "pred").glob("*_probs.npy"))
+
+
+def test_ckpt_path_last_without_a_checkpoint_starts_a_new_run(tmp_path, capsys):
+    cli = ZooCLI(args=["fit", *tiny_unet_args(tmp_path, "--trainer.max_steps=2"), "--ckpt_path=last"])
+    assert f"no last.ckpt in {tmp_path / 'checkpoints'}: starting a new run" in capsys.readouterr().err
+    assert cli.trainer.global_step == 2
