@@ -80,11 +80,13 @@ def python():
 class KillAt(Callback):
     """Simulates a crash: SIGKILLs its own process at the start of a training batch, once the
     checkpoint of the step before it is on disk — after `step` optimizer steps, or at the first batch
-    of epoch `epoch`."""
+    of epoch `epoch`; with `fresh_only`, only in a run that did not resume from a checkpoint."""
 
-    def __init__(self, step: int | None = None, epoch: int | None = None):
-        self.step, self.epoch = step, epoch
+    def __init__(self, step: int | None = None, epoch: int | None = None, fresh_only: bool = False):
+        self.step, self.epoch, self.fresh_only = step, epoch, fresh_only
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.fresh_only and trainer.ckpt_path is not None:
+            return
         if trainer.global_step == self.step or (trainer.current_epoch == self.epoch and batch_idx == 0):
             os.kill(os.getpid(), signal.SIGKILL)

@@ -1,12 +1,36 @@
-"""`train.py compare`: one run per sweep point, failures reported, report with table, plots, samples."""
+"""`train.py compare`: one run per sweep point and seed, failures reported, statistics, parallel and Ray
+launchers with the same metrics, resume after a kill, retries, and one-line errors for bad input."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from zoo.compare import parse_sweeps, plan_runs
 from tests.conftest import ROOT, tiny_unet_args
+from zoo.cli import main as cli_main
+from zoo.compare import parse_baseline, parse_seeds, parse_sweeps, plan_runs, prepare_out
+
+TINY = [a for a in tiny_unet_args("IGNORED") if not a.startswith("--trainer.default_root_dir")]
+
+
+# One thread per run whatever --jobs: torch's CPU kernels sum in an order that depends on threads.
+ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def compare(out, *extra, check=True, **popen) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "compare", *TINY, *extra, "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900, env=ENV, **popen)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def val_metrics(out) -> dict:
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    return {name: {k: v for k, v in r["metrics"].items() if k.startswith("val/")} for name, r in runs.items()}
 
 
 def test_sweeps_are_crossed_and_norms_is_shorthand(tmp_path):
@@ -15,64 +39,158 @@ def test_sweeps_are_crossed_and_norms_is_shorthand(tmp_path):
     names = [r.name for r in plan_runs(sweeps, tmp_path)]
     assert names == ["norm=batch,batch_size=1", "norm=batch,batch_size=8",
                      "norm=group,batch_size=1", "norm=group,batch_size=8"]
-    with pytest.raises(SystemExit, match="swept twice"):
+    with pytest.raises(ValueError, match="swept twice"):
         parse_sweeps("batch", ["model.norm=group"])
-    with pytest.raises(SystemExit, match="KEY=v1,v2"):
+    with pytest.raises(ValueError, match="KEY=v1,v2"):
         parse_sweeps(None, ["model.norm"])
 
 
-def test_unknown_norm_fails_before_any_run(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "compare", "--config", str(ROOT / "configs/unet.yaml"),
-         "--norms", "batch,bogus", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
-    )
-    assert proc.returncode != 0
-    assert "bogus" in proc.stderr and "group" in proc.stderr
+def test_seeds_baseline_and_plan():
+    assert parse_seeds(None) is None and parse_seeds("3") == [0, 1, 2] and parse_seeds("4,0,7") == [4, 0, 7]
+    for bad in ("x", "-1", "1.5", "0", "1,1", "2,"):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+    sweeps = {"model.norm": ["layer", "rms"], "data.batch_size": ["2", "8"]}
+    assert parse_baseline(None, sweeps) == {"model.norm": "layer"}
+    assert parse_baseline("model.norm=rms", sweeps) == {"model.norm": "rms"}
+    with pytest.raises(ValueError, match="swept key"):
+        parse_baseline("model.norm=batch", sweeps)
+    runs = plan_runs({"model.norm": ["layer", "rms"]}, ROOT, [0, 1])
+    assert [(r.name, r.point, r.seed) for r in runs] == [
+        ("norm=layer,seed=0", "norm=layer", 0), ("norm=layer,seed=1", "norm=layer", 1),
+        ("norm=rms,seed=0", "norm=rms", 0), ("norm=rms,seed=1", "norm=rms", 1)]
+
+
+def run_main(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["compare", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
+    return line
+
+
+def test_bad_input_gets_one_line_before_any_run(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    base = [*TINY, "--out", str(out)]
+    cases = {
+        ("--sweep", "model.nrom=a,b"): "error: --sweep model.nrom: no such argument; closest: model.norm",
+        ("--norms", "batch,bogus"): "error: unknown norm(s) ['bogus']; valid kinds: batch",
+        ("--norms", "batch", "--seeds", "two"): "error: --seeds 'two' is not a count",
+        ("--norms", "batch", "--jobs", "0"): "error: --jobs 0: must be at least 1",
+        ("--norms", "batch", "--trainer.max_stepz=3"): "error: unrecognized arguments: --trainer.max_stepz=3",
+        ("--norms", "batch", "--baseline", "model.norm=group"): "error: --baseline 'model.norm=group' must be",
+    }
+    for extra, message in cases.items():
+        assert run_main(capsys, *base, *extra).startswith(message)
+    (tmp_path / "file").write_text("")
+    assert run_main(capsys, *TINY, "--norms", "batch", "--out", str(tmp_path / "file")).startswith(
+        f"error: --out {str(tmp_path / 'file')!r} is a file")
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
+    assert run_main(capsys, *base, "--norms", "batch", "--launcher", "ray") == (
+        "error: --launcher ray needs Ray: pip install 'zoo[ray]' (or pip install ray)")
+    monkeypatch.delitem(sys.modules, "ray")
+    line = run_main(capsys, *base, "--norms", "batch", "--launcher", "ray", "--ray-address", "127.0.0.1:1")
+    assert line.startswith("error: --ray-address 127.0.0.1:1: cannot reach it")
+    assert not (out / "runs").exists()
+
+
+def test_other_settings_in_the_same_out_are_refused_and_fresh_starts_over(tmp_path):
+    config = str(ROOT / "configs" / "unet.yaml")
+    prepare_out(tmp_path, [config], ["--trainer.max_steps=4"], fresh=False)
+    (tmp_path / "runs" / "kept").mkdir(parents=True)
+    prepare_out(tmp_path, [config], ["--trainer.max_steps=4"], fresh=False)  # the same settings: fine
+    with pytest.raises(ValueError, match=r"overrides: before \['--trainer.max_steps=4'\], now \['--trainer.max_steps=5'\]"):
+        prepare_out(tmp_path, [config], ["--trainer.max_steps=5"], fresh=False)
+    assert (tmp_path / "runs" / "kept").exists()
+    prepare_out(tmp_path, [config], ["--trainer.max_steps=5"], fresh=True)
     assert not (tmp_path / "runs").exists()
 
 
 def test_compare_writes_report_and_reports_failures(tmp_path):
     out = tmp_path / "report"
-    args = tiny_unet_args("IGNORED")
-    args = [a for a in args if not a.startswith("--trainer.default_root_dir")]
     # 'bogus' passes --sweep unchecked, so that run fails inside its own process.
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "compare", *args,
-         "--sweep", "model.norm=none,batch,bogus", "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = compare(out, "--sweep", "model.norm=none,batch,bogus")
     assert "report:" in proc.stdout
     assert "warning: model.norm value(s) ['bogus'] are not registered norms" in proc.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["norm=none"]["status"] == "ok" and results["norm=batch"]["status"] == "ok"
+    runs = results["runs"]
+    assert runs["norm=none"]["status"] == "ok" and runs["norm=batch"]["status"] == "ok"
     # the failed run's reason is its own error line, not the CLI's internals
-    assert results["norm=bogus"]["status"] == "failed"
-    assert results["norm=bogus"]["error"] == "unknown norm kind 'bogus'; valid kinds: batch, layer, instance, group, rms, none"
+    assert runs["norm=bogus"]["status"] == "failed"
+    assert runs["norm=bogus"]["error"] == "unknown norm kind 'bogus'; valid kinds: batch, layer, instance, group, rms, none"
     report = (out / "report.md").read_text()
-    table = [line for line in report.splitlines() if line.startswith("| norm=")]
-    assert len(table) == 3 and "failed" in table[2]
+    rows = [line for line in report.split("## Runs")[1].splitlines() if line.startswith("| norm=")]
+    assert len(rows) == 3 and "failed" in rows[2]
     header = next(line for line in report.splitlines() if line.startswith("| run |"))
     for col in ("val/iou_fg", "val/seam_error", "train samples/s", "peak memory (MB)", "params", "wall time (s)"):
         assert col in header
+    # one seed: a paired comparison is reported, and says it cannot test
+    assert "n = 1" in " ".join(results["verdicts"])
     assert (out / "plots" / "train_loss.png").is_file() and (out / "plots" / "val_loss.png").is_file()
     assert len(list((out / "samples").glob("norm=none__*.png"))) == 1
-    assert (out / "report.html").read_text().count("<tr>") == 4
+    assert (out / "report.html").is_file() and (out / "runs" / "norm=none" / "tb").is_dir()
     # Same seed, same data: the two runs differ only by the norm.
     for name in ("norm=none", "norm=batch"):
         cmd = (out / "runs" / name / "command.txt").read_text()
         assert "--seed_everything" not in cmd and "--model.norm " + name.split("=")[1] in cmd
 
 
+def test_launchers_and_jobs_give_the_same_metrics_and_retries_resume(tmp_path):
+    sweep = ["--sweep", "model.norm=none,batch", "--seeds", "0,3"]
+    compare(tmp_path / "one", *sweep)
+    compare(tmp_path / "two", *sweep, "--jobs", "2")
+    ray = compare(tmp_path / "ray", *sweep, "--launcher", "ray", "--max-retries", "0")
+    reference = val_metrics(tmp_path / "one")
+    assert len(reference) == 4 and all(reference.values())
+    assert reference["norm=none,seed=0"] != reference["norm=none,seed=3"]  # the seed changes the run
+    assert val_metrics(tmp_path / "two") == reference, "--jobs 2 differs from --jobs 1"
+    assert val_metrics(tmp_path / "ray") == reference, "the Ray launcher differs from the local one" + ray.stderr[-500:]
+    cmd = (tmp_path / "one" / "runs" / "norm=none,seed=3" / "command.txt").read_text()
+    assert "--seed_everything=3" in cmd
+    # every run's process is SIGKILLed once (at step 2): retried from its last.ckpt, same metrics
+    kill = json.dumps({"class_path": "tests.conftest.KillAt", "init_args": {"step": 2, "fresh_only": True}})
+    compare(tmp_path / "retried", *sweep, f"--trainer.callbacks+={kill}", "--max-retries", "1")
+    results = json.loads((tmp_path / "retried" / "results.json").read_text())["runs"]
+    assert all(r["retries"] == 1 and r["status"] == "ok" for r in results.values())
+    assert val_metrics(tmp_path / "retried") == reference
+    stats = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert [p["n"] for p in stats["paired"]] == [2]
+    assert {(a["point"], a["n"]) for a in stats["aggregate"] if a["metric"] == "val/loss"} == {
+        ("norm=none", 2), ("norm=batch", 2)}
+
+
+def test_killed_compare_reruns_to_the_same_report_and_keeps_finished_runs(tmp_path):
+    sweep = ["--sweep", "model.norm=none,batch,group", "--trainer.max_steps=6"]
+    compare(tmp_path / "straight", *sweep)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "compare", *TINY, *sweep, "--out", str(out)],
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "runs" / "norm=none"
+    deadline = time.time() + 600
+    while not (out / "runs" / "norm=batch" / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (first / "summary.json").exists() and not (out / "runs" / "norm=group").exists()
+    kept = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    mtimes = {p: p.stat().st_mtime_ns for p in kept}
+    rerun = compare(out, *sweep)
+    assert "1 finished before, kept as they are" in rerun.stdout
+    assert {p: p.read_bytes() for p in kept} == kept and {p: p.stat().st_mtime_ns for p in kept} == mtimes
+    assert val_metrics(out) == val_metrics(tmp_path / "straight")
+    refused = compare(out, "--sweep", "model.norm=none,batch,group", "--trainer.max_steps=7", check=False)
+    assert refused.returncode == 2 and "holds a comparison with other settings" in refused.stderr
+
+
 def test_report_carries_text_samples_and_latest_epoch_only(tmp_path):
     from zoo.compare import Run, write_report
 
     run = Run("norm=layer", {"model.norm": "layer"}, tmp_path / "runs" / "norm=layer",
-              {"status": "ok", "metrics": {"val/loss": 1.5}, "params": 10})
+              {"status": "ok", "metrics": {"val/loss": 1.5}, "params": 10}, point="norm=layer", status="ok")
     (run.dir / "samples").mkdir(parents=True)
     (run.dir / "samples" / "val_text_epoch000.txt").write_text("prompt: ab\noutput: old\n")
     (run.dir / "samples" / "val_text_epoch001.txt").write_text("prompt: ab\noutput: new <&>\n")
     report = write_report([run], tmp_path, ["c.yaml"], [], {"model.norm": ["layer"]}).read_text()
     assert "output: new <&>" in report and "output: old" not in report
     assert "| norm=layer | ok | 1.5 |" in report
-    assert "output: new &lt;&amp;&gt;" in (tmp_path / "report.html").read_text()

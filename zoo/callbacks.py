@@ -127,6 +127,22 @@ class RunSummary(Callback):
             **mem,
         }
         atomic_write_text(self.path, json.dumps(summary, indent=2))
+        if summary["status"] == "ok":
+            self._log_hparams(trainer, pl_module, summary["metrics"])
+
+    @staticmethod
+    def _log_hparams(trainer: Trainer, pl_module: LightningModule, metrics: dict) -> None:
+        """The run's hyper-parameters with its final metrics, for TensorBoard's HParams view."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        params = {f"model/{k}": v for k, v in pl_module.hparams.items()}
+        if trainer.datamodule is not None:
+            params.update({f"data/{k}": v for k, v in trainer.datamodule.hparams.items()})
+        params["seed"] = os.environ.get("PL_GLOBAL_SEED", "")
+        final = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and final:
+                logger.log_hyperparams(params, final)
 
 
 class WritePredictions(BasePredictionWriter):

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from zoo import checkpoint
 from zoo.callbacks import AtomicCheckpointIO, RunSummary, StepSeed, WritePredictions
@@ -86,6 +86,7 @@ class ZooCLI(LightningCLI):
         parser.add_argument("--wandb.name", type=Optional[str], default=None, help="wandb run name")
         parser.add_argument("--wandb.group", type=Optional[str], default=None, help="wandb group (compare sets it)")
         parser.add_argument("--wandb.tags", type=list[str], default=[], help="extra wandb tags")
+        parser.add_argument("--wandb.job_type", type=str, default="fit", help="wandb job type (compare sets it)")
         parser.add_argument(
             "--wandb.mode", type=Optional[Literal["online", "offline", "disabled"]], default=None,
             help="default: WANDB_MODE, else online if an API key is configured, else offline",
@@ -97,15 +98,20 @@ class ZooCLI(LightningCLI):
 
     def _loggers(self, cfg, root: Path, model, stage: str) -> list:
         loggers = [CSVLogger(save_dir=str(root), name="csv")]
+        if stage == "fit":
+            # One fixed folder, so a resumed run continues its curves; hyper-parameters and final
+            # metrics are written once, at the end (RunSummary), for TensorBoard's HParams view.
+            loggers.append(TensorBoardLogger(save_dir=str(root), name="tb", version="", default_hp_metric=False))
         mode = wandb_mode(cfg["wandb"]["mode"])
         os.environ["WANDB_MODE"] = mode  # decided once, before any wandb.init
         if mode != "disabled" and stage != "predict":
             from lightning.pytorch.loggers import WandbLogger
 
             w = cfg["wandb"]
+            self._dump_config()  # the full resolved config, as plain data
             loggers.append(WandbLogger(
-                project=w["project"], name=w["name"] or root.name, group=w["group"],
-                tags=run_tags(model, self.datamodule) + list(w["tags"]),
+                project=w["project"], name=w["name"] or root.name, group=w["group"], job_type=w["job_type"],
+                tags=run_tags(model, self.datamodule) + list(w["tags"]), config=self.config_dump,
                 save_dir=str(root), offline=mode == "offline",
             ))
         return loggers

@@ -1,47 +1,73 @@
-"""`train.py compare`: trains one config once per point of a sweep (by default, per norm) with the same
-seed and data, then writes a report a person can read without a server.
+"""`train.py compare`: trains one config once per point of a sweep (by default, per norm) and per seed,
+then says which differences are real.
 
-    python train.py compare --config configs/unet.yaml --norms batch,group,instance,none --out DIR
+    python train.py compare --config configs/unet.yaml --norms batch,group,instance,none --seeds 3 --out DIR
     python train.py compare --config configs/unet.yaml --sweep model.norm=batch,group \
-        --sweep data.batch_size=1,2,8 --out DIR --trainer.max_steps 200
+        --sweep data.batch_size=1,2,8 --seeds 0,1,2 --jobs 2 --out DIR --trainer.max_steps 200
 
-Each run is its own `train.py fit` process, so one run's failure, memory or wandb state cannot touch
-the others; its directory `DIR/runs/<name>/` holds its checkpoints, CSV log, `run.log` and
-`summary.json`. The report `DIR/report.md` (+ `report.html`) has a table of final validation metrics,
-training throughput, peak memory, parameter count and wall time per run, curves of every logged
-metric for all runs on one axis (`DIR/plots/`), and each run's latest sample images.
+Each run is its own `train.py fit` process (one run's failure, memory or wandb state cannot touch the
+others) in `DIR/runs/<name>/`: checkpoints, CSV and TensorBoard logs, `command.txt`, `run.log`,
+`summary.json`. Runs with the same seed share data order and initialisation; the split is the same for
+all. Runs execute `--jobs` at a time on this machine, or as Ray tasks on a cluster (`--launcher ray`).
+
+Re-running the same command into the same DIR keeps finished runs untouched, resumes interrupted ones
+from their `last.ckpt` and re-runs failed ones; a run whose process dies is retried from its last
+checkpoint up to `--max-retries` times. DIR/compare.json records the configs and overrides: another set
+in the same DIR is refused (`--fresh` starts over).
+
+The report: `DIR/report.html` (interactive dashboard, rewritten after every finished run),
+`DIR/report.md` (static plots), `DIR/results.json`. Per sweep point and metric: n, mean, standard
+deviation and 95 % confidence interval over seeds (final value, and best value of the monitored metric
+and its step); per point, the seed-by-seed difference to the baseline with its CI and a paired t-test.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
-import html
+import difflib
+import hashlib
+import importlib
+import importlib.util
 import itertools
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from zoo.callbacks import SUMMARY_FILE
+from zoo.files import atomic_write_text
+
+STATE_FILE = "compare.json"
 
 
 @dataclass
 class Run:
     name: str
-    values: dict[str, str]
+    values: dict[str, str]  # the sweep point: {key: value}
     dir: Path
     summary: dict = field(default_factory=dict)
+    seed: int | None = None  # None: the config's own seed
+    point: str = ""  # the sweep point's name (without the seed)
+    status: str = "pending"  # pending, running, ok, failed
+    retries: int = 0
 
     @property
     def ok(self) -> bool:
         return self.summary.get("status") == "ok"
 
+
+# ------------------------------------------------------------------------------------------------
+# the plan
 
 def parse_sweeps(norms: str | None, sweeps: list[str]) -> dict[str, list[str]]:
     """`--norms a,b` and `--sweep KEY=v1,v2` (repeatable) -> {key: [values]}, in order."""
@@ -52,107 +78,418 @@ def parse_sweeps(norms: str | None, sweeps: list[str]) -> dict[str, list[str]]:
         key = key.strip().removeprefix("--")
         vals = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key or not vals:
-            raise SystemExit(f"compare: bad sweep {spec!r}; expected KEY=v1,v2 (e.g. model.norm=batch,group)")
+            raise ValueError(f"bad sweep {spec!r}; expected KEY=v1,v2 (e.g. model.norm=batch,group)")
         if key in out:
-            raise SystemExit(f"compare: {key!r} is swept twice (by --norms and --sweep, or two --sweep)")
+            raise ValueError(f"{key!r} is swept twice (by --norms and --sweep, or two --sweep)")
         out[key] = vals
     if not out:
-        raise SystemExit("compare: nothing to compare; give --norms a,b,... or --sweep KEY=v1,v2")
+        raise ValueError("nothing to compare; give --norms a,b,... or --sweep KEY=v1,v2")
     return out
 
 
-def check_norms(values: list[str]) -> None:
-    from zoo.norm import NORM_KINDS
-
-    unknown = [v for v in values if v not in NORM_KINDS]
-    if unknown:
-        raise SystemExit(
-            f"compare: unknown norm(s) {unknown}; valid kinds: {', '.join(NORM_KINDS)} "
-            "(a norm you registered yourself: use --sweep model.norm=... and import it from your config's module)"
-        )
-
-
-def warn_unregistered_norms(key: str, values: list[str]) -> None:
-    """A swept `model.*norm` value that is not registered here is probably a typo, but may be a norm
-    the config's own module registers in the run's process: say so, and let the run decide."""
-    from zoo.norm import NORM_KINDS
-
-    unknown = [v for v in values if v not in NORM_KINDS]
-    if key.startswith("model.") and key.endswith("norm") and unknown:
-        print(f"compare: warning: {key} value(s) {unknown} are not registered norms ({', '.join(NORM_KINDS)}); "
-              "their runs will fail unless your config's module registers them", file=sys.stderr)
+def parse_seeds(text: str | None) -> list[int] | None:
+    """`--seeds 3` (seeds 0, 1, 2) or `--seeds 0,4,7`; None (not given): the config's own seed."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(re.fullmatch(r"\d+", p) for p in parts):
+        raise ValueError(f"--seeds {text!r} is not a count (3 means seeds 0, 1, 2) or a comma-separated list of "
+                         "non-negative integers (0,1,2)")
+    seeds = [int(p) for p in parts]
+    if len(seeds) == 1:
+        if seeds[0] == 0:
+            raise ValueError("--seeds 0: the number of seeds must be at least 1")
+        return list(range(seeds[0]))
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r} repeats a seed")
+    return seeds
 
 
-def plan_runs(sweeps: dict[str, list[str]], out: Path) -> list[Run]:
+def parse_baseline(text: str | None, sweeps: dict[str, list[str]]) -> dict[str, str]:
+    """`--baseline model.norm=layer` -> {key: value}; default: the first value of the first swept key.
+    A point's baseline is the point with the same values but these."""
+    if text is None:
+        key = next(iter(sweeps))
+        return {key: sweeps[key][0]}
+    base = {}
+    for spec in text.split(";"):
+        key, sep, value = spec.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep or key not in sweeps or value.strip() not in sweeps[key]:
+            swept = "; ".join(f"{k}={','.join(v)}" for k, v in sweeps.items())
+            raise ValueError(f"--baseline {text!r} must be KEY=VALUE with a swept key and one of its values ({swept})")
+        base[key] = value.strip()
+    return base
+
+
+def point_name(values: dict[str, str]) -> str:
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
+
+
+def plan_runs(sweeps: dict[str, list[str]], out: Path, seeds: list[int] | None = None) -> list[Run]:
+    """One run per sweep point and seed (the point's name, plus `,seed=S` when seeds are given)."""
     runs = []
     for combo in itertools.product(*sweeps.values()):
         values = dict(zip(sweeps, combo))
-        name = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
-        runs.append(Run(name, values, out / "runs" / re.sub(r"[^\w.,=+-]", "_", name)))
+        point = point_name(values)
+        for seed in seeds or [None]:
+            name = point if seed is None else f"{point},seed={seed}"
+            runs.append(Run(name, values, out / "runs" / re.sub(r"[^\w.,=+-]", "_", name), seed=seed, point=point))
     return runs
 
 
-def run_one(run: Run, configs: list[str], overrides: list[str], group: str, tags: list[str]) -> None:
+# ------------------------------------------------------------------------------------------------
+# checks before the first run
+
+def check_arguments(configs: list[str], overrides: list[str], sweeps: dict[str, list[str]]) -> tuple[str, str]:
+    """Parses the configs and overrides once, as every run will, without building anything: an option
+    no run accepts or a sweep key that names no argument fails here, before any run starts. Returns
+    the monitored metric and its mode (`ZooModule.monitor` of the configured task)."""
+    from jsonargparse import Namespace
+
+    from zoo.cli import ZooCLI
+
+    class ParseOnly(ZooCLI):
+        def _parse_ckpt_path(self):
+            pass
+
+        def _set_seed(self):
+            pass
+
+        def instantiate_classes(self):
+            pass
+
+        def _run_subcommand(self, subcommand):
+            pass
+
+    args = ["fit"] + [a for c in configs for a in ("--config", c)] + overrides
+    with warnings.catch_warnings():  # LightningCLI warns when given args while sys.argv holds compare's own
+        warnings.simplefilter("ignore")
+        cfg = ParseOnly(args=args).config["fit"]
+    keys = set()
+    for key, value in cfg.items(branches=True) if hasattr(cfg, "items") else []:
+        keys.add(key.replace(".init_args.", "."))
+        if isinstance(value, Namespace) and "class_path" in value:
+            keys.add(key)
+    unknown = [k for k in sweeps if k not in keys]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, sorted(keys), n=3, cutoff=0.5)
+        raise ValueError(f"--sweep {k}: no such argument" + (f"; closest: {', '.join(close)}" if close else "")
+                         + " (`train.py fit --config ... --print_config` lists every argument)")
+    task = _import(cfg["model"]["class_path"])
+    return getattr(task, "monitor", ("val/loss", "min"))
+
+
+def _import(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool) -> None:
+    """Refuses a DIR that holds a comparison of other configs or overrides (results of different
+    settings must not mix); `fresh` deletes the previous comparison first."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory (it is created if missing)")
+    state = {"configs": [{"path": str(Path(c).resolve()), "sha256": hashlib.sha256(Path(c).read_bytes()).hexdigest()}
+                         for c in configs], "overrides": overrides}
+    path = out / STATE_FILE
+    if fresh:
+        for name in ("runs", "plots", "samples"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    elif path.exists():
+        before = json.loads(path.read_text())
+        differ = []
+        if [c["path"] for c in before["configs"]] != [c["path"] for c in state["configs"]]:
+            differ.append(f"configs: before {[c['path'] for c in before['configs']]}, now {[c['path'] for c in state['configs']]}")
+        elif before["configs"] != state["configs"]:
+            differ.append("the config files' contents changed")
+        if before["overrides"] != overrides:
+            differ.append(f"overrides: before {before['overrides']}, now {overrides}")
+        if differ:
+            raise ValueError(f"--out {out} holds a comparison with other settings ({'; '.join(differ)}); "
+                             "use another --out, or --fresh to delete it and start over")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(state, indent=2))
+
+
+# ------------------------------------------------------------------------------------------------
+# running one run (locally, or inside a Ray task: plain data in, plain data out)
+
+def run_spec(run: Run, configs: list[str], overrides: list[str], group: str, env: dict[str, str]) -> dict:
     cmd = [sys.executable, "-m", "zoo.cli", "fit"]
     for c in configs:
-        cmd += ["--config", c]
+        cmd += ["--config", str(Path(c).resolve())]
     cmd += overrides
     for key, value in run.values.items():
         cmd += [f"--{key}", value]
-    cmd += [f"--trainer.default_root_dir={run.dir}", f"--wandb.group={group}",
-            f"--wandb.name={group}/{run.name}", "--wandb.tags=" + json.dumps(tags)]
-    if run.dir.exists():
-        shutil.rmtree(run.dir)  # a fresh run; a re-run of compare replaces the old one
-    run.dir.mkdir(parents=True)
-    (run.dir / "command.txt").write_text(" ".join(cmd) + "\n")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(run.dir / "run.log", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
-    summary_path = run.dir / SUMMARY_FILE
-    run.summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if proc.returncode != 0 and run.summary.get("status") != "failed":
-        run.summary = {**run.summary, "status": "failed", "error": failure_reason(run.dir / "run.log", proc.returncode)}
+    if run.seed is not None:
+        cmd.append(f"--seed_everything={run.seed}")
+    tags = ["compare"] + [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in run.values.items()]
+    tags += [f"seed={run.seed}"] if run.seed is not None else []
+    cmd += [f"--trainer.default_root_dir={run.dir.resolve()}", f"--wandb.group={group}",
+            f"--wandb.name={group}/{run.name}", "--wandb.tags=" + json.dumps(tags), "--wandb.job_type=compare"]
+    return {"cmd": cmd, "dir": str(run.dir.resolve()), "env": env, "cwd": os.getcwd()}
+
+
+def execute(spec: dict, max_retries: int) -> dict:
+    """Runs `spec`'s fit until it finishes, fails, or dies more than `max_retries` times (killed, out
+    of memory, node lost: no summary and no `error:` line); every attempt after the first resumes from
+    the run's last.ckpt. Returns {"summary", "retries", "returncode"}."""
+    run_dir = Path(spec["dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec["env"]}
+    retries = 0
+    while True:
+        cmd = list(spec["cmd"])
+        if (run_dir / "checkpoints" / "last.ckpt").exists():
+            cmd.append("--ckpt_path=last")
+        (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
+        (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # a stale summary must not speak for this attempt
+        with open(run_dir / "run.log", "a") as log:
+            log.write(f"=== attempt {retries + 1}: {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
+                                  cwd=spec["cwd"], preexec_fn=_die_with_parent)
+        summary_path = run_dir / SUMMARY_FILE
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        reason = failure_reason(run_dir / "run.log", proc.returncode)
+        died = proc.returncode != 0 and not summary and not reason.startswith("error:")
+        if died and retries < max_retries:
+            retries += 1
+            continue
+        if proc.returncode != 0 and summary.get("status") != "failed":
+            summary = {**summary, "status": "failed",
+                       "error": reason.removeprefix("error: ") if not died else f"{reason} (after {retries} retries)"}
+        return {"summary": summary, "retries": retries, "returncode": proc.returncode}
+
+
+def _die_with_parent() -> None:
+    """In the run's process: ask Linux to kill it when the thread that started it dies, so a killed
+    compare leaves no orphan still writing into a run that the next compare resumes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def failure_reason(log: Path, returncode: int) -> str:
-    """The run's own `error: ...` line (the CLI ends every failure with one), else its last line."""
-    lines = log.read_text(errors="replace").strip().splitlines()
-    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    """The last attempt's own `error: ...` line (the CLI ends every failure with one), else how it ended."""
+    text = log.read_text(errors="replace").rsplit("=== attempt ", 1)[-1]
+    lines = text.strip().splitlines()[1:]
+    errors = [line for line in lines if line.startswith("error: ")]
     if errors:
         return errors[-1]
+    if returncode < 0:
+        return f"killed by signal {-returncode}"
     return f"exit code {returncode}: {lines[-1] if lines else '(no output)'}"
 
 
-def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} from the run's newest CSV log."""
-    versions = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
-    curves: dict[str, list[tuple[int, float]]] = {}
-    if not versions:
-        return curves
-    with open(versions[-1], newline="") as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                if key in ("epoch", "step") or value in ("", None):
-                    continue
-                curves.setdefault(key, []).append((int(row["step"]), float(value)))
-    return curves
+# ------------------------------------------------------------------------------------------------
+# launchers: both call `on_done(run, result)` from the main thread as runs finish
 
+def cpu_threads(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def launch_local(runs: list[Run], specs: list[dict], jobs: int, devices_per_run: int, max_retries: int,
+                 on_done) -> None:
+    """Up to `jobs` runs at once; on CPU each gets cores / jobs threads, on GPUs its own
+    `devices_per_run` devices (CUDA_VISIBLE_DEVICES)."""
+    gpus = _cuda_devices()
+    if gpus and jobs * devices_per_run > len(gpus):
+        raise ValueError(f"--jobs {jobs} x --devices-per-run {devices_per_run} needs {jobs * devices_per_run} GPUs; "
+                         f"this machine has {len(gpus)}")
+    free = [gpus[i * devices_per_run:(i + 1) * devices_per_run] for i in range(jobs)] if gpus else []
+    lock = threading.Lock()
+
+    def work(spec):
+        with lock:
+            slot = free.pop() if free else None
+        if slot is not None:
+            spec = {**spec, "env": {**spec["env"], "CUDA_VISIBLE_DEVICES": ",".join(slot)}}
+        try:
+            return execute(spec, max_retries)
+        finally:
+            if slot is not None:
+                with lock:
+                    free.append(slot)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = {}
+        for run, spec in zip(runs, specs):
+            run.status = "running"
+            futures[pool.submit(work, spec)] = run
+        for future in concurrent.futures.as_completed(futures):
+            on_done(futures[future], future.result())
+
+
+def _cuda_devices() -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001  (no usable CUDA: CPU runs)
+        n = 0
+    if not n:
+        return []
+    return visible.split(",")[:n] if visible else [str(i) for i in range(n)]
+
+
+def launch_ray(runs: list[Run], specs: list[dict], address: str | None, cpus_per_run: int, gpus_per_run: int,
+               max_retries: int, on_done) -> None:
+    """Every run is a Ray task with its CPUs/GPUs on whatever cluster `address` names (default: a new
+    local instance). Runs write to the shared --out directory, so a multi-node cluster needs it on a
+    shared filesystem. Ray retries a task whose worker or node died (`max_retries`); a training
+    process that dies inside a task is retried by `execute`."""
+    try:
+        installed = importlib.util.find_spec("ray") is not None
+    except ValueError:  # a module entry of None: not importable
+        installed = False
+    if not installed:
+        raise ValueError("--launcher ray needs Ray: pip install 'zoo[ray]' (or pip install ray)")
+    if address and address != "auto":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--ray-address {address}: cannot reach it ({e}); give HOST:PORT of a running Ray "
+                             "head (`ray start --head`), or leave it out to start a local instance") from None
+    import ray
+
+    started = not ray.is_initialized()
+    if started and address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    elif started:  # a new local instance (not one found running), kept on the loopback address
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+    try:
+        _ray_launch(ray, runs, specs, cpus_per_run, gpus_per_run, max_retries, on_done)
+    finally:
+        if started:
+            ray.shutdown()  # here rather than at exit, where Ray 2.60's own shutdown hook fails
+
+
+def _ray_launch(ray, runs, specs, cpus_per_run, gpus_per_run, max_retries, on_done) -> None:
+    task = ray.remote(_ray_execute).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries,
+                                            retry_exceptions=False)
+    pending = {}
+    for run, spec in zip(runs, specs):
+        run.status = "running"
+        pending[task.remote(spec, max_retries)] = run
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        run = pending.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayError as e:
+            result = {"summary": {"status": "failed", "error": f"Ray task failed: {' '.join(str(e).split())[:300]}"},
+                      "retries": max_retries, "returncode": None}
+        on_done(run, result)
+
+
+def _ray_execute(spec: dict, max_retries: int) -> dict:
+    import ray
+
+    return {**execute(spec, max_retries), "node": ray.get_runtime_context().get_node_id()}
+
+
+# ------------------------------------------------------------------------------------------------
+# results
+
+def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...]} from the run's CSV logs: a resumed run writes a new version, whose
+    steps replace those logged again by it."""
+    versions = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    curves: dict[str, dict[int, float]] = {}
+    for path in versions:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                for key, value in row.items():
+                    if key in ("epoch", "step") or value in ("", None):
+                        continue
+                    curves.setdefault(key, {})[int(row["step"])] = float(value)
+    return {k: sorted(v.items()) for k, v in curves.items()}
+
+
+def best_of(curve: list[tuple[int, float]], mode: str) -> list | None:
+    """[best value, its step] of a curve (lowest for mode "min"), ignoring non-finite values."""
+    finite = [(v, s) for s, v in curve if math.isfinite(v)]
+    if not finite:
+        return None
+    v, s = (min if mode == "min" else max)(finite, key=lambda vs: vs[0])
+    return [v, s]
+
+
+def load_finished(run: Run) -> bool:
+    """Reads a finished run's summary (status ok) from an earlier compare: it is kept as it is."""
+    path = run.dir / SUMMARY_FILE
+    if not path.exists():
+        return False
+    summary = json.loads(path.read_text())
+    if summary.get("status") != "ok":
+        return False
+    run.summary, run.status = summary, "ok"
+    return True
+
+
+def rows_for_stats(runs: list[Run], metric: str, mode: str) -> list[dict]:
+    rows = []
+    for r in runs:
+        curves = read_curves(r.dir) if r.dir.exists() else {}
+        best = best_of(curves.get(metric, []), mode)
+        rows.append({"point": r.point, "seed": r.seed if r.seed is not None else 0,
+                     "status": "ok" if r.ok else "failed", "metrics": r.summary.get("metrics", {}),
+                     "best": {metric: best} if best else {}})
+    return rows
+
+
+def statistics(runs: list[Run], metric: str, mode: str, baseline: dict[str, str], alpha: float) -> dict:
+    """Aggregates per point and metric, and paired differences to each point's baseline."""
+    from zoo import stats
+
+    finished = [r for r in runs if r.status in ("ok", "failed")]
+    rows = rows_for_stats(finished, metric, mode)
+    metrics = sorted({m for r in finished for m in r.summary.get("metrics", {}) if m.startswith("val/")})
+    aggregate = [a for m in metrics for a in stats.aggregate(rows, m)]
+    paired = []
+    for point, values in dict((r.point, r.values) for r in runs).items():
+        base_values = {**values, **baseline}  # the same point but for the baseline's keys
+        if base_values == values:
+            continue
+        base_point = point_name(base_values)
+        group = [row for row in rows if row["point"] in (point, base_point)]
+        paired += [p for p in stats.paired(group, metric, base_point, mode=mode, alpha=alpha) if p["point"] == point]
+    return {"aggregate": aggregate, "paired": paired, "verdicts": stats.verdicts(paired)}
+
+
+# ------------------------------------------------------------------------------------------------
+# report
 
 def plot_curves(runs: list[Run], out: Path) -> list[Path]:
+    """Static PNGs for report.md: per metric, the mean over seeds of every point (runs of one point
+    drawn in one color when seeds vary)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {run.name: read_curves(run.dir) for run in runs}
+    curves = {run.name: read_curves(run.dir) for run in runs if run.dir.exists()}
     metrics = sorted({m for c in curves.values() for m in c if m.startswith(("train/", "val/"))})
+    colors = {p: f"C{i % 10}" for i, p in enumerate(dict.fromkeys(r.point for r in runs))}
     paths = []
     for metric in metrics:
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for name, c in curves.items():
+        labelled = set()
+        for run in runs:
+            c = curves.get(run.name, {})
             if metric in c:
                 steps, values = zip(*c[metric])
-                ax.plot(steps, values, label=name, marker="o" if len(steps) < 20 else None, markersize=3)
+                ax.plot(steps, values, color=colors[run.point], label=None if run.point in labelled else run.point,
+                        marker="o" if len(steps) < 20 else None, markersize=3, alpha=0.8)
+                labelled.add(run.point)
         ax.set_xlabel("step")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
@@ -192,97 +529,228 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _ci(a: dict | None) -> str:
+    return "—" if not a or a.get("ci_low") is None else f"[{_fmt(a['ci_low'])}, {_fmt(a['ci_high'])}]"
+
+
 def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     metrics = sorted({m for r in runs for m in r.summary.get("metrics", {}) if m.startswith("val/")})
     header = ["run", "status", *metrics, "train samples/s", "peak memory (MB)", "params", "wall time (s)"]
     rows = []
     for r in runs:
         s = r.summary
-        status = "ok" if r.ok else f"failed: {s.get('error') or 'no summary written'}"
+        status = {"ok": "ok", "pending": "pending", "running": "running"}.get(
+            r.status, f"failed: {s.get('error') or 'no summary written'}")
+        if r.retries:
+            status += f" ({r.retries} retries)"
         rows.append([r.name, status, *(_fmt(s.get("metrics", {}).get(m)) for m in metrics),
                      _fmt(s.get("train_samples_per_s")), _fmt(s.get("peak_memory_mb")),
                      _fmt(s.get("params")), _fmt(s.get("wall_time_s"))])
     return header, rows
 
 
-def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list[str], sweeps: dict) -> Path:
-    plots = plot_curves(runs, out)
-    samples = {r.name: latest_samples(r, out) for r in runs}
-    header, rows = table(runs)
-    device = next((r.summary.get("device") for r in runs if r.summary.get("device")), "unknown")
-    sweep_text = "; ".join(f"{k} ∈ {{{', '.join(v)}}}" for k, v in sweeps.items())
-    esc = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+def aggregate_table(st: dict) -> tuple[list[str], list[list]]:
+    header = ["point", "metric", "n", "mean", "std", "95% CI", "best mean", "best step", "failed seeds"]
+    rows = [[a["point"], a["metric"], a["n"], a["mean"], a["std"], _ci(a),
+             (a.get("best") or {}).get("mean"), (a.get("best_step") or {}).get("mean"),
+             ", ".join(map(str, a.get("failed_seeds") or []))] for a in st["aggregate"]]
+    return header, rows
 
-    md = [f"# Comparison: {', '.join(configs)}", "",
-          f"Sweep: {sweep_text}. Overrides for every run: `{' '.join(overrides) or 'none'}`. Device: {device}.",
-          "Same config, seed and data for every run; each run's files are under `runs/<name>/`.", "",
-          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+
+def paired_table(st: dict) -> tuple[list[str], list[list]]:
+    header = ["point", "baseline", "metric", "n", "mean diff", "95% CI", "p", "verdict"]
+    rows = [[p["point"], p["baseline"], p["metric"], p["n"], p.get("mean_diff"), _ci(p), p.get("p_value"),
+             p["verdict"]] for p in st["paired"]]
+    return header, rows
+
+
+def _rel(path: Path, out: Path) -> str:
+    return os.path.relpath(path, out).replace(os.sep, "/")
+
+
+def dashboard_data(runs: list[Run], out: Path, title: str, description: str, metric: str, mode: str,
+                   st: dict) -> dict:
+    def links(r: Run) -> dict:
+        configs = sorted(r.dir.glob("csv/version_*/config.yaml"))
+        files = {"config": configs[-1] if configs else None, "command": r.dir / "command.txt",
+                 "log": r.dir / "run.log", "checkpoint": r.dir / "checkpoints" / "last.ckpt"}
+        found = {k: _rel(p, out) for k, p in files.items() if p is not None and p.exists()}
+        found["samples"] = [_rel(p, out) for p in sorted((out / "samples").glob(f"{r.dir.name}__*"))]
+        return found
+
+    s = lambda r, k: r.summary.get(k)  # noqa: E731
+    return {
+        "title": title, "description": description, "metric": metric, "mode": mode,
+        "done": sum(r.status in ("ok", "failed") for r in runs), "total": len(runs),
+        "points": list(dict.fromkeys(r.point for r in runs)),
+        "runs": [{"name": r.name, "point": r.point, "seed": r.seed, "status": r.status,
+                  "error": r.summary.get("error") if r.status == "failed" else None, "retries": r.retries,
+                  "values": r.values, "metrics": r.summary.get("metrics", {}),
+                  "curves": {k: [list(p) for p in v] for k, v in read_curves(r.dir).items()} if r.dir.exists() else {},
+                  "stats": {"train samples/s": s(r, "train_samples_per_s"), "peak memory (MB)": s(r, "peak_memory_mb"),
+                            "params": s(r, "params"), "wall time (s)": s(r, "wall_time_s")},
+                  "links": links(r)} for r in runs],
+        "aggregate": dict(zip(("columns", "rows"), aggregate_table(st))),
+        "paired": dict(zip(("columns", "rows"), paired_table(st))),
+        "verdicts": st["verdicts"],
+    }
+
+
+def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list[str], sweeps: dict,
+                 metric: str = "val/loss", mode: str = "min", baseline: dict | None = None, alpha: float = 0.05,
+                 final: bool = True) -> Path:
+    """results.json and the dashboard report.html; with `final`, also report.md with static plots."""
+    from zoo.dashboard import write_dashboard
+
+    baseline = baseline or parse_baseline(None, sweeps)
+    st = statistics(runs, metric, mode, baseline, alpha)
+    device = next((r.summary.get("device") for r in runs if r.summary.get("device")), "unknown")
+    seeds = sorted({r.seed for r in runs if r.seed is not None})
+    sweep_text = "; ".join(f"{k} ∈ {{{', '.join(v)}}}" for k, v in sweeps.items())
+    seed_text = f"seeds {', '.join(map(str, seeds))}" if seeds else "the config's seed"
+    description = (f"Sweep: {sweep_text}; {seed_text}. Baseline: {point_name(baseline)}. Overrides for every run: "
+                   f"{' '.join(overrides) or 'none'}. Device: {device}. Monitored: {metric} ({mode}).")
+    if final:
+        for r in runs:
+            latest_samples(r, out)
+    write_dashboard(dashboard_data(runs, out, f"Comparison: {', '.join(configs)}", description, metric, mode, st), out)
+    atomic_write_text(out / "results.json", json.dumps({
+        "runs": {r.name: {"point": r.point, "seed": r.seed, "values": r.values, "retries": r.retries, **r.summary}
+                 for r in runs},
+        "aggregate": st["aggregate"], "paired": st["paired"], "verdicts": st["verdicts"]}, indent=2, default=str))
+    if not final:
+        return out / "report.html"
+
+    plots = plot_curves(runs, out)
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+
+    def md_table(header, rows):
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+            "| " + " | ".join(esc(_fmt(c) if not isinstance(c, str) else c) for c in row) + " |" for row in rows]
+
+    md = [f"# Comparison: {', '.join(configs)}", "", description,
+          "Same config and data split for every run; runs with the same seed share data order and "
+          "initialisation. Each run's files are under `runs/<name>/`; `report.html` is the interactive "
+          "dashboard.", "", "## Which differences are real", ""]
+    md += [f"- {v}" for v in st["verdicts"]] or ["- (no paired comparison: one sweep point, or no finished runs)"]
+    md += ["", f"Paired over seeds (same seed = same data order): difference to the baseline, its 95 % CI, "
+           f"and a two-sided paired t-test at {alpha}; p-values are per comparison, not corrected for "
+           "multiple comparisons.", ""]
+    md += md_table(*paired_table(st))
+    md += ["", "## Per sweep point (over seeds)", "", f"Final values; `best` is the best {metric} ({mode}) "
+           "over the run's validations and the step it was reached at.", ""]
+    md += md_table(*aggregate_table(st))
+    md += ["", "## Runs", ""]
+    md += md_table(*table(runs))
     md += ["", "Throughput counts training batches only (data loading included, first batch of each epoch "
-           "excluded). Peak memory: CUDA allocator peak on GPU; on CPU, the training working set (peak "
-           "resident memory during fit minus that at fit start).", "", "## Curves", ""]
-    md += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]
+           "excluded; a resumed run's last segment). Peak memory: CUDA allocator peak on GPU; on CPU, the "
+           "training working set (peak resident memory during fit minus that at fit start).", "", "## Curves", ""]
+    md += [f"![{p.stem}]({_rel(p, out)})" for p in plots]
     md += ["", "## Samples (latest validation epoch)", ""]
-    for name, paths in samples.items():
-        md += [f"### {name}", ""]
+    for r in runs:
+        paths = sorted((out / "samples").glob(f"{r.dir.name}__*"))
+        if paths:
+            md += [f"### {r.name}", ""]
         for p in paths:
             if p.suffix == ".txt":
                 md += [f"`{p.stem}`:", "", "```text", p.read_text().rstrip(), "```", ""]
             else:
-                md += [f"![{p.stem}]({p.relative_to(out).as_posix()})", ""]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-
-    h = html.escape
-    page = ["<!doctype html><meta charset='utf-8'><title>zoo comparison</title>",
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style>",
-            f"<h1>Comparison: {h(', '.join(configs))}</h1>",
-            f"<p>Sweep: {h(sweep_text)}. Overrides: <code>{h(' '.join(overrides) or 'none')}</code>. Device: {h(device)}.</p>",
-            "<table><tr>" + "".join(f"<th>{h(c)}</th>" for c in header) + "</tr>"]
-    page += ["<tr>" + "".join(f"<td>{h(c)}</td>" for c in row) + "</tr>" for row in rows]
-    page += ["</table><h2>Curves</h2>"] + [f"<img src='{h(p.relative_to(out).as_posix())}' width=480>" for p in plots]
-    page += ["<h2>Samples</h2>"]
-    for name, paths in samples.items():
-        page += [f"<h3>{h(name)}</h3>"]
-        page += [f"<pre>{h(p.read_text())}</pre>" if p.suffix == ".txt" else f"<img src='{h(p.relative_to(out).as_posix())}'>"
-                 for p in paths]
-    (out / "report.html").write_text("\n".join(page) + "\n")
-    (out / "results.json").write_text(json.dumps({r.name: {"values": r.values, **r.summary} for r in runs}, indent=2))
+                md += [f"![{p.stem}]({_rel(p, out)})", ""]
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return out / "report.md"
 
+
+# ------------------------------------------------------------------------------------------------
+# entry point
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="train.py compare",
-        description="Train one config once per norm (or per point of --sweep), same seed and data, "
-        "and write DIR/report.md. Any other --trainer.*/--model.*/--data.* argument applies to every run.",
+        description="Train one config once per norm (or per point of --sweep) and per seed, same data, and "
+        "write DIR/report.html + report.md. Any other --trainer.*/--model.*/--data.* argument applies to every run.",
     )
     p.add_argument("--config", action="append", required=True, help="config file (repeatable, as for fit)")
     p.add_argument("--norms", help="comma-separated norm kinds: shorthand for --sweep model.norm=a,b,c")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="sweep any argument (repeatable; sweeps are crossed), e.g. data.batch_size=1,2,8")
+    p.add_argument("--seeds", help="N (seeds 0..N-1) or a list 0,1,2: every sweep point once per seed "
+                   "(default: once, with the config's seed)")
+    p.add_argument("--baseline", help="KEY=VALUE each point is compared with, seed by seed "
+                   "(default: the first value of the first swept key)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired tests")
     p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine (CPU cores are split)")
+    p.add_argument("--devices-per-run", type=int, default=1, help="GPUs per run (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--launcher", choices=("local", "ray"), default="local")
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local instance)")
+    p.add_argument("--cpus-per-run", type=int, default=1, help="Ray: CPUs per run")
+    p.add_argument("--max-retries", type=int, default=1, help="retries of a run whose process dies")
+    p.add_argument("--fresh", action="store_true", help="delete the comparison in --out and start over")
     args, overrides = p.parse_known_args(argv)
     stray = [o for o in overrides if o.startswith("-") and not o.startswith("--")]
     if stray:
-        p.error(f"unrecognised arguments {stray}; overrides look like --trainer.max_steps=100")
+        raise ValueError(f"unrecognised arguments {stray}; overrides look like --trainer.max_steps=100")
+    for name in ("jobs", "devices_per_run", "cpus_per_run"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.max_retries < 0 or not 0 < args.alpha < 1:
+        raise ValueError(f"--max-retries must be >= 0 and --alpha in (0, 1); got {args.max_retries}, {args.alpha}")
     sweeps = parse_sweeps(args.norms, args.sweep)
+    seeds = parse_seeds(args.seeds)
+    baseline = parse_baseline(args.baseline, sweeps)
     if args.norms:
-        check_norms(sweeps["model.norm"])
+        from zoo.norm import NORM_KINDS
+
+        unknown = [v for v in sweeps["model.norm"] if v not in NORM_KINDS]
+        if unknown:
+            raise ValueError(f"unknown norm(s) {unknown}; valid kinds: {', '.join(NORM_KINDS)} (a norm you registered "
+                             "yourself: use --sweep model.norm=... and import it from your config's module)")
     for key, values in sweeps.items():
-        if key != "model.norm" or not args.norms:
-            warn_unregistered_norms(key, values)
+        warn_unregistered_norms(key, values)
+    metric, mode = check_arguments(args.config, overrides, sweeps)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = plan_runs(sweeps, out)
+    prepare_out(out, args.config, overrides, args.fresh)
+
+    runs = plan_runs(sweeps, out, seeds)
+    todo = [r for r in runs if not load_finished(r)]
+    kept = len(runs) - len(todo)
+    print(f"{len(runs)} runs" + (f"; {kept} finished before, kept as they are" if kept else ""), flush=True)
     group = f"{Path(args.config[-1]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for i, run in enumerate(runs, 1):
-        print(f"[{i}/{len(runs)}] {run.name} ...", flush=True)
-        tags = ["compare"] + [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in run.values.items()]
-        run_one(run, args.config, overrides, group, tags)
-        status = "ok" if run.ok else f"FAILED ({run.summary.get('error')}); log: {run.dir / 'run.log'}"
-        print(f"[{i}/{len(runs)}] {run.name}: {status}", flush=True)
-    report = write_report(runs, out, args.config, overrides, sweeps)
+    # Threads per run: the user's OMP_NUM_THREADS, else the cores split between runs. Sent with every
+    # run (also to other Ray nodes), with the settings that change what a run does.
+    threads = cpu_threads(args.jobs) if args.launcher == "local" else args.cpus_per_run
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(threads),
+           **{k: os.environ[k] for k in ("WANDB_MODE", "ZOO_CPU_KERNELS", "PYTHONPATH") if k in os.environ}}
+    specs = [run_spec(r, args.config, overrides, group, env) for r in todo]
+    report_kw = dict(metric=metric, mode=mode, baseline=baseline, alpha=args.alpha)
+
+    def on_done(run: Run, result: dict) -> None:
+        run.summary, run.retries = result["summary"], result["retries"]
+        run.status = "ok" if run.ok else "failed"
+        done = sum(r.status in ("ok", "failed") for r in runs)
+        state = "ok" if run.ok else f"FAILED ({run.summary.get('error')}); log: {run.dir / 'run.log'}"
+        print(f"[{done}/{len(runs)}] {run.name}: {state}" + (f" ({run.retries} retries)" if run.retries else ""),
+              flush=True)
+        write_report(runs, out, args.config, overrides, sweeps, final=False, **report_kw)
+
+    if todo:
+        if args.launcher == "ray":
+            launch_ray(todo, specs, args.ray_address, args.cpus_per_run, args.devices_per_run if _cuda_devices() else 0,
+                       args.max_retries, on_done)
+        else:
+            launch_local(todo, specs, args.jobs, args.devices_per_run, args.max_retries, on_done)
+    report = write_report(runs, out, args.config, overrides, sweeps, **report_kw)
     print(f"checkpoints: {(out / 'runs').resolve()}/<run>/checkpoints/last.ckpt")
-    print(f"report: {report.resolve()}\n        {(out / 'report.html').resolve()}")
+    print(f"report: {(out / 'report.html').resolve()}\n        {report.resolve()}")
     return 0 if any(r.ok for r in runs) else 1
+
+
+def warn_unregistered_norms(key: str, values: list[str]) -> None:
+    """A swept `model.*norm` value that is not registered here is probably a typo, but may be a norm
+    the config's own module registers in the run's process: say so, and let the run decide."""
+    from zoo.norm import NORM_KINDS
+
+    unknown = [v for v in values if v not in NORM_KINDS]
+    if key.startswith("model.") and key.endswith("norm") and unknown:
+        print(f"compare: warning: {key} value(s) {unknown} are not registered norms ({', '.join(NORM_KINDS)}); "
+              "their runs will fail unless your config's module registers them", file=sys.stderr)

@@ -35,7 +35,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-from zoo.data.sampling import EpochSampler, seeded_generator, seeded_item, split_item
+from zoo.data.sampling import EpochSampler, seeded_generator, seeded_item, split_item, training_seed
 from zoo.data.segmentation import IMAGE_SUFFIXES, list_images
 from zoo.scaling import SCALER_KINDS, InputScaler
 
@@ -203,7 +203,8 @@ class ImagesDataModule(L.LightningDataModule):
         augment: training augmentation: synthetic, random horizontal flips; folder, timm's train transform.
         crop_pct, interpolation: folder eval transform (resize to S / crop_pct, center crop S).
         scaler_images: number of training images the scaler is fitted on (evenly spaced; synthetic: all).
-        seed: seed of the synthetic data.
+        seed: seed of the synthetic data; with the run's seed (`training_seed`), of the training order
+            and augmentation.
         num_workers: DataLoader workers.
         predict_dir: folder of images to classify; None -> the validation images.
     """
@@ -254,12 +255,12 @@ class ImagesDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.root is None:
             images, labels = make_shapes(hp.num_train, hp.image_size, hp.num_classes, hp.seed, "train")
-            self.train_set = ShapesDataset(images, labels, hflip=hp.augment, seed=hp.seed)
+            self.train_set = ShapesDataset(images, labels, hflip=hp.augment, seed=training_seed(hp.seed))
             fit_on = [images.float()]
         else:
             folder = self._folder("train")
             self.classes = ImageFolder(str(folder)).classes
-            self.train_set = FolderImages(folder, self.classes, self._transform(True), hp.seed)
+            self.train_set = FolderImages(folder, self.classes, self._transform(True), training_seed(hp.seed))
             plain = FolderImages(folder, self.classes, self._transform(False))
             picks = np.linspace(0, len(plain) - 1, min(hp.scaler_images, len(plain))).round().astype(int)
             fit_on = (plain[int(i)]["image"][None] for i in np.unique(picks))
@@ -313,7 +314,7 @@ class ImagesDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, train: bool) -> DataLoader:
         w, bs = self.hparams.num_workers, self.hparams.batch_size
-        sampler = EpochSampler.for_training(self, len(dataset), self.hparams.seed, bs) if train else None
+        sampler = EpochSampler.for_training(self, len(dataset), training_seed(self.hparams.seed), bs) if train else None
         # training drops a last short batch: a batch of one would break batch norm
         return DataLoader(dataset, batch_size=bs, sampler=sampler, num_workers=w, persistent_workers=w > 0,
                           drop_last=train and len(dataset) > bs)

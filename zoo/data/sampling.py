@@ -5,6 +5,7 @@ the batch the uninterrupted run would have drawn next."""
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-__all__ = ["seeded_generator", "seeded_item", "split_item", "EpochSampler", "batches_done"]
+__all__ = ["seeded_generator", "seeded_item", "split_item", "training_seed", "EpochSampler", "batches_done"]
 
 _ORDER = 11  # stream id of the shuffling order, apart from the streams datasets draw samples from
 
@@ -46,6 +47,15 @@ def seeded_item(seed: int | Sequence[int], index: int):
             yield
         finally:
             random.setstate(state)
+
+
+def training_seed(data_seed: int) -> int:
+    """The seed of a run's training order and augmentation: the data seed (which alone fixes the
+    splits) combined with the run's seed (`seed_everything`, which Lightning keeps in PL_GLOBAL_SEED).
+    Runs with different seeds then see the same split in different orders; runs with the same seed,
+    whatever else differs between them (the norm), the same batches."""
+    run = os.environ.get("PL_GLOBAL_SEED")
+    return int(data_seed) if run is None else _seed_int([int(data_seed), int(run)], 0) % 2**31
 
 
 def split_item(item) -> tuple[int, int]:

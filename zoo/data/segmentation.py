@@ -48,7 +48,7 @@ from torchvision import tv_tensors
 
 from zoo.data.augment import WeightMap, paper_augmentation, set_generator
 from zoo.data.cells import class_weights, connected_components, make_cell, weight_map
-from zoo.data.sampling import EpochSampler, seeded_generator, split_item
+from zoo.data.sampling import EpochSampler, seeded_generator, split_item, training_seed
 from zoo.scaling import SCALER_KINDS, InputScaler
 
 __all__ = [
@@ -312,8 +312,8 @@ class CellsDataModule(L.LightningDataModule):
         w0, sigma: border term of the weight map (paper Eq. 2).
         augment: paper augmentation (rotation, shift, 3x3-grid elastic deformation, gray values).
         elastic_std: std (px) of the elastic displacement vectors; 0 disables the elastic part.
-        seed: seed of the synthetic data and of the training crops/augmentation (epoch e uses
-            (seed, e), so runs and resumed runs see the same samples).
+        seed: seed of the synthetic data; with the run's seed (`training_seed`), of the training
+            crops/augmentation (epoch e uses (seed, e), so resumed runs see the same samples).
         num_workers: DataLoader workers.
         predict_dir: folder of images to predict; None -> the validation images.
     """
@@ -479,8 +479,9 @@ class CellsDataModule(L.LightningDataModule):
         hp = self.hparams
         split = self._split("train")
         augment = paper_augmentation(elastic_std=hp.elastic_std) if hp.augment else None
-        data = TrainCrops(split, hp.crop_size, self.training_context(), augment, hp.seed)
-        return self._loader(data, hp.batch_size, EpochSampler.for_training(self, len(data), hp.seed, hp.batch_size))
+        seed = training_seed(hp.seed)
+        data = TrainCrops(split, hp.crop_size, self.training_context(), augment, seed)
+        return self._loader(data, hp.batch_size, EpochSampler.for_training(self, len(data), seed, hp.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(EvalImages(self._split("val")), 1)

@@ -35,7 +35,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.data.sampling import EpochSampler
+from zoo.data.sampling import EpochSampler, training_seed
 from zoo.data.text import PAD, Tokenizer, _collate_text, _Lines, read_lines
 
 __all__ = ["TASKS", "ALGORITHMIC_TASKS", "make_pairs", "cmudict_pairs", "Seq2SeqDataModule", "PairDataset",
@@ -137,7 +137,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
         min_length, max_length: sequence length (digits per operand for addition).
         num_symbols: alphabet size of copy / reverse / sort.
         stress: keep CMUdict's stress digits (g2p).
-        seed: data seed (independent of the training seed).
+        seed: data seed of the splits; with the run's seed (`training_seed`), of the training order.
         batch_size, num_workers: DataLoader settings.
         predict_path: input lines for `predict` ("-" for stdin).
     """
@@ -198,7 +198,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return self._loader("train", EpochSampler.for_training(self, len(self.datasets["train"]), hp.seed,
+        return self._loader("train", EpochSampler.for_training(self, len(self.datasets["train"]), training_seed(hp.seed),
                                                                hp.batch_size, with_epoch=False))
 
     def val_dataloader(self) -> DataLoader:

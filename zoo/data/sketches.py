@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.data.sampling import EpochSampler, split_item
+from zoo.data.sampling import EpochSampler, split_item, training_seed
 
 __all__ = ["SPLITS", "SketchSet", "read_npz", "write_npz", "load_sketch_files", "preprocess", "scale_factor",
            "polylines_to_stroke3", "stroke3_to_polylines", "stroke3_to_stroke5", "stroke5_to_stroke3",
@@ -576,8 +576,9 @@ class SketchDataModule(L.LightningDataModule):
         batch_size: 100 as the official code; training drops the last partial batch.
         random_scale_factor, augment_stroke_prob: training augmentation (official 0.15, 0.10).
         num_workers: DataLoader workers.
-        seed: of the built-in splits, and of the training order and augmentation (epoch e, item i use
-            generators seeded by (seed, e) and (seed, e, i): identical after resuming from a checkpoint).
+        seed: of the built-in splits; with the run's seed (`training_seed`), of the training order and
+            augmentation (epoch e, item i use generators seeded by (seed, e) and (seed, e, i): identical
+            after resuming from a checkpoint).
 
     After setup: `scale_factor` (float, from the training split), `steps` (decoder steps = longest kept
     sketch of all splits + 1, so every sketch gets an end token), `class_names`, `report` (counts).
@@ -619,9 +620,10 @@ class SketchDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams
+        seed = training_seed(hp.seed)
         ds = SketchDataset(self.sets[split], hp.random_scale_factor if train else 0.0,
-                           hp.augment_stroke_prob if train else 0.0, seed=hp.seed)
-        sampler = EpochSampler.for_training(self, len(ds), hp.seed, hp.batch_size) if train else None
+                           hp.augment_stroke_prob if train else 0.0, seed=seed)
+        sampler = EpochSampler.for_training(self, len(ds), seed, hp.batch_size) if train else None
         return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, drop_last=train,
                           num_workers=hp.num_workers, collate_fn=_Collate(self.steps),
                           persistent_workers=hp.num_workers > 0)

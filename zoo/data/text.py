@@ -33,7 +33,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.data.sampling import EpochSampler
+from zoo.data.sampling import EpochSampler, training_seed
 
 __all__ = ["Tokenizer", "SPECIALS", "PAD", "BOS", "EOS", "UNK", "ENGLISH_STOP_WORDS", "LEVELS",
            "stdlib_corpus", "STDLIB_MODULES", "LMDataModule", "TokenWindows", "read_lines"]
@@ -323,7 +323,7 @@ class LMDataModule(L.LightningDataModule):
         # Windows at every start position, sampled at random as nanoGPT does; an epoch draws as many
         # windows as tile the training text once.
         n = len(self.train_set)
-        sampler = EpochSampler.for_training(self, n, torch.initial_seed() % 2**31, self.hparams.batch_size,
+        sampler = EpochSampler.for_training(self, n, training_seed(0), self.hparams.batch_size,
                                             num_samples=n // self.hparams.block_size, with_epoch=False)
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.hparams.num_workers)
