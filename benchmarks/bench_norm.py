@@ -70,7 +70,7 @@ def time_pair(ours, ref, x, repeats, device, min_block_s):
     """Seconds per forward+backward step of each module (medians over interleaved blocks) and the
     median of the per-repeat ratios ours / built-in: adjacent blocks see the same machine load, so
     the paired ratio is robust to load from other processes that shifts both timings."""
-    g = torch.randn_like(x)
+    g = torch.randn_like(ours(x))  # the upstream gradient, shaped like the output (a norm's: like x)
     xs = [x.clone().requires_grad_() for _ in range(2)]
     mods = [ours, ref]
 

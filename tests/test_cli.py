@@ -153,3 +153,33 @@ def test_wandb_mode_is_decided_without_network(monkeypatch, tmp_path):
 def test_run_tags_name_model_and_norms():
     model = UNetSegmentation(base_channels=4, depth=3, norm="rms")
     assert run_tags(model, None) == ["UNetSegmentation", "norm=rms"]
+
+
+def test_wandb_run_carries_job_type_resolved_config_and_tags(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the logger is only configured here
+    cli = ZooCLI(args=tiny_unet_args(tmp_path, "--model.norm=group", "--wandb.job_type=compare",
+                                     "--wandb.group=g", "--wandb.tags=[\"seed=3\"]", "--seed_everything=3"), run=False)
+    from lightning.pytorch.loggers import WandbLogger
+
+    (logger,) = [lg for lg in cli.trainer.loggers if isinstance(lg, WandbLogger)]
+    init = logger._wandb_init
+    assert init["job_type"] == "compare" and init["group"] == "g"
+    assert {"UNetSegmentation", "norm=group", "seed=3"} <= set(init["tags"])
+    config = init["config"]  # the full resolved config, plain data
+    assert config["model"]["init_args"]["norm"] == "group" and config["seed_everything"] == 3
+    assert config["data"]["init_args"]["crop_size"] == 28
+
+
+def test_tensorboard_gets_hparams_with_final_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    fit(tmp_path, "--model.norm=group")
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0}).Reload()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for tag in ("val/loss", "val/iou_fg"):  # the final values, as the run summary has them
+        assert events.Scalars(tag)[-1].value == pytest.approx(summary["metrics"][tag], rel=1e-6)
+    content = events.PluginTagToContent("hparams")
+    (session,) = [plugin_data_pb2.HParamsPluginData.FromString(c).session_start_info
+                  for c in content.values() if plugin_data_pb2.HParamsPluginData.FromString(c).HasField("session_start_info")]
+    assert session.hparams["model/norm"].string_value == "group" and session.hparams["seed"].string_value == "0"

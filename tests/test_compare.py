@@ -173,6 +173,7 @@ def test_killed_compare_reruns_to_the_same_report_and_keeps_finished_runs(tmp_pa
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (first / "summary.json").exists() and not (out / "runs" / "norm=group").exists()
+    assert "1 of 3 runs done" in (out / "report.html").read_text()  # rewritten after every finished run
     kept = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
     mtimes = {p: p.stat().st_mtime_ns for p in kept}
     rerun = compare(out, *sweep)
@@ -194,3 +195,13 @@ def test_report_carries_text_samples_and_latest_epoch_only(tmp_path):
     report = write_report([run], tmp_path, ["c.yaml"], [], {"model.norm": ["layer"]}).read_text()
     assert "output: new <&>" in report and "output: old" not in report
     assert "| norm=layer | ok | 1.5 |" in report
+
+
+def test_statistics_mid_sweep_skip_points_whose_baseline_has_not_finished(tmp_path):
+    from zoo.compare import statistics
+
+    runs = plan_runs({"model.norm": ["none", "batch"]}, tmp_path, [0, 1])
+    for r in runs[2:3]:  # only norm=batch,seed=0 has finished; the baseline norm=none has not
+        r.status, r.summary = "ok", {"status": "ok", "metrics": {"val/loss": 0.5}}
+    st = statistics(runs, "val/loss", "min", {"model.norm": "none"}, 0.05)
+    assert st["paired"] == [] and [a["point"] for a in st["aggregate"]] == ["norm=batch"]

@@ -461,6 +461,8 @@ def statistics(runs: list[Run], metric: str, mode: str, baseline: dict[str, str]
             continue
         base_point = point_name(base_values)
         group = [row for row in rows if row["point"] in (point, base_point)]
+        if {row["point"] for row in group} != {point, base_point}:
+            continue  # a side with no finished run yet (a report written mid-sweep)
         paired += [p for p in stats.paired(group, metric, base_point, mode=mode, alpha=alpha) if p["point"] == point]
     return {"aggregate": aggregate, "paired": paired, "verdicts": stats.verdicts(paired)}
 
@@ -731,7 +733,10 @@ def main(argv: list[str]) -> int:
         state = "ok" if run.ok else f"FAILED ({run.summary.get('error')}); log: {run.dir / 'run.log'}"
         print(f"[{done}/{len(runs)}] {run.name}: {state}" + (f" ({run.retries} retries)" if run.retries else ""),
               flush=True)
-        write_report(runs, out, args.config, overrides, sweeps, final=False, **report_kw)
+        try:
+            write_report(runs, out, args.config, overrides, sweeps, final=False, **report_kw)
+        except Exception as e:  # noqa: BLE001  (the runs must go on; the final report raises it again)
+            print(f"compare: warning: the dashboard could not be updated: {type(e).__name__}: {e}", file=sys.stderr)
 
     if todo:
         if args.launcher == "ray":

@@ -36,6 +36,13 @@ channel per group on nc, ...) raises a ValueError saying so instead of torch's c
 silently constant output.
 
 Register your own with `register_norm(name, factory)`; `NORM_KINDS` follows registrations.
+
+Norm surgery: `replace_norms(model, kind, **kwargs)` turns every norm layer of an existing network
+(torch's, timm's, zoo's) into `kind`, in place, and returns (name, old class, new class) rows. The
+layout comes from the old module's class: BatchNorm2d, GroupNorm, LayerNorm2d, ... are nchw;
+BatchNorm1d is nc; nn.LayerNorm / RMSNorm and timm's LayerNorm / RmsNorm are channels last of any
+rank, built "nlc" inside `ChannelsLastNorm`. timm's norm+act layers become `NormAct(norm, drop, act)`.
+eps and affine carry over, affine weight and bias are copied, running stats too within a kind.
 """
 import inspect
 from collections.abc import Sequence
@@ -53,7 +60,7 @@ except ImportError:  # older timm
 
 __all__ = ["build_norm", "register_norm", "norm_kinds", "NORM_KINDS", "LAYOUTS", "default_num_groups",
            "BatchNormNCHW", "BatchNormNC", "BatchNormNLC", "LayerNorm", "InstanceNorm", "GroupNorm",
-           "RmsNorm"]
+           "RmsNorm", "replace_norms", "NormAct", "ChannelsLastNorm"]
 
 LAYOUTS = ("nchw", "nlc", "nc")
 _SHAPES = {"nchw": "(N, C, H, W)", "nlc": "(N, L, C)", "nc": "(N, C)"}
@@ -409,3 +416,338 @@ def build_norm(kind: str, num_features: int, layout: str = "nchw", **kwargs) -> 
     if not isinstance(module, nn.Module):
         raise TypeError(f"norm factory for {kind!r} returned {type(module).__name__}, not an nn.Module")
     return module
+
+
+# ---------------------------------------------------------------------------------------------------
+# norm surgery: replace_norms(model, kind) turns the norm layers of an existing network into registry
+# norms, in place
+
+_CL = "channels_last"  # nn.LayerNorm's layout: channels last, any rank ((N, C), (N, L, C), (N, H, W, C))
+
+
+class ChannelsLastNorm(nn.Module):
+    """Runs an "nlc" registry norm on channels-last input of any rank, as nn.LayerNorm accepts it.
+
+    (N, L, C) goes through as is; (N, C) is seen as (N, 1, C) and (N, *, C), e.g. (N, H, W, C), as
+    (N, prod(*), C). So the "positions" are all middle dims: batch norm on (N, H, W, C) has per-channel
+    statistics over (N, H, W), as BatchNorm2d on the NCHW tensor; instance and group norm reduce over
+    (H, W); on (N, C) every kind computes what its "nc" layout would. Output: the input's shape.
+    state_dict keys: `norm.*`.
+    """
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            return self.norm(x)
+        if x.dim() < 2:
+            raise ValueError(f"{type(self.norm).__name__} (channels last): expected input of shape (N, *, C), "
+                             f"got {x.dim()}-D input of shape {_shape_str(x)}")
+        positions = _prod(list(x.shape[1:-1]))  # 1 for (N, C); explicit so that N = 0 reshapes too
+        return self.norm(x.reshape(x.shape[0], positions, x.shape[-1])).reshape(x.shape)
+
+
+class NormAct(nn.Module):
+    """act(drop(norm(x))), the input's shape: a registry norm followed by the dropout and activation
+    kept from the timm norm+act layer it replaced (BatchNormAct2d, GroupNormAct, LayerNormAct2d, ...).
+    A module rather than nn.Sequential so that state_dict keys read `norm.*` and `act.*` (a PReLU's)."""
+
+    def __init__(self, norm: nn.Module, drop: Optional[nn.Module] = None, act: Optional[nn.Module] = None):
+        super().__init__()
+        self.norm = norm
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(self.norm(x)))
+
+
+# class -> (family, layout, has act). family: the kind it computes, compared with the target kind to
+# carry kind-specific options and running stats. layout None: the module's own `.layout` (zoo.norm).
+_TORCH_NORMS = {
+    nn.BatchNorm1d: ("batch", "nc", False), nn.BatchNorm2d: ("batch", "nchw", False),
+    nn.BatchNorm3d: ("batch", "nchw", False), nn.InstanceNorm2d: ("instance", "nchw", False),
+    nn.InstanceNorm3d: ("instance", "nchw", False), nn.GroupNorm: ("group", "nchw", False),
+    nn.LayerNorm: ("layer", _CL, False), nn.RMSNorm: ("rms", _CL, False),
+    BatchNormNCHW: ("batch", "nchw", False), BatchNormNC: ("batch", "nc", False),
+    BatchNormNLC: ("batch", "nlc", False), LayerNorm: ("layer", None, False), RmsNorm: ("rms", None, False),
+    InstanceNorm: ("instance", None, False), GroupNorm: ("group", None, False),
+}
+# timm.layers classes by name (those an older timm lacks are left out). SyncBatchNormAct only comes
+# from timm's conversion of BatchNormAct2d, so it is NCHW; a plain nn.SyncBatchNorm is refused.
+_TIMM_NORMS = {
+    "BatchNormAct2d": ("batch", "nchw"), "SyncBatchNormAct": ("batch", "nchw"),
+    "GroupNorm": ("group", "nchw"), "GroupNorm1": ("group", "nchw"), "GroupNormAct": ("group", "nchw"),
+    "GroupNorm1Act": ("group", "nchw"),
+    "LayerNorm": ("layer", _CL), "LayerNormFp32": ("layer", _CL), "LayerNormAct": ("layer", _CL),
+    "LayerNormActFp32": ("layer", _CL), "LayerNorm2d": ("layer", "nchw"), "LayerNorm2dFp32": ("layer", "nchw"),
+    "LayerNormExp2d": ("layer", "nchw"), "LayerNormAct2d": ("layer", "nchw"),
+    "LayerNormAct2dFp32": ("layer", "nchw"),
+    "RmsNorm": ("rms", _CL), "RmsNormFp32": ("rms", _CL), "RmsNormAct": ("rms", _CL),
+    "RmsNormActFp32": ("rms", _CL), "RmsNorm2d": ("rms", "nchw"), "RmsNorm2dFp32": ("rms", "nchw"),
+    "RmsNormAct2d": ("rms", "nchw"), "RmsNormAct2dFp32": ("rms", "nchw"),
+    # x / sqrt(var(x) + eps) over C, not centered: no registry kind computes it; its weight is carried
+    "SimpleNorm": ("simple", _CL), "SimpleNormFp32": ("simple", _CL), "SimpleNorm2d": ("simple", "nchw"),
+    "SimpleNorm2dFp32": ("simple", "nchw"),
+}
+_FROZEN = ("it is frozen (statistics and affine are buffers, nothing trains); unfreeze it first "
+           "(timm.layers.unfreeze_batch_norm_2d)")
+# why well-known classes are refused; by name, so that torchvision need not be imported
+_REFUSED = {
+    "SyncBatchNorm": "it takes any rank, so its layout is unknown; replace the norms before "
+                     "nn.SyncBatchNorm.convert_sync_batchnorm",
+    "InstanceNorm1d": "it normalizes (N, C, L) over L, which no zoo.norm layout is",
+    "LazyInstanceNorm1d": "it normalizes (N, C, L) over L, which no zoo.norm layout is",
+    "FrozenBatchNorm2d": _FROZEN, "FrozenBatchNormAct2d": _FROZEN,
+}
+_TORCH_NORM_BASES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+                     nn.LocalResponseNorm, nn.CrossMapLRN2d)
+_WRAPPERS = (ChannelsLastNorm, NormAct)  # left by an earlier replace_norms: convert their `norm`
+_KNOWN: Optional[dict] = None
+
+
+def _known_norms() -> dict:
+    """class -> (family, layout, has act) of every class replace_norms converts (built on first use)."""
+    global _KNOWN
+    if _KNOWN is None:
+        known = dict(_TORCH_NORMS)
+        try:
+            import timm.layers.norm as timm_norm
+            import timm.layers.norm_act as timm_norm_act
+        except ImportError:  # no timm: torch's and zoo's classes only
+            timm_norm = timm_norm_act = None
+        for name, (family, layout) in _TIMM_NORMS.items():
+            for module in (timm_norm_act, timm_norm):
+                cls = getattr(module, name, None)
+                if isinstance(cls, type) and issubclass(cls, nn.Module) and cls not in known:
+                    known[cls] = (family, layout, "Act" in name)
+        _KNOWN = known
+    return _KNOWN
+
+
+def _has_own_state(m: nn.Module) -> bool:
+    return bool(m._parameters) or bool(m._buffers)
+
+
+def _classify(m: nn.Module) -> tuple[str, object]:
+    """("norm", (family, layout, has act)), ("refuse", reason) or ("descend", None) for module m."""
+    if type(m) in _WRAPPERS:
+        return "descend", None
+    name = type(m).__name__
+    if isinstance(m, _TORCH_NORM_BASES) and isinstance(m, nn.modules.lazy.LazyModuleMixin) \
+            and m.has_uninitialized_params():  # becomes e.g. BatchNorm2d at its first forward
+        return "refuse", "it is lazy and not initialized yet (no C); run one forward pass first"
+    known = _known_norms()
+    for cls in type(m).__mro__:
+        if cls in known:
+            # a subclass that overrides forward may compute anything (timm's LayerNorm2d subclasses
+            # nn.LayerNorm but is NCHW): only a subclass that keeps its base's forward is that base
+            if type(m).forward is not cls.forward:
+                return "refuse", f"it subclasses {cls.__name__} with its own forward, so its layout is unknown"
+            shape = getattr(m, "normalized_shape", None)
+            if shape is not None and len(shape) != 1:
+                return "refuse", (f"it normalizes over its last {len(shape)} dims (normalized_shape="
+                                  f"{tuple(shape)}); registry norms normalize over one channel dim")
+            return "norm", known[cls]
+    if name in _REFUSED:
+        return "refuse", _REFUSED[name]
+    # a torch norm, or a leaf named like a norm (own parameters or buffers, or no children): a norm we
+    # do not know. Norm-named containers (ConvNormAct, NormMlpClassifierHead, NormFreeBlock) are walked.
+    if isinstance(m, _TORCH_NORM_BASES) or ("norm" in name.lower() and (_has_own_state(m) or not m._modules)):
+        return "refuse", "replace_norms does not know this normalization class"
+    return "descend", None
+
+
+def _state_holder(m: nn.Module) -> nn.Module:
+    """The module holding a norm's parameters and buffers: m, or its only child while m holds none
+    (BatchNormNLC's `bn`, a wrapper's `norm`)."""
+    while not _has_own_state(m) and len(m._modules) == 1:
+        m = next(iter(m._modules.values()))
+    return m
+
+
+def _own_tensors(m: nn.Module) -> dict[str, Tensor]:
+    return {k: v for d in (m._parameters, m._buffers) for k, v in d.items() if v is not None}
+
+
+def _first_float(m: nn.Module) -> tuple[Optional[torch.device], Optional[torch.dtype]]:
+    for t in (*m.parameters(), *m.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return None, None
+
+
+def _num_features(core: nn.Module) -> int:
+    for attr in ("num_features", "num_channels"):
+        if isinstance(getattr(core, attr, None), int):
+            return getattr(core, attr)
+    return int(core.normalized_shape[0])
+
+
+def _options(core: nn.Module, family: str, kind: str, kwargs: dict, device, dtype) -> dict:
+    """build_norm kwargs: the old norm's eps and affine for any kind that takes them; its momentum,
+    track_running_stats, num_groups and (layer) bias=False only for the same kind; device and dtype;
+    then the caller's kwargs, which win. A factory taking **kwargs gets the caller's kwargs only:
+    what it would make of ours is unknown."""
+    accepted = _accepted_kwargs(_FACTORIES[kind])
+    if accepted is None:
+        return dict(kwargs)
+    carry = {"device": device, "dtype": dtype,
+             "affine": getattr(core, "affine", getattr(core, "elementwise_affine", None)),
+             "eps": getattr(core, "eps", None)}
+    if family == kind:
+        carry.update({k: getattr(core, k) for k in ("momentum", "track_running_stats", "num_groups")
+                      if hasattr(core, k)})
+        if family == "layer" and carry["affine"] and getattr(core, "bias", 0) is None:
+            carry["bias"] = False
+    # None means "unset" except for the same kind's own eps=None (rms: the dtype's machine epsilon)
+    # and momentum=None (batch: cumulative average)
+    keep_none = ("eps", "momentum") if family == kind else ()
+    carry = {k: v for k, v in carry.items() if k in accepted and (v is not None or k in keep_none)}
+    if "affine" in kwargs or "elementwise_affine" in kwargs:  # the caller's choice, under either name
+        carry.pop("affine", None)
+    return {**carry, **kwargs}
+
+
+def _convert(old: nn.Module, spec: tuple, kind: str, kwargs: dict, fallback: tuple) -> nn.Module:
+    """The registry replacement for norm layer `old` (spec: its family, layout and has-act)."""
+    family, layout, has_act = spec
+    core = _state_holder(old) if isinstance(old, BatchNormNLC) else old
+    layout = layout or old.layout
+    device, dtype = _first_float(old)
+    if device is None:  # a norm without parameters: the model's device and dtype
+        device, dtype = fallback
+    new = build_norm(kind, _num_features(core), "nlc" if layout == _CL else layout,
+                     **_options(core, family, kind, kwargs, device, dtype))
+    new.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None and k not in kwargs})
+    src, dst = _own_tensors(_state_holder(core)), _own_tensors(_state_holder(new))
+    with torch.no_grad():  # affine always; running stats (and anything else) only within a kind
+        for name, t in dst.items():
+            s = src.get(name)
+            if s is not None and s.shape == t.shape and (family == kind or name in ("weight", "bias")):
+                t.copy_(s)
+                if isinstance(t, nn.Parameter):
+                    t.requires_grad_(s.requires_grad)
+    if layout == _CL and not isinstance(new, nn.Identity):
+        new = ChannelsLastNorm(new)
+    drop, act = getattr(old, "drop", None), getattr(old, "act", None)
+    if has_act and not all(m is None or isinstance(m, nn.Identity) for m in (drop, act)):
+        new = NormAct(new, drop, act)
+    return new.train(old.training)
+
+
+def replace_norms(model: nn.Module, kind: str, *, skip=(), **kwargs) -> list[tuple[str, str, str]]:
+    """Turn every normalization layer of `model` into `build_norm(kind, C, layout, **kwargs)`, in place.
+
+    Each norm is swapped on its parent (setattr), like nn.SyncBatchNorm.convert_sync_batchnorm, and
+    keeps its number of features C, device, dtype and train/eval mode. Nothing is changed if anything
+    raises: every replacement is built before the first swap.
+
+    Args:
+        model: the network; its norms are replaced, not the model itself.
+        kind: a registered norm kind (NORM_KINDS), e.g. "batch", "group", "none".
+        skip: classes (matched by isinstance) or class names of modules to leave as they are,
+            children included; e.g. skip=(nn.LayerNorm,) converts only the other norms.
+        **kwargs: build_norm options for every new norm (e.g. num_groups=8, eps=1e-6).
+
+    Returns one row per replaced module (a module shared by several parents once), in
+    `model.named_modules()` order: (qualified name, old class name, class name of the new module).
+
+    Layouts, from the old module's class (exact, or a subclass that keeps that class's forward):
+        nchw (N, C, H, W) (3d: (N, C, D, H, W)): nn.BatchNorm2d/3d, nn.InstanceNorm2d/3d,
+            nn.GroupNorm (which takes any (N, C, *), but is used on maps in image models); timm's
+            BatchNormAct2d, SyncBatchNormAct, GroupNorm(1)(Act), LayerNorm2d, LayerNormAct2d,
+            RmsNorm2d, RmsNormAct2d, SimpleNorm2d (and their Fp32 / Exp variants).
+        nc (N, C): nn.BatchNorm1d. Its usual use in image models is on vectors; for one applied to
+            (N, C, L) the new norm raises the registry's shape ValueError at the first forward.
+        channels last, any rank (N, *, C): nn.LayerNorm and nn.RMSNorm over one dim, timm's LayerNorm,
+            LayerNormAct, RmsNorm, RmsNormAct, SimpleNorm. The layout follows the class, never the data
+            (nn.LayerNorm is always channels last, timm's LayerNorm2d always NCHW); the new norm is
+            built "nlc" inside a `ChannelsLastNorm`, which takes (N, C), (N, L, C) and (N, H, W, C).
+        zoo.norm's own modules: their `.layout` (so a converted model converts again).
+    timm's norm+act layers keep their `drop` and `act`: the replacement is `NormAct(norm, drop, act)`
+    (keys `norm.*`, `act.*`), or the bare norm when both are nn.Identity. nn.Identity (a norm slot
+    already "none") is neither replaced nor reported.
+
+    Carried over (`**kwargs` win): eps and affine to any kind that accepts them; momentum,
+    track_running_stats, num_groups and a layer norm's bias=False only when `kind` is the old norm's
+    own kind. A registered factory taking **kwargs gets the caller's kwargs only. Copied: weight and
+    bias whenever the new norm has a parameter of that name and shape (so layer -> rms keeps the
+    weight and drops the bias), with their requires_grad; running statistics and other buffers only
+    within a kind, so batch -> batch computes the same outputs, in eval and in train mode.
+
+    Raises:
+        ValueError naming each module (up to 3 per class) and why, for norms it cannot convert:
+            classes it does not know that are torch norms or norm-named leaves (own parameters or
+            no children; e.g. EvoNorm, FilterResponseNorm, GlobalResponseNorm: pass `skip=` to keep
+            them), nn.SyncBatchNorm, frozen batch norms, nn.InstanceNorm1d, a LayerNorm over several
+            trailing dims, a subclass that overrides its base's forward, an uninitialized lazy norm.
+        ValueError when `model` is itself a norm, has nothing to replace ("model has no
+            normalization layers to replace", listing the recognised classes), or `kind` is unknown.
+        ValueError / TypeError from build_norm, prefixed with the module's name: bad kwargs, or a C
+            and layout the kind refuses (instance on nc, num_groups not dividing C, ...).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"replace_norms: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(kind, str) or kind not in _FACTORIES:
+        raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(_FACTORIES)}")
+    skip = (skip,) if isinstance(skip, (type, str)) else tuple(skip)
+    skip_types = tuple(s for s in skip if isinstance(s, type))
+    skip_names = {s for s in skip if isinstance(s, str)}
+
+    verdict, info = _classify(model)
+    if verdict == "norm":
+        raise ValueError(f"the model is itself a normalization layer ({type(model).__name__}); replace_norms "
+                         "swaps submodules on their parents, so build its replacement with build_norm")
+    problems: dict[tuple[str, str], list[str]] = {}  # (class name, reason) -> qualified names
+    if verdict == "refuse":
+        problems[type(model).__name__, info] = ["(the model itself)"]
+    slots: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, old norm)
+    found: dict[int, tuple[str, nn.Module, tuple]] = {}  # id(old norm) -> (qualified name, old, spec)
+    walked = {id(model)}
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for attr, child in parent._modules.items():
+            if child is None or isinstance(child, skip_types) or type(child).__name__ in skip_names:
+                continue
+            if id(child) in found:  # shared norm: swap it here too, report it once
+                slots.append((parent, attr, child))
+                continue
+            if id(child) in walked:
+                continue
+            verdict, info = _classify(child)
+            if verdict == "norm":
+                found[id(child)] = (prefix + attr, child, info)
+                slots.append((parent, attr, child))
+                continue
+            walked.add(id(child))
+            if verdict == "refuse":
+                problems.setdefault((type(child).__name__, info), []).append(prefix + attr)
+            else:
+                walk(child, prefix + attr + ".")
+
+    if verdict == "descend":
+        walk(model, "")
+    if problems:  # one entry per class and reason, naming up to 3 modules
+        raise ValueError("replace_norms cannot convert " + "; ".join(
+            f"{cls} at {', '.join(names[:3])}{f' (and {len(names) - 3} more)' if len(names) > 3 else ''}: {why}"
+            for (cls, why), names in problems.items())
+            + ". Pass skip=(class or class name, ...) to leave such modules as they are")
+    if not found:
+        names = sorted({c.__name__ for c in _known_norms()})
+        raise ValueError("model has no normalization layers to replace; recognised classes: " + ", ".join(names))
+
+    fallback = _first_float(model)
+    new, rows = {}, []
+    for key, (qual, old, spec) in found.items():  # build everything before swapping anything
+        try:
+            new[key] = _convert(old, spec, kind, kwargs, fallback)
+        except (ValueError, TypeError) as e:
+            raise (TypeError if isinstance(e, TypeError) else ValueError)(
+                f"replace_norms: {qual} ({type(old).__name__}): {e}") from e
+        rows.append((qual, type(old).__name__, type(new[key]).__name__))
+    for parent, attr, old in slots:
+        setattr(parent, attr, new[id(old)])
+    return rows
