@@ -5,18 +5,12 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/unet.yaml
 NAME := $(basename $(notdir $(CONFIG)))
 OUT ?= reports/$(NAME)
-# What `make train` compares, per config; `make train NORMS=a,b` or `SWEEP=key=v1,v2` overrides it.
-SWEEP_unet := model.norm=batch,group,instance,none
-SWEEP_unet_paper := model.norm=batch,group,instance,none
-SWEEP_transformer_lm := model.norm=layer,rms,none
-SWEEP_transformer_seq2seq := model.norm=layer,rms,batch,none
-SWEEP_sketch_rnn := model.norm=none,layer,rms,batch
-SWEEP_mambavision := model.token_norm=layer,rms,batch,none
-SWEEP ?= $(if $(NORMS),model.norm=$(NORMS),$(SWEEP_$(NAME)))
+# What `make train` compares: the config's own `compare.sweep`, unless NORMS=a,b or SWEEP=key=v1,v2.
+SWEEP ?= $(if $(NORMS),model.norm=$(NORMS))
 # torch's CUDA wheels are large: give pip time on slow mirrors.
 PIP := $(BIN)/python -m pip --default-timeout=180
 
-.PHONY: train test setup clean
+.PHONY: train test setup kernels clean
 
 setup: $(VENV)/.installed
 
@@ -36,7 +30,12 @@ $(VENV)/.dev: $(VENV)/.installed
 # The main job: the config trained once per norm (each a full run with its own checkpoints), then
 # the comparison report.
 train: setup
-	$(BIN)/python train.py compare --config $(CONFIG) --sweep $(SWEEP) --out $(OUT)
+	$(BIN)/python train.py compare --config $(CONFIG) $(if $(SWEEP),--sweep $(SWEEP)) --out $(OUT)
+
+# zoo's C++ CPU kernels built now rather than on first use (zoo/cpu_kernels.py), into torch's extension
+# directory (TORCH_EXTENSIONS_DIR), for machines that should not compile at run time.
+kernels: setup
+	$(BIN)/python -c 'import sys, zoo.cpu_kernels as k; sys.exit(k.build_ahead())'
 
 test: $(VENV)/.dev
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests

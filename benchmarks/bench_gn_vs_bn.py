@@ -1,8 +1,10 @@
-"""Wu & He 2018 (Group Normalization), Fig. 1, on the zoo's U-Net: does batch norm degrade as the batch
+"""Wu & He 2018 (Group Normalization), Fig. 1, on a zoo model: does batch norm degrade as the batch
 shrinks while group norm stays flat? One `train.py compare` sweep (norm x batch size x seeds), then a
 plot of the final validation metric against batch size per norm with 95 % CIs over seeds.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_gn_vs_bn.py --out benchmarks/reports/gn_vs_bn --jobs 2
+    OMP_NUM_THREADS=1 python benchmarks/bench_gn_vs_bn.py --model unet --out benchmarks/reports/gn_vs_bn --jobs 2
+    OMP_NUM_THREADS=1 python benchmarks/bench_gn_vs_bn.py --model resnet --steps 300 \
+        --out benchmarks/reports/gn_vs_bn_resnet --jobs 2
 
 Every run takes the same number of optimizer steps at the same learning rate, so a larger batch also
 sees more data; what the figure is about is the gap between the norms at each batch size (paired by
@@ -18,25 +20,31 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# model -> (config, overrides that size it for this sweep, metric plotted)
+MODELS = {
+    "unet": ("unet.yaml", ["--model.base_channels=8", "--model.depth=3", "--data.crop_size=44"], "val/iou_fg"),
+    "resnet": ("resnet.yaml", [], "val/top1"),
+}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="unet")
     p.add_argument("--out", default="benchmarks/reports/gn_vs_bn")
     p.add_argument("--batch-sizes", default="2,4,8,16,32")
     p.add_argument("--seeds", default="3")
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--metric", default="val/iou_fg")
     p.add_argument("--jobs", default="2")
     args = p.parse_args()
     out = Path(args.out)
-    cmd = [sys.executable, str(ROOT / "train.py"), "compare", "--config", str(ROOT / "configs" / "unet.yaml"),
+    config, sizes, metric = MODELS[args.model]
+    cmd = [sys.executable, str(ROOT / "train.py"), "compare", "--config", str(ROOT / "configs" / config),
            "--sweep", "model.norm=batch,group", "--sweep", f"data.batch_size={args.batch_sizes}",
            "--seeds", args.seeds, "--baseline", "model.norm=batch", "--jobs", args.jobs, "--out", str(out),
-           "--model.base_channels=8", "--model.depth=3", "--data.crop_size=44", f"--trainer.max_steps={args.steps}",
+           *sizes, f"--trainer.max_steps={args.steps}",
            f"--trainer.val_check_interval={args.steps // 3}", "--trainer.enable_progress_bar=false"]
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
-    plot(out, args.metric)
+    plot(out, metric)
 
 
 def plot(out: Path, metric: str) -> None:

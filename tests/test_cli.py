@@ -70,7 +70,7 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
 def test_resume_from_last_is_exact(tmp_path):
     # 8 training samples, batch 2: 4 steps an epoch. The same 3-epoch job straight through, and
     # interrupted after 1 epoch then relaunched with --ckpt_path last, must end with identical weights.
-    common = ["--trainer.max_steps=-1", "--trainer.val_check_interval=null", "--model.optimizer=sgd",
+    common = ["--trainer.max_steps=-1", "--trainer.val_check_interval=null", "--model.optimizer=null",
               "--model.scheduler=cosine", "--model.weight_decay=0.01", "--trainer.max_epochs=3"]
     straight = fit(tmp_path / "straight", *common)
     first, resumed = interrupted_then_resumed(tiny_unet_args(tmp_path / "resumed", *common), tmp_path / "resumed")
@@ -78,6 +78,10 @@ def test_resume_from_last_is_exact(tmp_path):
     assert first["optimizer_states"][0]["state"] and first["lr_schedulers"][0]["last_epoch"] == 4
     assert resumed.trainer.global_step == straight.trainer.global_step == 12
     assert_same_weights(straight.model, resumed.model)
+    # the interrupted segment's peak memory travels in the checkpoint: the summary's peak covers both
+    first_peak = first["callbacks"]["RunSummary"]["peak_memory_mb"]
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert first_peak > 0 and summary["peak_memory_mb"] >= first_peak
 
 
 def test_model_and_data_overrides_and_print_config(tmp_path):

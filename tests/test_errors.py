@@ -48,6 +48,8 @@ def test_bad_norm_is_one_line_from_the_command_line(tmp_path):
     (["--model.nrm=3"], "Option 'nrm' is not accepted"),
     (["--trainer.max_steps=abc"], "error: --trainer.max_steps: Expected a <class 'int'>. Got value: abc"),
     (["--data.crop_size=-3"], "error: crop_size=-3 must be >= 1"),
+    (["--model.optimizer=torch.optim.Nope"], "error: --model.optimizer: Type typing.Callable"),
+    (["--model.optimizer=torch.optim.Nope"], "module 'torch.optim' has no attribute 'Nope'. Got value: torch.optim.Nope"),
 ])
 def test_bad_arguments_name_the_value(tmp_path, capsys, extra, message):
     code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, *extra))

@@ -14,7 +14,8 @@ from zoo.models.mambavision import MambaVision, attention_blocks, load_official_
 
 # Parameter counts of the paper / issue (millions, one decimal as printed).
 PAPER_PARAMS = {"mambavision_t": 31.8, "mambavision_t2": 35.1, "mambavision_s": 50.1, "mambavision_b": 97.7,
-                "mambavision_l": 227.9, "mambavision_l2": 241.5, "mambavision_l3": 739.6}
+                "mambavision_l": 227.9, "mambavision_l2": 241.5, "mambavision_l3": 739.6,
+                "mambavision_l2_512": 241.5, "mambavision_l3_512": 739.6}  # the 512 px weights' windows
 TINY = dict(dim=16, in_dim=8, depths=(1, 2, 3, 2), num_heads=(1, 2, 2, 4), window_size=(8, 8, 4, 2),
             drop_path_rate=0.0)
 
@@ -237,7 +238,7 @@ def test_load_official_checkpoint_layout(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}, path)
     dst = tiny(num_classes=10)
     report = load_official_checkpoint(dst, path)
-    assert report == {"missing": [], "unexpected": [], "head_reinitialised": False}
+    assert report == {"missing": [], "unexpected": [], "mismatched": [], "head_reinitialised": False}
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(dst(x), src(x))
     # another number of classes: the head is re-initialised, everything else loads
@@ -249,7 +250,7 @@ def test_load_official_checkpoint_layout(tmp_path):
     assert (other.head.bias == 0).all() and 0 < other.head.weight.std() < 0.03  # the model's head init
     torch.testing.assert_close(other.levels[2].blocks[0].mixer.A_log, src.levels[2].blocks[0].mixer.A_log)
     # a model with other norms: missing/unexpected keys are reported, and refused with strict=True
-    with pytest.warns(UserWarning, match="missing keys"):
+    with pytest.warns(UserWarning, match="unexpected keys"):
         report = load_official_checkpoint(tiny(token_norm="rms"), path)
     assert report["unexpected"] and any(k.endswith("norm1.bias") for k in report["unexpected"])
     with pytest.raises(RuntimeError, match="unexpected"):
@@ -299,9 +300,9 @@ def test_model_under_bf16_autocast_scans_in_float32(monkeypatch, scan_path):
         ref = model(x)
     dtypes = []
     if scan_path == "cpp":  # the whole scan is one C++ call: its tensor inputs
-        apply = ssm._SelectiveScanCpp.apply
-        monkeypatch.setattr(ssm._SelectiveScanCpp, "apply", lambda *a: dtypes.append(
-            {t.dtype for t in a if isinstance(t, torch.Tensor)}) or apply(*a))
+        cpp = ssm._selective_scan_cpp
+        monkeypatch.setattr(ssm, "_selective_scan_cpp", lambda *a: dtypes.append(
+            {t.dtype for t in a if isinstance(t, torch.Tensor)}) or cpp(*a))
     else:  # the recurrence of the pure-PyTorch path
         scan = ssm._scan
         monkeypatch.setattr(ssm, "_scan", lambda a, b, **kw: dtypes.append({a.dtype, b.dtype}) or scan(a, b, **kw))

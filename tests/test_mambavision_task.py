@@ -17,7 +17,8 @@ from zoo.optim import param_groups
 from zoo.tasks.classification import ImageClassification
 from tests.conftest import ROOT
 
-TINY_NET = dict(dim=8, in_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2], window_size=[8, 8, 2, 1])
+TINY_NET = dict(model_name="mambavision_t", model_kwargs=dict(dim=8, in_dim=8, depths=[1, 1, 2, 1],
+                                                              num_heads=[1, 1, 2, 2], window_size=[8, 8, 2, 1]))
 
 
 def tiny_args(root_dir, *extra: str) -> list[str]:
@@ -27,8 +28,9 @@ def tiny_args(root_dir, *extra: str) -> list[str]:
         f"--trainer.default_root_dir={root_dir}",
         "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
-        "--model.dim=8", "--model.in_dim=8", "--model.depths=[1, 1, 2, 1]", "--model.num_heads=[1, 1, 2, 2]",
-        "--model.window_size=[8, 8, 2, 1]", "--model.sample_images=4",
+        "--model.model_kwargs.dim=8", "--model.model_kwargs.in_dim=8", "--model.model_kwargs.depths=[1, 1, 2, 1]",
+        "--model.model_kwargs.num_heads=[1, 1, 2, 2]", "--model.model_kwargs.window_size=[8, 8, 2, 1]",
+        "--model.sample_images=4",
         "--data.image_size=32", "--data.num_train=16", "--data.num_val=8", "--data.batch_size=4",
         *extra,
     ]
@@ -105,15 +107,15 @@ def test_image_folder_datamodule(tmp_path):
 
 def test_norm_shorthand_and_weight_decay_groups():
     model = ImageClassification(num_classes=4, norm="group", **TINY_NET)
-    assert model.hparams.conv_norm == model.hparams.token_norm == "group"
-    assert isinstance(model.net.levels[2].blocks[0].norm1, torch.nn.GroupNorm)
+    assert isinstance(model.net.levels[2].blocks[0].norm1, torch.nn.GroupNorm)  # token norm
+    assert isinstance(model.net.norm, torch.nn.GroupNorm)  # conv norm
     decay, no_decay = param_groups(model, 0.05)
     ids = {id(p) for p in no_decay["params"]}
     mixer = model.net.levels[2].blocks[0].mixer
     assert id(mixer.A_log) in ids and id(mixer.D) in ids and id(mixer.dt_proj.bias) in ids
     assert id(mixer.in_proj.weight) not in ids and id(model.net.head.weight) not in ids
     with pytest.raises(ValueError, match="mambavision_x"):
-        ImageClassification(variant="mambavision_x")
+        ImageClassification(model_name="mambavision_x")
 
 
 def test_fit_load_and_predict_csv(tmp_path):
@@ -128,6 +130,7 @@ def test_fit_load_and_predict_csv(tmp_path):
     raw = torch.load(ckpt, weights_only=True)
     hp = raw["hyper_parameters"]
     assert hp["token_norm"] == "rms" and hp["conv_norm"] == "batch" and hp["num_classes"] == 8
+    assert hp["model_kwargs"]["dim"] == 8 and hp["model_kwargs"]["drop_path_rate"] == 0.05  # merged with the config's
     assert raw["class_names"] == shape_class_names(8)
     model = zoo.load(ckpt)
     assert isinstance(model, ImageClassification) and model.class_names == shape_class_names(8)

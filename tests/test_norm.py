@@ -291,6 +291,7 @@ def test_compile_fullgraph_and_script(kind):
 def registry(monkeypatch):
     """A scratch copy of the registry, restored after the test."""
     monkeypatch.setattr(norm, "_FACTORIES", dict(norm._FACTORIES))
+    monkeypatch.setattr(norm, "_SPECS", dict(norm._SPECS))
 
 
 class Scale(nn.Module):

@@ -7,11 +7,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, LayerNorm2d, RmsNorm, RmsNorm2d
+from timm.layers import BatchNormAct2d, RmsNorm, RmsNorm2d
 from torch import nn
 
 from zoo.models.mambavision import MambaVision
-from zoo.norm import (BatchNormNLC, ChannelsLastNorm, NormAct, build_norm, default_num_groups,
+from zoo.norm import (BatchNormNLC, ChannelsLastNorm, build_norm, default_num_groups,
                       replace_norms)
 
 KINDS = ("batch", "layer", "instance", "group", "rms", "none")

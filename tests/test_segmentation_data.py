@@ -222,6 +222,13 @@ def test_folder_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="cannot read image file .*img0.png"):
         read_split(root / "train", 2)
 
+    root = fresh("stack")  # a 3-page TIFF: its first page alone would pass for the image
+    pages = [Image.fromarray(np.full((40, 44), v, np.uint8)) for v in (10, 20, 30)]
+    (root / "train" / "images" / "img0.png").unlink()
+    pages[0].save(root / "train" / "images" / "img0.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(ValueError, match=r"image file .*img0.tif holds 3 pages \(a stack\); save one file per page"):
+        read_split(root / "train", 2)
+
     root = fresh("value")
     write(root / "train" / "masks" / "img1.png", np.full((36, 50), 5, np.uint8))
     with pytest.raises(ValueError, match="img1.png.* 5"):

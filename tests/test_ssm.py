@@ -79,11 +79,11 @@ def path_calls(monkeypatch):
     """Counts the calls of the fast path's two implementations: the C++ kernel and the blocked
     pure-PyTorch scan, so that a test can assert which one it exercised."""
     calls = {"cpp": 0, "torch": 0}
-    for key, fn in (("cpp", ssm._SelectiveScanCpp), ("torch", ssm._SelectiveScanFn)):
-        def counted(*args, _key=key, _apply=fn.apply):
+    for key, owner, name in (("cpp", ssm, "_selective_scan_cpp"), ("torch", ssm._SelectiveScanFn, "apply")):
+        def counted(*args, _key=key, _fn=getattr(owner, name)):
             calls[_key] += 1
-            return _apply(*args)
-        monkeypatch.setattr(fn, "apply", counted)
+            return _fn(*args)
+        monkeypatch.setattr(owner, name, counted)
     return calls
 
 

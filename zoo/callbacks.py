@@ -65,17 +65,19 @@ class RunSummary(Callback):
 
     Peak memory: on CUDA, `torch.cuda.max_memory_allocated`; on CPU, the peak resident set size
     sampled during training minus the resident size at fit start (the training working set), plus
-    the process's lifetime peak `ru_maxrss`.
+    the process's lifetime peak `ru_maxrss`. A resumed run reports the peak over all its segments (each
+    checkpoint carries the peak so far); throughput and wall time are its last segment's.
     """
 
     def __init__(self, dirpath: str | Path):
         self.path = Path(dirpath) / SUMMARY_FILE
         self.error: str | None = None
+        self.earlier_peak_mb: float | None = None  # from the checkpoint a resumed run started from
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.t0 = time.perf_counter()
         self.samples, self.train_time, self.last = 0, 0.0, None
-        self.cuda = pl_module.device.type == "cuda"
+        self.cuda, self.device = pl_module.device.type == "cuda", pl_module.device
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         self.rss0 = _current_rss_bytes()
@@ -105,14 +107,32 @@ class RunSummary(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module)
 
+    def _peak_mb(self) -> float | None:
+        """The peak so far over this segment and the ones before it (None: not measured)."""
+        if getattr(self, "cuda", False):
+            now = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif getattr(self, "sampler", None) is not None:
+            now = (max(self.sampler.peak, _current_rss_bytes() or 0) - self.rss0) / 2**20
+        else:
+            now = None
+        known = [m for m in (now, self.earlier_peak_mb) if m is not None]
+        return max(known) if known else None
+
+    def state_dict(self) -> dict:
+        return {"peak_memory_mb": self._peak_mb()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.earlier_peak_mb = state_dict.get("peak_memory_mb")
+
     def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_rank != 0:
             return
         mem = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        if self.cuda:
-            mem["peak_memory_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
-        elif self.sampler is not None:
-            mem["peak_memory_mb"] = (self.sampler.stop() - self.rss0) / 2**20
+        peak = self._peak_mb()
+        if peak is not None:
+            mem["peak_memory_mb"] = peak
+        if self.sampler is not None:
+            self.sampler.stop()
             self.sampler = None
         summary = {
             "status": "failed" if self.error else "ok",

@@ -4,6 +4,9 @@ A zoo checkpoint is a Lightning checkpoint whose `hyper_parameters` are plain da
 `checkpoint["zoo"] = {"task": "<module>.<Class>", "format": 1}` (written by `ZooModule`). Everything
 inference needs (weights, fitted input scaler, vocabularies) lives in the state dict or in plain data.
 
+`load` also reads the inference-only folders `train.py export` writes (safetensors + JSON, locally
+or `hf-hub:ORG/NAME`; `zoo.export`).
+
 The task name is looked up among registered task classes only (every `ZooModule` subclass registers
 itself when defined; zoo's own task modules are imported here), so a file cannot make zoo import a
 module or call anything else with its hyper-parameters.
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 FORMAT = 1
+HUB_PREFIX = "hf-hub:"  # `load("hf-hub:ORG/NAME")`: an export folder on the Hugging Face Hub
 
 # "<module>.<qualname>" -> class, of every ZooModule subclass defined so far (`register_task`).
 _TASKS: dict[str, type] = {}
@@ -89,23 +93,47 @@ def task_class(ckpt: dict, path: str | Path = "<checkpoint>") -> type:
     return _TASKS[name]
 
 
-def load(path: str | Path, expected: type | None = None, map_location="cpu", strict: bool = True):
-    """Loads a zoo checkpoint: returns its LightningModule in eval mode, with its hyper-parameters,
-    fitted input scaler and weights.
+def inference_hparams(ckpt: dict) -> dict:
+    """The task's constructor arguments from a checkpoint. An injected optimizer / scheduler is saved as
+    its config (class path and init_args): inference needs neither, and a class path read from a file
+    is never imported."""
+    return {k: v for k, v in ckpt.get("hyper_parameters", {}).items()
+            if not k.startswith("_") and k not in ("optimizer", "lr_scheduler")}
 
-    Args:
-        path: a `.ckpt` written by `train.py fit` (e.g. `runs/unet/checkpoints/last.ckpt`).
-        expected: a task class; a checkpoint of another model kind is refused with CheckpointError.
-    """
-    ckpt = read(path, map_location)
-    cls = task_class(ckpt, path)
+
+def check_expected(cls: type, expected: type | None, path: str | Path) -> None:
+    """Refuses a model of another kind than `expected` (None: any task)."""
     if expected is not None and not issubclass(cls, expected):
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds a {cls.__module__}.{cls.__qualname__} model, "
             f"not a {expected.__module__}.{expected.__qualname__}"
         )
-    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    model = cls(**hparams)
+
+
+def load(path: str | Path, expected: type | None = None, map_location="cpu", strict: bool = True):
+    """Loads a zoo model for inference: returns its LightningModule in eval mode, with its
+    hyper-parameters, fitted input scaler and weights.
+
+    Args:
+        path: a `.ckpt` written by `train.py fit` (e.g. `runs/unet/checkpoints/last.ckpt`), a folder
+            written by `train.py export`, or `hf-hub:ORG/NAME[@REVISION]`, such a folder on the
+            Hugging Face Hub (`zoo.export`).
+        expected: a task class; a model of another kind is refused with CheckpointError.
+        map_location: where a `.ckpt`'s tensors are read to (folders are read to the CPU); the model
+            is built on the CPU either way.
+    """
+    if str(path).startswith(HUB_PREFIX) or Path(path).is_dir():
+        from zoo import export  # imported here: it imports this module
+
+        return export.load(path, expected=expected, strict=strict)
+    return build(read(path, map_location), path, expected, strict)
+
+
+def build(ckpt: dict, path: str | Path, expected: type | None = None, strict: bool = True):
+    """The eval-mode model of a checkpoint that `read` returned (`path`: for messages)."""
+    cls = task_class(ckpt, path)
+    check_expected(cls, expected, path)
+    model = cls(**inference_hparams(ckpt))
     model.on_load_checkpoint(ckpt)
     model.load_state_dict(ckpt["state_dict"], strict=strict)
     return model.eval()

@@ -1,14 +1,16 @@
-"""The single entry point: `train.py {fit,validate,test,predict,compare}`.
+"""The single entry point: `train.py {fit,validate,test,predict,compare,export}`.
 
 `fit`/`validate`/`test`/`predict` are Lightning's own (LightningCLI); the model and data are chosen by
 the config (`model.class_path`, `data.class_path`), and every argument can be overridden from the
-command line (`--model.norm group`). `compare` lives in `zoo.compare`.
+command line (`--model.norm group`). `compare` lives in `zoo.compare`, `export` in `zoo.export`.
 
 Bad input ends in one line, `error: <what is wrong>`, and exit status 2 (1 for a failure while
 running); `ZOO_DEBUG=1` shows the traceback instead.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import netrc
 import os
 import re
@@ -75,7 +77,8 @@ class ZooCLI(LightningCLI):
             auto_configure_optimizers=False,
             # parse errors raise (main prints them as one line) instead of printing usage and exiting
             parser_kwargs={"description": "zoo: train.py {fit,validate,test,predict} as LightningCLI; "
-                           "`train.py compare --help` runs one config over several norms.",
+                           "`train.py compare --help` runs one config over several norms; "
+                           "`train.py export --help` writes an inference-only folder.",
                            "exit_on_error": False},
             args=args,
             run=run,
@@ -91,10 +94,19 @@ class ZooCLI(LightningCLI):
             "--wandb.mode", type=Optional[Literal["online", "offline", "disabled"]], default=None,
             help="default: WANDB_MODE, else online if an API key is configured, else offline",
         )
+        # The config's own default sweep, so `train.py compare --config X` (and `make train CONFIG=X`)
+        # need no per-config list elsewhere; `fit` reads and ignores it.
+        parser.add_argument("--compare.sweep", type=list[str], default=[],
+                            help="default sweep of `train.py compare` for this config: KEY=V1,V2 items")
         parser.add_argument(
             "--predict_out", type=Optional[str], default=None,
             help="where `predict` writes its outputs (default: <default_root_dir>/predictions)",
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        stage = self.config.get("subcommand")
+        link_data_to_model(self.config[stage] if stage else self.config)
 
     def _loggers(self, cfg, root: Path, model, stage: str) -> list:
         loggers = [CSVLogger(save_dir=str(root), name="csv")]
@@ -204,6 +216,30 @@ class ZooCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+# Values a model and its data must agree on: the data's is the one source, and the model's follows
+# it, as with LightningCLI's `link_arguments`. We do not use jsonargparse's links: inside subclass
+# init_args they silently replace a value set on the model, and a disagreement must be refused.
+LINKED = ("num_classes", "block_size", "max_seq_len")
+
+
+def link_data_to_model(cfg) -> None:
+    """Sets model.<key> = data.<key> for each LINKED key both classes take; a model value set away from
+    its default and different from the data's is refused, naming both."""
+    model, data = cfg.get("model"), cfg.get("data")
+    if not (model and data and model.get("init_args") and data.get("init_args")):
+        return
+    module, _, name = model["class_path"].rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    for key in LINKED:
+        if key not in model["init_args"] or key not in data["init_args"]:
+            continue
+        given, wanted = model["init_args"][key], data["init_args"][key]
+        if given != wanted and key in params and given != params[key].default:
+            raise ValueError(f"model.{key}={given} and data.{key}={wanted} disagree; set data.{key} only "
+                             f"(model.{key} follows it)")
+        model["init_args"][key] = wanted
+
+
 def _plain(value):
     """Config values compared as plain data (tuples and lists alike)."""
     if isinstance(value, (list, tuple)):
@@ -222,12 +258,20 @@ def error_line(exc: BaseException) -> str:
     """One line for an exception: jsonargparse wraps errors raised while building the model or data
     (`Does not validate against any of the Union subtypes ... Given value: Namespace(...)`); the
     message is the error it wraps, after the option it concerns (`--data: ...`)."""
-    key = None
+    keys = []  # the options it is nested in: --model, then --optimizer inside it
     while exc.__cause__ is not None and _raised_in(exc, "jsonargparse") and "Union subtypes" in str(exc):
-        key = (re.match(r'Parser key "([^"]+)":', str(exc)) or [None, key])[1]
+        found = re.match(r'Parser key "([^"]+)":', str(exc))
+        if found and found[1] not in keys:
+            keys.append(found[1])
         exc = exc.__cause__
-    message = re.sub(r'^Parser key "([^"]+)":', r"--\1:", " ".join(str(exc).split())) or type(exc).__name__
-    if key and not message.startswith("--"):
+    message = " ".join(str(exc).split())
+    own = re.match(r'Parser key "([^"]+)":', message)
+    if own:
+        keys += [own[1]] if own[1] not in keys else []
+        message = message[own.end():].strip()
+    message = message or type(exc).__name__
+    key = ".".join(keys)
+    if key:
         message = f"--{key}: {message}"
     if type(exc) is KeyError and len(exc.args) == 1:  # str(KeyError('x')) is just "'x'"
         message = f"missing key {exc.args[0]!r}"
@@ -243,14 +287,48 @@ def _raised_in(exc: BaseException, package: str) -> bool:
     return tb is not None and f"{os.sep}{package}{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def bundled_config(value: str) -> str:
+    """`--config unet` means the config shipped with zoo (zoo/configs/unet.yaml), so zoo works outside a
+    clone; a path (anything with a suffix or a directory part) is left as it is."""
+    if Path(value).suffix or Path(value).name != value or Path(value).exists():
+        return value
+    path = BUNDLED_CONFIGS / f"{value}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.yaml")))
+        raise ValueError(f"--config {value!r}: no such file, and not a bundled config ({names})")
+    return str(path)
+
+
+def with_bundled_configs(args: list[str]) -> list[str]:
+    """`args` with every `--config NAME` / `-c NAME` / `--config=NAME` naming a bundled config resolved."""
+    out = list(args)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            out[i] = "--config=" + bundled_config(a.split("=", 1)[1])
+        elif a in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = bundled_config(out[i + 1])
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
+    """`train.py` and the `zoo` console script: `zoo fit --config unet ...`."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
+        args = with_bundled_configs(args)
+        if argv is None:  # LightningCLI reads sys.argv itself (given args, it warns that both are set)
+            sys.argv[1:] = args
         if args and args[0] == "compare":
             from zoo.compare import main as compare
 
             sys.exit(compare(args[1:]))
-        ZooCLI(args=argv)  # None: LightningCLI reads the command line itself
+        if args and args[0] == "export":
+            from zoo.export import main as export
+
+            sys.exit(export(args[1:]))
+        ZooCLI(args=None if argv is None else args)
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as e:

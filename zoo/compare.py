@@ -83,8 +83,22 @@ def parse_sweeps(norms: str | None, sweeps: list[str]) -> dict[str, list[str]]:
             raise ValueError(f"{key!r} is swept twice (by --norms and --sweep, or two --sweep)")
         out[key] = vals
     if not out:
-        raise ValueError("nothing to compare; give --norms a,b,... or --sweep KEY=v1,v2")
+        raise ValueError("nothing to compare; give --norms a,b,... or --sweep KEY=v1,v2, or set compare.sweep "
+                         "in the config")
     return out
+
+
+def parse_metrics(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    """`--metric val/L_R:min` (repeatable) -> (("val/L_R", "min"), ...): which way is better is stated,
+    not guessed from the name."""
+    out = []
+    for spec in specs:
+        name, _, mode = spec.rpartition(":")
+        if not name or mode not in ("min", "max"):
+            raise ValueError(f"--metric {spec!r}: expected NAME:min or NAME:max (which way is better), "
+                             "e.g. val/L_R:min")
+        out.append((name, mode))
+    return tuple(out)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -141,10 +155,12 @@ def plan_runs(sweeps: dict[str, list[str]], out: Path, seeds: list[int] | None =
 # ------------------------------------------------------------------------------------------------
 # checks before the first run
 
-def check_arguments(configs: list[str], overrides: list[str], sweeps: dict[str, list[str]]) -> tuple[str, str]:
+def check_arguments(configs: list[str], overrides: list[str], norms: str | None,
+                    sweep_specs: list[str]) -> tuple[dict[str, list[str]], str, str]:
     """Parses the configs and overrides once, as every run will, without building anything: an option
-    no run accepts or a sweep key that names no argument fails here, before any run starts. Returns
-    the monitored metric and its mode (`ZooModule.monitor` of the configured task)."""
+    no run accepts or a sweep key that names no argument fails here, before any run starts. Without
+    `--norms` / `--sweep`, the sweep is the config's own `compare.sweep`. Returns the sweeps and the
+    monitored metric and its mode (`ZooModule.monitor` of the configured task)."""
     from jsonargparse import Namespace
 
     from zoo.cli import ZooCLI
@@ -166,6 +182,7 @@ def check_arguments(configs: list[str], overrides: list[str], sweeps: dict[str, 
     with warnings.catch_warnings():  # LightningCLI warns when given args while sys.argv holds compare's own
         warnings.simplefilter("ignore")
         cfg = ParseOnly(args=args).config["fit"]
+    sweeps = parse_sweeps(norms, sweep_specs if norms or sweep_specs else cfg["compare"]["sweep"])
     keys = set()
     for key, value in cfg.items(branches=True) if hasattr(cfg, "items") else []:
         keys.add(key.replace(".init_args.", "."))
@@ -178,7 +195,7 @@ def check_arguments(configs: list[str], overrides: list[str], sweeps: dict[str, 
         raise ValueError(f"--sweep {k}: no such argument" + (f"; closest: {', '.join(close)}" if close else "")
                          + " (`train.py fit --config ... --print_config` lists every argument)")
     task = _import(cfg["model"]["class_path"])
-    return getattr(task, "monitor", ("val/loss", "min"))
+    return (sweeps, *getattr(task, "monitor", ("val/loss", "min")))
 
 
 def _import(class_path: str):
@@ -446,8 +463,10 @@ def rows_for_stats(runs: list[Run], metric: str, mode: str) -> list[dict]:
     return rows
 
 
-def statistics(runs: list[Run], metric: str, mode: str, baseline: dict[str, str], alpha: float) -> dict:
-    """Aggregates per point and metric, and paired differences to each point's baseline."""
+def statistics(runs: list[Run], metric: str, mode: str, baseline: dict[str, str], alpha: float,
+               also: tuple[tuple[str, str], ...] = ()) -> dict:
+    """Aggregates per point and metric, and paired differences to each point's baseline on the
+    monitored metric and on each (metric, mode) of `also`."""
     from zoo import stats
 
     finished = [r for r in runs if r.status in ("ok", "failed")]
@@ -463,7 +482,9 @@ def statistics(runs: list[Run], metric: str, mode: str, baseline: dict[str, str]
         group = [row for row in rows if row["point"] in (point, base_point)]
         if {row["point"] for row in group} != {point, base_point}:
             continue  # a side with no finished run yet (a report written mid-sweep)
-        paired += [p for p in stats.paired(group, metric, base_point, mode=mode, alpha=alpha) if p["point"] == point]
+        for name, direction in ((metric, mode), *also):
+            paired += [p for p in stats.paired(group, name, base_point, mode=direction, alpha=alpha)
+                       if p["point"] == point]
     return {"aggregate": aggregate, "paired": paired, "verdicts": stats.verdicts(paired)}
 
 
@@ -600,12 +621,12 @@ def dashboard_data(runs: list[Run], out: Path, title: str, description: str, met
 
 def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list[str], sweeps: dict,
                  metric: str = "val/loss", mode: str = "min", baseline: dict | None = None, alpha: float = 0.05,
-                 final: bool = True) -> Path:
+                 also: tuple[tuple[str, str], ...] = (), final: bool = True) -> Path:
     """results.json and the dashboard report.html; with `final`, also report.md with static plots."""
     from zoo.dashboard import write_dashboard
 
     baseline = baseline or parse_baseline(None, sweeps)
-    st = statistics(runs, metric, mode, baseline, alpha)
+    st = statistics(runs, metric, mode, baseline, alpha, also)
     device = next((r.summary.get("device") for r in runs if r.summary.get("device")), "unknown")
     seeds = sorted({r.seed for r in runs if r.seed is not None})
     sweep_text = "; ".join(f"{k} ∈ {{{', '.join(v)}}}" for k, v in sweeps.items())
@@ -674,12 +695,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", action="append", required=True, help="config file (repeatable, as for fit)")
     p.add_argument("--norms", help="comma-separated norm kinds: shorthand for --sweep model.norm=a,b,c")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                   help="sweep any argument (repeatable; sweeps are crossed), e.g. data.batch_size=1,2,8")
+                   help="sweep any argument (repeatable; sweeps are crossed), e.g. data.batch_size=1,2,8 "
+                   "(default: the config's compare.sweep)")
     p.add_argument("--seeds", help="N (seeds 0..N-1) or a list 0,1,2: every sweep point once per seed "
                    "(default: once, with the config's seed)")
     p.add_argument("--baseline", help="KEY=VALUE each point is compared with, seed by seed "
                    "(default: the first value of the first swept key)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired tests")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME:min|max",
+                   help="also test this metric's final value seed by seed (repeatable; the task's monitored "
+                   "metric always is), e.g. val/L_R:min")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine (CPU cores are split)")
     p.add_argument("--devices-per-run", type=int, default=1, help="GPUs per run (CUDA_VISIBLE_DEVICES)")
@@ -697,8 +722,9 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.max_retries < 0 or not 0 < args.alpha < 1:
         raise ValueError(f"--max-retries must be >= 0 and --alpha in (0, 1); got {args.max_retries}, {args.alpha}")
-    sweeps = parse_sweeps(args.norms, args.sweep)
+    sweeps, metric, mode = check_arguments(args.config, overrides, args.norms, args.sweep)
     seeds = parse_seeds(args.seeds)
+    also = parse_metrics(args.metric)
     baseline = parse_baseline(args.baseline, sweeps)
     if args.norms:
         from zoo.norm import NORM_KINDS
@@ -709,7 +735,6 @@ def main(argv: list[str]) -> int:
                              "yourself: use --sweep model.norm=... and import it from your config's module)")
     for key, values in sweeps.items():
         warn_unregistered_norms(key, values)
-    metric, mode = check_arguments(args.config, overrides, sweeps)
     out = Path(args.out)
     prepare_out(out, args.config, overrides, args.fresh)
 
@@ -724,7 +749,7 @@ def main(argv: list[str]) -> int:
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(threads),
            **{k: os.environ[k] for k in ("WANDB_MODE", "ZOO_CPU_KERNELS", "PYTHONPATH") if k in os.environ}}
     specs = [run_spec(r, args.config, overrides, group, env) for r in todo]
-    report_kw = dict(metric=metric, mode=mode, baseline=baseline, alpha=args.alpha)
+    report_kw = dict(metric=metric, mode=mode, baseline=baseline, alpha=args.alpha, also=also)
 
     def on_done(run: Run, result: dict) -> None:
         run.summary, run.retries = result["summary"], result["retries"]

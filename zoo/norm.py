@@ -35,7 +35,22 @@ A norm that would normalize a single value (batch norm on (1, C) in training, gr
 channel per group on nc, ...) raises a ValueError saying so instead of torch's cryptic error or a
 silently constant output.
 
-Register your own with `register_norm(name, factory)`; `NORM_KINDS` follows registrations.
+Declarations (`norm_spec(kind) -> NormSpec`): every kind states which layouts it builds, whether its
+statistics pool over positions (H, W / L) and over the batch, and whether it can run per step inside a
+recurrent cell. Models accept or refuse a kind from these (`check_norm`), never from its class:
+
+    kind      layouts         pools positions  pools batch  recurrent
+    batch     nchw, nlc, nc   yes              yes          yes (Sketch-RNN's recurrent batch norm)
+    layer     nchw, nlc, nc   no               no           yes
+    instance  nchw, nlc       yes              no           no
+    group     nchw, nlc, nc   yes              no           no
+    rms       nchw, nlc, nc   no               no           yes
+    none      nchw, nlc, nc   no               no           yes
+
+Register your own with `register_norm(name, factory, layouts=..., pools_positions=..., pools_batch=...,
+recurrent=...)`; `NORM_KINDS` follows registrations. Undeclared properties take the safe side: a norm
+is assumed to pool over positions and the batch and not to run in a recurrent cell, so causal and
+recurrent models refuse it until you declare otherwise. Built-in kinds cannot be replaced.
 
 Norm surgery: `replace_norms(model, kind, **kwargs)` turns every norm layer of an existing network
 (torch's, timm's, zoo's) into `kind`, in place, and returns (name, old class, new class) rows. The
@@ -46,6 +61,7 @@ eps and affine carry over, affine weight and bias are copied, running stats too 
 """
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
@@ -58,7 +74,8 @@ except ImportError:  # older timm
     def _rms_norm2d(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor], eps: float) -> Tensor:
         return F.rms_norm(x.movedim(1, -1), normalized_shape, weight, eps).movedim(-1, 1)
 
-__all__ = ["build_norm", "register_norm", "norm_kinds", "NORM_KINDS", "LAYOUTS", "default_num_groups",
+__all__ = ["build_norm", "register_norm", "unregister_norm", "norm_kinds", "NORM_KINDS", "LAYOUTS", "NormSpec",
+           "norm_spec", "accepted_kinds", "check_norm", "default_num_groups",
            "BatchNormNCHW", "BatchNormNC", "BatchNormNLC", "LayerNorm", "InstanceNorm", "GroupNorm",
            "RmsNorm", "replace_norms", "NormAct", "ChannelsLastNorm"]
 
@@ -320,9 +337,51 @@ def _none(num_features, layout):
 # ---------------------------------------------------------------------------------------------------
 # registry
 
+@dataclass(frozen=True)
+class NormSpec:
+    """What a norm kind declares about itself; models accept or refuse the kind from it.
+
+    layouts: the layouts its factory builds ("nchw", "nlc", "nc"; a str is one layout).
+    pools_positions: in training, its statistics for one position mix other positions of the sample
+        (L of nlc, H and W of nchw): instance, group, batch. Per-position norms (layer, rms) do not.
+    pools_batch: in training, its statistics for one sample mix other samples of the batch: batch.
+    recurrent: it can normalize the (N, C) rows of one time step inside a recurrent cell, called once
+        per step (so it needs "nc"). A per-row norm (neither pool) declaring it runs in Sketch-RNN's
+        plain-PyTorch cell; the built-in kinds have their own fused cells.
+    """
+
+    layouts: tuple[str, ...] = LAYOUTS
+    pools_positions: bool = True
+    pools_batch: bool = True
+    recurrent: bool = False
+
+    def __post_init__(self):
+        layouts = (self.layouts,) if isinstance(self.layouts, str) else tuple(self.layouts)
+        if not layouts or any(layout not in LAYOUTS for layout in layouts):
+            raise ValueError(f"NormSpec: layouts must be a non-empty subset of {LAYOUTS}, got {self.layouts!r}")
+        object.__setattr__(self, "layouts", tuple(layout for layout in LAYOUTS if layout in layouts))
+        for name in ("pools_positions", "pools_batch", "recurrent"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"NormSpec: {name} must be a bool, got {getattr(self, name)!r}")
+        if self.recurrent and "nc" not in self.layouts:
+            raise ValueError("NormSpec: recurrent=True needs layout 'nc' (a cell normalizes (N, C) rows)")
+
+
+_PER_ROW = NormSpec(pools_positions=False, pools_batch=False, recurrent=True)
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "batch": _batch, "layer": _layer, "instance": _instance, "group": _group, "rms": _rms, "none": _none,
 }
+_SPECS: dict[str, NormSpec] = {
+    "batch": NormSpec(recurrent=True), "layer": _PER_ROW,
+    "instance": NormSpec(("nchw", "nlc"), pools_batch=False),
+    "group": NormSpec(pools_batch=False), "rms": _PER_ROW, "none": _PER_ROW,
+}
+_BUILT_IN = frozenset(_FACTORIES)  # models pick their fast paths for these by name: never replaced
+
+
+def _check_kind(kind) -> None:
+    if not isinstance(kind, str) or kind not in _FACTORIES:
+        raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(_FACTORIES)}")
 
 
 class _KindNames(Sequence):
@@ -358,24 +417,88 @@ def norm_kinds() -> tuple[str, ...]:
     return tuple(_FACTORIES)
 
 
-def register_norm(name: str, factory: Optional[Callable[..., nn.Module]] = None, *, overwrite: bool = False):
-    """Add a norm kind: `factory(num_features, layout, **kwargs) -> nn.Module`.
+def register_norm(name: str, factory: Optional[Callable[..., nn.Module]] = None, *,
+                  layouts: Sequence[str] = LAYOUTS, pools_positions: bool = True, pools_batch: bool = True,
+                  recurrent: bool = False, overwrite: bool = False):
+    """Add a norm kind: `factory(num_features, layout, **kwargs) -> nn.Module`, with its declarations.
 
     The factory's keyword parameters are the kwargs `build_norm` accepts for it (anything, if it takes
-    **kwargs). Registering an existing name raises ValueError unless overwrite=True. Without a factory,
-    returns a decorator: `@register_norm("mine")`.
+    **kwargs). The declarations (see `NormSpec`) decide which models accept the kind; the defaults are
+    the safe side for a norm of unknown behaviour:
+        layouts=("nchw", "nlc", "nc"): the factory gets `layout` and must build each one it declares.
+        pools_positions=True: assumed to mix positions, so causal models (the Transformer) refuse it;
+            declare False for a per-position norm.
+        pools_batch=True: assumed to mix samples, so models that need per-sample statistics (the
+            Transformer, Sketch-RNN's cells) refuse it; declare False if it does not.
+        recurrent=False: Sketch-RNN's cells refuse it; declare True for a per-row norm that can be
+            called once per time step on (N, C) rows.
+    Registering an existing name raises ValueError unless overwrite=True; built-in kinds are never
+    replaced (models select their fast paths by name). Without a factory, returns a decorator:
+    `@register_norm("mine", pools_positions=False, pools_batch=False)`.
     """
+    spec_kw = dict(layouts=layouts, pools_positions=pools_positions, pools_batch=pools_batch, recurrent=recurrent)
     if factory is None:
-        return lambda f: register_norm(name, f, overwrite=overwrite)
+        return lambda f: register_norm(name, f, **spec_kw, overwrite=overwrite)
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_norm: name must be a non-empty str, got {name!r}")
     if not callable(factory):
         raise TypeError(f"register_norm({name!r}): factory must be callable, got {factory!r}")
-    if name in _FACTORIES and not overwrite:
+    if name in _FACTORIES and (not overwrite or name in _BUILT_IN):
+        why = ("it is built in (models pick their fast paths for it by name), so register yours under "
+               "another name" if name in _BUILT_IN else "pass overwrite=True to replace it")
         raise ValueError(f"register_norm: norm kind {name!r} is already registered (registered kinds: "
-                         f"{', '.join(_FACTORIES)}); pass overwrite=True to replace it")
+                         f"{', '.join(_FACTORIES)}); {why}")
+    _SPECS[name] = NormSpec(**spec_kw)  # validated before the factory is registered
     _FACTORIES[name] = factory
     return factory
+
+
+def unregister_norm(name: str) -> None:
+    """Remove a kind added with `register_norm` (built-in kinds cannot be removed)."""
+    _check_kind(name)
+    if name in _BUILT_IN:
+        raise ValueError(f"unregister_norm: {name!r} is a built-in norm kind and cannot be removed")
+    del _FACTORIES[name], _SPECS[name]
+
+
+def norm_spec(kind: str) -> NormSpec:
+    """The declarations of a registered norm kind (see `NormSpec`)."""
+    _check_kind(kind)
+    return _SPECS[kind]
+
+
+# A model's rule beyond layouts: (kind, spec) -> why the model cannot use the kind, or None if it can.
+Refusal = Callable[[str, NormSpec], Optional[str]]
+
+
+def _refusal(kind: str, layouts: Sequence[str], refuse: Optional[Refusal]) -> Optional[str]:
+    spec = _SPECS[kind]
+    missing = [layout for layout in layouts if layout not in spec.layouts]
+    if missing:
+        return (f"it cannot be built for {' or '.join(f'{m!r} {_SHAPES[m]}' for m in missing)} "
+                f"(it declares layouts {', '.join(spec.layouts)})")
+    return refuse(kind, spec) if refuse is not None else None
+
+
+def accepted_kinds(*, layouts: Sequence[str] = (), refuse: Optional[Refusal] = None) -> tuple[str, ...]:
+    """The registered kinds that declare every layout in `layouts` and that `refuse` lets through."""
+    return tuple(kind for kind in _FACTORIES if _refusal(kind, layouts, refuse) is None)
+
+
+def check_norm(kind: str, model: str, *, arg: str = "norm", layouts: Sequence[str] = (),
+               refuse: Optional[Refusal] = None) -> NormSpec:
+    """Return the spec of `kind` if `model` can use it: it declares every layout the model builds it in,
+    and `refuse(kind, spec)` returns None. Otherwise raise one ValueError line naming the argument,
+    model, reason and the accepted kinds, e.g. "norm='group' cannot be used in TransformerLM: its
+    statistics pool over positions, a leak of the future (and of padding) into earlier tokens; accepted:
+    batch, layer, rms, none" (accepted kinds in registration order). An unknown kind gets build_norm's "unknown norm
+    kind" error."""
+    _check_kind(kind)
+    reason = _refusal(kind, layouts, refuse)
+    if reason is not None:
+        raise ValueError(f"{arg}={kind!r} cannot be used in {model}: {reason}; accepted: "
+                         f"{', '.join(accepted_kinds(layouts=layouts, refuse=refuse))}")
+    return _SPECS[kind]
 
 
 def _accepted_kwargs(factory) -> Optional[list[str]]:
@@ -398,8 +521,7 @@ def build_norm(kind: str, num_features: int, layout: str = "nchw", **kwargs) -> 
 
     Returns a module mapping a tensor of the layout's shape to one of the same shape.
     """
-    if not isinstance(kind, str) or kind not in _FACTORIES:
-        raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(_FACTORIES)}")
+    _check_kind(kind)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; valid layouts: "
                          + ", ".join(f"{k!r} {v}" for k, v in _SHAPES.items()))
@@ -412,6 +534,10 @@ def build_norm(kind: str, num_features: int, layout: str = "nchw", **kwargs) -> 
             if name not in accepted:
                 raise TypeError(f"build_norm: unexpected keyword argument {name!r} for norm kind {kind!r}; "
                                 f"{kind!r} accepts: {', '.join(accepted) or 'no keyword arguments'}")
+    declared = _SPECS[kind].layouts
+    if layout not in declared and kind not in _BUILT_IN:  # built-in factories explain their own refusals
+        raise ValueError(f"norm kind {kind!r} declares layouts {', '.join(declared)}, not {layout!r} "
+                         f"{_SHAPES[layout]}; register it with layouts=... to build it for that layout")
     module = factory(num_features, layout, **kwargs)
     if not isinstance(module, nn.Module):
         raise TypeError(f"norm factory for {kind!r} returned {type(module).__name__}, not an nn.Module")
@@ -691,8 +817,7 @@ def replace_norms(model: nn.Module, kind: str, *, skip=(), **kwargs) -> list[tup
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"replace_norms: model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(kind, str) or kind not in _FACTORIES:
-        raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(_FACTORIES)}")
+    _check_kind(kind)
     skip = (skip,) if isinstance(skip, (type, str)) else tuple(skip)
     skip_types = tuple(s for s in skip if isinstance(s, type))
     skip_names = {s for s in skip if isinstance(s, str)}

@@ -82,6 +82,12 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 SCHEDULES = ("none", "cosine", "noam", "exponential")
 
 
+def check_schedule(name: str, allowed: tuple[str, ...] = SCHEDULES) -> None:
+    """Refuses a schedule name a task does not offer, before any work starts."""
+    if name not in allowed:
+        raise ValueError(f"scheduler {name!r} is not one of {', '.join(map(repr, allowed))}")
+
+
 def lr_schedule(
     optimizer: torch.optim.Optimizer,
     name: str = "none",
@@ -101,8 +107,7 @@ def lr_schedule(
     - `exponential`: Ha & Eck 2017 (sketch-rnn): (lr - min_lr) * decay_rate^step + min_lr, with
       min_lr = `min_lr_ratio` * lr.
     """
-    if name not in SCHEDULES:
-        raise ValueError(f"lr schedule {name!r} is not one of {SCHEDULES}")
+    check_schedule(name)
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
 

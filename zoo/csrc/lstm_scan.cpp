@@ -73,9 +73,11 @@ inline void normalize_backward(const S* dy, const S* x, int64_t n, int64_t kind,
 // Rows per parallel task: enough work per task to be worth a thread.
 inline int64_t grain(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
 
-// Returns hs (L+1, B, H), cs (L+1, B, H) (raw cell states), acts (L, B, 4H) (sigmoid i, f, o and tanh g
-// before dropout), tcs (L, B, H) (tanh of the normalized cell), pre (L, B, 4H) (gate pre-activations
-// before the norm; empty for kind none), g_mean, g_rstd (L, B, 4), c_mean, c_rstd (L, B) (empty for none).
+// Returns the hidden states h (L, B, H) and the last cell state (B, H), then what the backward pass
+// reads: hs (L+1, B, H) (h0 and h), cs (L+1, B, H) (raw cell states), acts (L, B, 4H) (sigmoid i, f, o and
+// tanh g before dropout), tcs (L, B, H) (tanh of the normalized cell), pre (L, B, 4H) (gate
+// pre-activations before the norm; empty for kind none), g_mean, g_rstd (L, B, 4), c_mean, c_rstd (L, B)
+// (empty for none).
 std::vector<Tensor> lstm_scan_forward(int64_t kind, double eps, const Tensor& xw_, const Tensor& h0,
                                       const Tensor& c0, const Tensor& w_hh, const Tensor& g_gamma,
                                       const Tensor& g_beta, const Tensor& c_gamma, const Tensor& c_beta,
@@ -154,7 +156,8 @@ _Pragma("omp simd")
       at::mul_out(h, a.narrow(1, 3 * H, H), tct);
     }
   });
-  return {hs, cs, acts, tcs, pre, g_mean, g_rstd, c_mean, c_rstd};
+  // h and the last cell state as copies: the outputs of a torch op must not share memory
+  return {hs.narrow(0, 1, L).clone(), cs[L].clone(), hs, cs, acts, tcs, pre, g_mean, g_rstd, c_mean, c_rstd};
 }
 
 // Returns d_xw (L, B, 4H), d_h0, d_c0 (B, H), d_w_hh (4H, H) and, for the normalized kinds, d_g_gamma,
@@ -240,9 +243,12 @@ _Pragma("omp simd")
   Tensor d_c0 = dc * acts[0].narrow(1, H, H);
   Tensor d_w_hh = d_a.view({L * B, H4}).t().mm(hs.narrow(0, 0, L).reshape({L * B, H}));
   std::vector<Tensor> out{d_a, d_h0, d_c0, d_w_hh};
-  if (norm) {
-    const Tensor sums = partial.sum(0);
-    for (const auto& part : sums.split_with_sizes({H4, H4, H, H})) out.push_back(part);
+  if (norm) {  // each sum its own tensor: the outputs of a torch op must not share memory
+    int64_t start = 0;
+    for (const int64_t length : {H4, H4, H, H}) {
+      out.push_back(partial.narrow(1, start, length).sum(0));
+      start += length;
+    }
   }
   return out;
 }
@@ -352,8 +358,9 @@ void bn_forward_steps(double eps, const Tensor& xw, const Tensor& w_hh, const Te
 }
 
 // Training: counts (L,) int64, the statistics are computed; eval: counts empty and stats = the per-step
-// mean_x, var_x, mean_h, var_h (L, 4H), mean_c, var_c (L, H). Returns hs, cs, acts, tcs, pre (as
-// lstm_scan_forward), then mean, var, rstd of x, of h and of c.
+// mean_x, var_x, mean_h, var_h (L, 4H), mean_c, var_c (L, H). Returns h, the last cell state, mean_x,
+// var_x, mean_h, var_h, mean_c, var_c (in eval copies of stats), then for the backward pass hs, cs, acts,
+// tcs, pre (as lstm_scan_forward) and rstd_x, rstd_h, rstd_c.
 std::vector<Tensor> bn_lstm_scan_forward(double eps, const Tensor& xw_, const Tensor& h0, const Tensor& c0,
                                          const Tensor& w_hh, const Tensor& x_gamma, const Tensor& h_gamma,
                                          const Tensor& bias, const Tensor& c_gamma, const Tensor& c_beta,
@@ -378,7 +385,10 @@ std::vector<Tensor> bn_lstm_scan_forward(double eps, const Tensor& xw_, const Te
                                c_gamma.contiguous(), c_beta.contiguous(), keep,
                                train ? counts.data_ptr<int64_t>() : nullptr, hs, cs, acts, tcs, pre, sx, sh, sc);
   });
-  return {hs, cs, acts, tcs, pre, sx.mean, sx.var, sx.rstd, sh.mean, sh.var, sh.rstd, sc.mean, sc.var, sc.rstd};
+  // copies where outputs would share memory with inputs or other outputs, which a torch op must not
+  auto own = [&](const Tensor& t) { return train ? t : t.clone(); };
+  return {hs.narrow(0, 1, L).clone(), cs[L].clone(), own(sx.mean), own(sx.var), own(sh.mean), own(sh.var),
+          own(sc.mean), own(sc.var), hs, cs, acts, tcs, pre, sx.rstd, sh.rstd, sc.rstd};
 }
 
 // Backward of the normalization y = (x - mean) * rstd * gamma (+ beta) of one step, columns c0..c1-1,
@@ -528,19 +538,23 @@ std::vector<Tensor> bn_lstm_scan_backward(const Tensor& d_out_, const Tensor& d_
 
 TORCH_LIBRARY_FRAGMENT(zoo, m) {
   m.def("lstm_scan_forward(int kind, float eps, Tensor xw, Tensor h0, Tensor c0, Tensor w_hh, Tensor g_gamma, "
-        "Tensor g_beta, Tensor c_gamma, Tensor c_beta, Tensor keep) -> Tensor[]",
-        &lstm_scan_forward);
+        "Tensor g_beta, Tensor c_gamma, Tensor c_beta, Tensor keep) -> Tensor[]");
   m.def("lstm_scan_backward(int kind, Tensor d_out, Tensor d_cT, Tensor w_hh, Tensor g_gamma, Tensor c_gamma, "
         "Tensor keep, Tensor hs, Tensor cs, Tensor acts, Tensor tcs, Tensor pre, Tensor g_mean, Tensor g_rstd, "
-        "Tensor c_mean, Tensor c_rstd) -> Tensor[]",
-        &lstm_scan_backward);
+        "Tensor c_mean, Tensor c_rstd) -> Tensor[]");
   m.def("bn_lstm_scan_forward(float eps, Tensor xw, Tensor h0, Tensor c0, Tensor w_hh, Tensor x_gamma, "
         "Tensor h_gamma, Tensor bias, Tensor c_gamma, Tensor c_beta, Tensor keep, Tensor counts, Tensor[] stats) "
-        "-> Tensor[]",
-        &bn_lstm_scan_forward);
+        "-> Tensor[]");
   m.def("bn_lstm_scan_backward(Tensor d_out, Tensor d_cT, Tensor w_hh, Tensor x_gamma, Tensor h_gamma, "
         "Tensor c_gamma, Tensor keep, Tensor counts, Tensor xw, Tensor hs, Tensor cs, Tensor acts, Tensor tcs, "
         "Tensor pre, Tensor mean_x, Tensor rstd_x, Tensor mean_h, Tensor rstd_h, Tensor mean_c, Tensor rstd_c) "
-        "-> Tensor[]",
-        &bn_lstm_scan_backward);
+        "-> Tensor[]");
+}
+
+// CPU kernels only: zoo/cpu_kernels.py registers the ops' fake implementations and autograd formulas
+TORCH_LIBRARY_IMPL(zoo, CPU, m) {
+  m.impl("lstm_scan_forward", &lstm_scan_forward);
+  m.impl("lstm_scan_backward", &lstm_scan_backward);
+  m.impl("bn_lstm_scan_forward", &bn_lstm_scan_forward);
+  m.impl("bn_lstm_scan_backward", &bn_lstm_scan_backward);
 }

@@ -26,7 +26,7 @@ using at::Tensor;
 
 namespace {
 
-constexpr int64_t kBlock = 16;  // time steps per block
+constexpr int64_t kBlock = 16;  // time steps per block (zoo/cpu_kernels.py sizes `starts` with it too)
 
 // exp: std::exp for double; for float a polynomial the compiler can vectorize inside the
 // scan loops (std::exp calls cannot be): exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 split
@@ -319,19 +319,24 @@ std::vector<Tensor> selective_scan_backward(const Tensor& gy_, const Tensor& g_l
   AT_DISPATCH_FLOATING_TYPES(a.u.scalar_type(), "selective_scan_backward", [&] {
     backward_rows<scalar_t>(a, gy, g_last, starts, delta_tm, g_u, g_delta, g_B, g_C, g_z, partial);
   });
-  const auto sums = partial.sum(0).split_with_sizes({a.N * a.dim, a.dim, a.dim});
-  const Tensor none = at::empty({0}, a.u.options());
-  return {g_u, g_delta, sums[0].view({a.N, a.dim}).t().contiguous(), g_B, g_C,
-          a.D.defined() ? sums[1] : none, g_z, a.delta_bias.defined() ? sums[2] : none};
+  // each sum its own tensor: the outputs of a torch op must not share memory
+  auto sum = [&](int64_t start, int64_t length) { return partial.narrow(1, start, length).sum(0); };
+  return {g_u, g_delta, sum(0, a.N * a.dim).view({a.N, a.dim}).t().contiguous(), g_B, g_C,
+          a.D.defined() ? sum(a.N * a.dim, a.dim) : at::empty({0}, a.u.options()), g_z,
+          a.delta_bias.defined() ? sum(a.N * a.dim + a.dim, a.dim) : at::empty({0}, a.u.options())};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zoo, m) {
   m.def("selective_scan_forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, "
-        "Tensor delta_bias, bool softplus) -> Tensor[]",
-        &selective_scan_forward);
+        "Tensor delta_bias, bool softplus) -> Tensor[]");
   m.def("selective_scan_backward(Tensor gy, Tensor g_last, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
-        "Tensor D, Tensor z, Tensor delta_bias, bool softplus, Tensor starts, Tensor delta_tm) -> Tensor[]",
-        &selective_scan_backward);
+        "Tensor D, Tensor z, Tensor delta_bias, bool softplus, Tensor starts, Tensor delta_tm) -> Tensor[]");
+}
+
+// CPU kernels only: zoo/cpu_kernels.py registers the ops' fake implementations and autograd formulas
+TORCH_LIBRARY_IMPL(zoo, CPU, m) {
+  m.impl("selective_scan_forward", &selective_scan_forward);
+  m.impl("selective_scan_backward", &selective_scan_backward);
 }

@@ -27,16 +27,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
+from zoo.data.contract import DataInfo, ZooDataModule
 from zoo.data.sampling import EpochSampler, seeded_generator, seeded_item, split_item, training_seed
-from zoo.data.segmentation import IMAGE_SUFFIXES, list_images
+from zoo.data.segmentation import IMAGE_SUFFIXES, PredictImages, list_images
 from zoo.scaling import SCALER_KINDS, InputScaler
 
 __all__ = ["SHAPES", "TEXTURES", "shape_class_names", "make_shapes", "ShapesDataset",
@@ -171,26 +170,7 @@ class FolderImages(Dataset):
         return {"image": img.float(), "label": self.remap[label]}
 
 
-class PredictImages(Dataset):
-    """Images to classify: a list of names and (3, S, S) float32 tensors, or files read with a transform."""
-
-    def __init__(self, names: list[str], images=None, files: list[Path] | None = None, transform=None):
-        self.names, self.images, self.files, self.transform = names, images, files, transform
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, i: int) -> dict:
-        if self.images is not None:
-            return {"image": self.images[i].float(), "name": self.names[i]}
-        try:
-            img = Image.open(self.files[i]).convert("RGB")
-        except Exception as e:
-            raise ValueError(f"cannot read image file {self.files[i]}: {type(e).__name__}: {e}") from e
-        return {"image": self.transform(img).float(), "name": self.names[i]}
-
-
-class ImagesDataModule(L.LightningDataModule):
+class ImagesDataModule(ZooDataModule):
     """Image classification data: built-in shapes (root=None) or an ImageFolder tree (module docstring).
 
     Args:
@@ -276,6 +256,9 @@ class ImagesDataModule(L.LightningDataModule):
         else:
             self._class_names()
             self.val_set = FolderImages(self._folder("val"), self.classes, self._transform(False))
+
+    def info(self) -> DataInfo:
+        return DataInfo(scaler=self.scaler, classes=self.classes)
 
     def _class_names(self) -> list[str]:
         if self.classes is None:

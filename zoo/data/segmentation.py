@@ -39,7 +39,6 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
@@ -48,6 +47,7 @@ from torchvision import tv_tensors
 
 from zoo.data.augment import WeightMap, paper_augmentation, set_generator
 from zoo.data.cells import class_weights, connected_components, make_cell, weight_map
+from zoo.data.contract import DataInfo, ZooDataModule
 from zoo.data.sampling import EpochSampler, seeded_generator, split_item, training_seed
 from zoo.scaling import SCALER_KINDS, InputScaler
 
@@ -82,9 +82,12 @@ def _open(path: Path, what: str) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
-        return img
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError...
         raise ValueError(f"cannot read {what} file {path}: {type(e).__name__}: {e}") from e
+    pages = getattr(img, "n_frames", 1)
+    if pages > 1:  # e.g. ISBI 2012's stacks: reading page 1 only would drop the rest silently
+        raise ValueError(f"{what} file {path} holds {pages} pages (a stack); save one file per page")
+    return img
 
 
 def read_image(path) -> torch.Tensor:
@@ -278,23 +281,30 @@ class EvalImages(Dataset):
 
 
 class PredictImages(Dataset):
-    """Whole images without labels: {"image": (C, H, W) float32 raw, "name": str}."""
+    """Images without labels, {"image": (C, H, W) float32 raw, "name": str}: given as tensors, or as
+    files read (RGB) with `transform` on access."""
 
-    def __init__(self, names: list[str], images: list[torch.Tensor]):
-        self.names, self.images = names, images
+    def __init__(self, names: list[str], images=None, files: list[Path] | None = None, transform=None):
+        self.names, self.images, self.files, self.transform = names, images, files, transform
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.names)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"image": self.images[i], "name": self.names[i]}
+        if self.images is not None:
+            return {"image": self.images[i].float(), "name": self.names[i]}
+        try:
+            img = Image.open(self.files[i]).convert("RGB")
+        except Exception as e:
+            raise ValueError(f"cannot read image file {self.files[i]}: {type(e).__name__}: {e}") from e
+        return {"image": self.transform(img).float(), "name": self.names[i]}
 
 
 # --------------------------------------------------------------------------------------------- #
 # DataModule
 # --------------------------------------------------------------------------------------------- #
 
-class CellsDataModule(L.LightningDataModule):
+class CellsDataModule(ZooDataModule):
     """Touching-cell segmentation data for the U-Net: built-in synthetic cells, or a folder.
 
     Args:
@@ -461,14 +471,16 @@ class CellsDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
+    def info(self) -> DataInfo:
+        return DataInfo(scaler=self.scaler)
+
     def training_context(self) -> int:
-        """c: `context` if set, else the attached model's `input_context`, else 0."""
+        """c: `context` if set, else the attached task's `input_context` (`zoo.data.contract`), else 0."""
         if self.hparams.context is not None:
             return int(self.hparams.context)
         trainer = getattr(self, "trainer", None)
         module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        c = getattr(module, "input_context", None) if module is not None else None
-        return int(c) if c is not None else 0
+        return int(getattr(module, "input_context", 0))  # a task that is not a ZooModule: no context
 
     def _loader(self, dataset, batch_size: int, sampler=None) -> DataLoader:
         w = self.hparams.num_workers

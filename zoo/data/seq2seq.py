@@ -30,11 +30,11 @@ import functools
 import string
 import warnings
 
-import lightning as L
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from zoo.data.contract import DataInfo, ZooDataModule
 from zoo.data.sampling import EpochSampler, training_seed
 from zoo.data.text import PAD, Tokenizer, _collate_text, _Lines, read_lines
 
@@ -127,7 +127,7 @@ def collate_pairs(batch: list[dict]) -> dict:
     return {k: pad_sequence([b[k] for b in batch], batch_first=True, padding_value=PAD) for k in ("src", "tgt")}
 
 
-class Seq2SeqDataModule(L.LightningDataModule):
+class Seq2SeqDataModule(ZooDataModule):
     """Built-in sequence-to-sequence tasks.
 
     Args:
@@ -152,6 +152,10 @@ class Seq2SeqDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.splits: dict[str, list[tuple[str, str]]] = {}
         self.datasets: dict[str, PairDataset] = {}
+
+    def info(self) -> DataInfo:
+        fitted = bool(self.datasets)
+        return DataInfo(tokenizers={"src": self.src_tokenizer, "tgt": self.tgt_tokenizer} if fitted else None)
 
     @property
     def shared_vocab(self) -> bool:

@@ -1,6 +1,7 @@
-"""Sketch data for Sketch-RNN: the published QuickDraw `.npz` files, built-in pen strokes (Hershey font
-glyphs from the installed `hershey-fonts` wheel, and a deterministic generator of simple drawings),
-stroke formats, augmentation, writers (.npz, SVG, PNG) and `SketchDataModule`.
+"""Sketch data for Sketch-RNN: the published QuickDraw `.npz` files (downloaded by category name, or
+local files), built-in pen strokes (Hershey font glyphs from the installed `hershey-fonts` wheel, and
+a deterministic generator of simple drawings), stroke formats, augmentation, writers (.npz, SVG, PNG)
+and `SketchDataModule`.
 
 Formats:
     stroke-3  (L, 3) rows [dx, dy, pen_lifted]: offsets from the previous point (the first from the
@@ -13,6 +14,11 @@ arrays (QuickDraw classes: 70000 / 2500 / 2500), pickled by Python 2. `read_npz`
 with an unpickler that can build numpy arrays and dtypes and nothing else, so a crafted file cannot
 run code. Several files are several classes.
 
+The published files are `<QUICKDRAW_URL>/<category>.npz`, one per QuickDraw category (the 345 names
+of the quickdraw-dataset's categories.txt, `QUICKDRAW_CATEGORIES`); `quickdraw_files` fetches them
+into a cache through `zoo.data.download` (resumed, locked, sha256 recorded and checked on reuse).
+The dataset states no checksums for them, so the first download is trusted and later changes are caught.
+
 Preprocessing as magenta's sketch_rnn: offsets clamped to +-1000 (with a warning counting them),
 sketches longer than `max_seq_len` dropped (with a warning counting them), one scale factor = the
 standard deviation of all dx and dy of the training split. Batches carry raw offsets (the design
@@ -20,22 +26,26 @@ contract: data flows out unscaled); the model divides by the scale factor it sto
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import pickle
+import urllib.parse
 import zipfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
+from zoo.data.contract import DataInfo, ZooDataModule
+from zoo.data.download import cache_dir, download
 from zoo.data.sampling import EpochSampler, split_item, training_seed
 
-__all__ = ["SPLITS", "SketchSet", "read_npz", "write_npz", "load_sketch_files", "preprocess", "scale_factor",
+__all__ = ["SPLITS", "SketchSet", "read_npz", "write_npz", "load_sketch_files", "QUICKDRAW_URL",
+           "QUICKDRAW_CATEGORIES", "check_categories", "quickdraw_files", "preprocess", "scale_factor",
            "polylines_to_stroke3", "stroke3_to_polylines", "stroke3_to_stroke5", "stroke5_to_stroke3",
            "random_scale", "augment_strokes", "hershey_sketches", "HERSHEY_CLASSES", "synthetic_sketches",
            "SYNTHETIC_CLASSES", "render_sketches", "sketches_to_svg", "SketchDataset",
@@ -221,6 +231,80 @@ def load_sketch_files(paths: Sequence[Union[str, Path]]) -> tuple[dict[str, Sket
             sets[split].sketches += data[split]
             sets[split].labels += [k] * len(data[split])
     return sets, names
+
+
+# The sketch-rnn files of the quickdraw-dataset README ("Sketch-RNN QuickDraw Dataset"): the public
+# bucket gs://quickdraw_dataset/sketchrnn/ over HTTPS. `<category>.full.npz` beside them hold every
+# drawing of a category, not read here.
+QUICKDRAW_URL = "https://storage.googleapis.com/quickdraw_dataset/sketchrnn"
+QUICKDRAW_CATEGORIES = tuple(name.strip() for name in """
+    aircraft carrier, airplane, alarm clock, ambulance, angel, animal migration, ant, anvil, apple, arm,
+    asparagus, axe, backpack, banana, bandage, barn, baseball, baseball bat, basket, basketball, bat,
+    bathtub, beach, bear, beard, bed, bee, belt, bench, bicycle, binoculars, bird, birthday cake,
+    blackberry, blueberry, book, boomerang, bottlecap, bowtie, bracelet, brain, bread, bridge, broccoli,
+    broom, bucket, bulldozer, bus, bush, butterfly, cactus, cake, calculator, calendar, camel, camera,
+    camouflage, campfire, candle, cannon, canoe, car, carrot, castle, cat, ceiling fan, cello, cell phone,
+    chair, chandelier, church, circle, clarinet, clock, cloud, coffee cup, compass, computer, cookie,
+    cooler, couch, cow, crab, crayon, crocodile, crown, cruise ship, cup, diamond, dishwasher, diving board,
+    dog, dolphin, donut, door, dragon, dresser, drill, drums, duck, dumbbell, ear, elbow, elephant,
+    envelope, eraser, eye, eyeglasses, face, fan, feather, fence, finger, fire hydrant, fireplace,
+    firetruck, fish, flamingo, flashlight, flip flops, floor lamp, flower, flying saucer, foot, fork, frog,
+    frying pan, garden, garden hose, giraffe, goatee, golf club, grapes, grass, guitar, hamburger, hammer,
+    hand, harp, hat, headphones, hedgehog, helicopter, helmet, hexagon, hockey puck, hockey stick, horse,
+    hospital, hot air balloon, hot dog, hot tub, hourglass, house, house plant, hurricane, ice cream,
+    jacket, jail, kangaroo, key, keyboard, knee, knife, ladder, lantern, laptop, leaf, leg, light bulb,
+    lighter, lighthouse, lightning, line, lion, lipstick, lobster, lollipop, mailbox, map, marker, matches,
+    megaphone, mermaid, microphone, microwave, monkey, moon, mosquito, motorbike, mountain, mouse,
+    moustache, mouth, mug, mushroom, nail, necklace, nose, ocean, octagon, octopus, onion, oven, owl,
+    paintbrush, paint can, palm tree, panda, pants, paper clip, parachute, parrot, passport, peanut, pear,
+    peas, pencil, penguin, piano, pickup truck, picture frame, pig, pillow, pineapple, pizza, pliers,
+    police car, pond, pool, popsicle, postcard, potato, power outlet, purse, rabbit, raccoon, radio, rain,
+    rainbow, rake, remote control, rhinoceros, rifle, river, roller coaster, rollerskates, sailboat,
+    sandwich, saw, saxophone, school bus, scissors, scorpion, screwdriver, sea turtle, see saw, shark,
+    sheep, shoe, shorts, shovel, sink, skateboard, skull, skyscraper, sleeping bag, smiley face, snail,
+    snake, snorkel, snowflake, snowman, soccer ball, sock, speedboat, spider, spoon, spreadsheet, square,
+    squiggle, squirrel, stairs, star, steak, stereo, stethoscope, stitches, stop sign, stove, strawberry,
+    streetlight, string bean, submarine, suitcase, sun, swan, sweater, swing set, sword, syringe, table,
+    teapot, teddy-bear, telephone, television, tennis racquet, tent, The Eiffel Tower,
+    The Great Wall of China, The Mona Lisa, tiger, toaster, toe, toilet, tooth, toothbrush, toothpaste,
+    tornado, tractor, traffic light, train, tree, triangle, trombone, truck, trumpet, t-shirt, umbrella,
+    underwear, van, vase, violin, washing machine, watermelon, waterslide, whale, wheel, windmill,
+    wine bottle, wine glass, wristwatch, yoga, zebra, zigzag
+""".split(","))  # categories.txt of github.com/googlecreativelab/quickdraw-dataset
+
+
+def check_categories(categories: Union[str, Sequence[str]]) -> list[str]:
+    """"cat,bus" or ["cat", "bus"] -> ["cat", "bus"]; ValueError (one line) for an empty list, a name
+    listed twice or one that is not a QuickDraw category (with the closest names)."""
+    names = [c.strip() for c in categories.split(",")] if isinstance(categories, str) else list(categories)
+    if not names or not all(names):
+        raise ValueError(f"categories={categories!r}: expected QuickDraw category names, e.g. 'cat,bus'")
+    for name in names:
+        if name not in QUICKDRAW_CATEGORIES:
+            close = difflib.get_close_matches(name, QUICKDRAW_CATEGORIES, n=5, cutoff=0.5)
+            raise ValueError(f"unknown QuickDraw category {name!r}; "
+                             f"{'closest: ' + ', '.join(close) if close else 'no close name'} "
+                             f"(all {len(QUICKDRAW_CATEGORIES)}: zoo.data.sketches.QUICKDRAW_CATEGORIES)")
+        if names.count(name) > 1:
+            raise ValueError(f"QuickDraw category {name!r} is listed twice in categories={categories!r}")
+    return names
+
+
+def quickdraw_files(categories: Union[str, Sequence[str]], folder: Optional[Union[str, Path]] = None,
+                    base_url: str = QUICKDRAW_URL) -> list[Path]:
+    """The sketch-rnn .npz of each category (`check_categories`), downloaded from `base_url` into
+    `folder` (default `cache_dir("quickdraw")`: $ZOO_CACHE/quickdraw or ~/.cache/zoo/quickdraw) unless
+    already there with the recorded sha256; see `zoo.data.download.download` for what it raises."""
+    folder = Path(folder).expanduser() if folder else cache_dir("quickdraw")
+    paths = []
+    for name in check_categories(categories):
+        url = f"{base_url.rstrip('/')}/{urllib.parse.quote(name)}.npz"  # names hold spaces
+        try:
+            paths.append(download(url, folder / f"{name}.npz"))
+        except PermissionError as e:
+            raise PermissionError(f"{e}; choose another with --data.cache_dir DIR (cache_dir=) or the ZOO_CACHE "
+                                  "environment variable") from None
+    return paths
 
 
 def preprocess(sets: dict[str, SketchSet], max_seq_len: int) -> dict[str, dict[str, int]]:
@@ -562,13 +646,17 @@ class _Collate:
         return {"strokes": strokes, "lengths": lengths, "label": torch.tensor([y for _, y in items])}
 
 
-class SketchDataModule(L.LightningDataModule):
+class SketchDataModule(ZooDataModule):
     """Sketch batches for Sketch-RNN.
 
     Args:
-        path: one sketch-rnn .npz or a list of them (one class each); None uses `builtin`.
+        path: one sketch-rnn .npz or a list of them (one class each, named by the file stem).
+        categories: QuickDraw category names ("cat,bus" or a list), one class each: their published
+            sketch-rnn files are downloaded (`quickdraw_files`) in `setup`. Not together with `path`.
+        cache_dir: where the downloads are kept; None: $ZOO_CACHE/quickdraw, else ~/.cache/zoo/quickdraw.
+        base_url: where the category files are downloaded from (`<base_url>/<category>.npz`).
         builtin: "hershey" (glyphs of the Hershey fonts, one class per font) or "synthetic"
-            (generated drawings); used when `path` is None.
+            (generated drawings); used when neither `path` nor `categories` is given.
         classes: the built-in classes (fonts or synthetic class names); None: all defaults
             (HERSHEY_CLASSES or SYNTHETIC_CLASSES).
         num_per_class: sketches per synthetic class.
@@ -585,23 +673,35 @@ class SketchDataModule(L.LightningDataModule):
     Batches: {"strokes": (B, steps + 1, 5) float32 raw offsets, "lengths": (B,) int64, "label": (B,)}.
     """
 
-    def __init__(self, path: Optional[Union[str, list[str]]] = None, builtin: str = "hershey",
-                 classes: Optional[list[str]] = None, num_per_class: int = 200, max_seq_len: int = 250,
-                 batch_size: int = 100, random_scale_factor: float = 0.15, augment_stroke_prob: float = 0.10,
-                 num_workers: int = 0, seed: int = 0):
+    def __init__(self, path: Optional[Union[str, list[str]]] = None,
+                 categories: Optional[Union[str, list[str]]] = None, cache_dir: Optional[str] = None,
+                 base_url: str = QUICKDRAW_URL, builtin: str = "hershey", classes: Optional[list[str]] = None,
+                 num_per_class: int = 200, max_seq_len: int = 250, batch_size: int = 100,
+                 random_scale_factor: float = 0.15, augment_stroke_prob: float = 0.10, num_workers: int = 0,
+                 seed: int = 0):
         super().__init__()
         if builtin not in ("hershey", "synthetic"):
             raise ValueError(f"builtin must be 'hershey' or 'synthetic', got {builtin!r}")
         if max_seq_len < 1 or batch_size < 1:
             raise ValueError(f"max_seq_len and batch_size must be >= 1, got {max_seq_len}, {batch_size}")
+        if path and categories:
+            raise ValueError("give either path (local .npz files) or categories (downloaded), not both")
+        self.categories = check_categories(categories) if categories else None  # fails before any download
         self.save_hyperparameters()
         self.sets: Optional[dict[str, SketchSet]] = None
+
+    def info(self) -> DataInfo:
+        if self.sets is None:
+            return DataInfo()
+        return DataInfo(classes=list(self.class_names), scale_factor=self.scale_factor, seq_len=self.steps)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.sets is not None:
             return
         hp = self.hparams
-        if hp.path:
+        if self.categories:
+            sets, names = load_sketch_files(quickdraw_files(self.categories, hp.cache_dir, hp.base_url))
+        elif hp.path:
             paths = [hp.path] if isinstance(hp.path, (str, Path)) else list(hp.path)
             sets, names = load_sketch_files(paths)
         elif hp.builtin == "hershey":

@@ -29,10 +29,10 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from zoo.data.contract import DataInfo, ZooDataModule
 from zoo.data.sampling import EpochSampler, training_seed
 
 __all__ = ["Tokenizer", "SPECIALS", "PAD", "BOS", "EOS", "UNK", "ENGLISH_STOP_WORDS", "LEVELS",
@@ -263,7 +263,7 @@ def read_text(path: str) -> str:
         raise ValueError(f"{path!r} is not UTF-8 text ({e})") from None
 
 
-class LMDataModule(L.LightningDataModule):
+class LMDataModule(ZooDataModule):
     """Language modelling on a UTF-8 text file, or on Python's own documentation by default.
 
     Args:
@@ -293,7 +293,11 @@ class LMDataModule(L.LightningDataModule):
                 raise ValueError(f"{name}={value} must be >= {least}")
         self.save_hyperparameters()
         self.tokenizer = Tokenizer(level, lowercase, stop_words, min_freq, max_size)
-        self.train_set = self.val_set = None
+        self.train_set = self.val_set = self.chars_per_token = None
+
+    def info(self) -> DataInfo:
+        return DataInfo(tokenizers={"text": self.tokenizer}, chars_per_token=self.chars_per_token,
+                        seq_len=self.hparams.block_size)
 
     def load_text(self) -> str:
         text = read_text(self.hparams.path) if self.hparams.path else stdlib_corpus()

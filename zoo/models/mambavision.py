@@ -21,11 +21,13 @@ its quirks, kept as defaults: the mixer's depthwise conv1d layers have no bias (
 the official code builds them with `bias=True // 2`), the dt projection's bias is added twice, in the
 projection and again as the scan's `delta_bias` (`delta_bias_twice=True`), and the model-level init
 (truncated normal 0.02 and zero bias for every Linear) overrides Mamba's dt initialisation, as in the
-official code. `load_official_checkpoint` reads the official `.pth.tar` files.
+official code. `load_official_checkpoint` reads the official `.pth.tar` files, and
+`timm.create_model("mambavision_t", pretrained=True)` downloads NVIDIA's (see "pretrained weights" below).
 
 Norms: `conv_norm` (stem, conv stages, final norm; default "batch") and `token_norm` (both norms of
-every token block; default "layer") take any `zoo.norm` kind. Other values change the architecture
-(and the state dict), so official weights then load only partially.
+every token block; default "layer") take any `zoo.norm` kind that declares the layout they are built
+in, "nchw" and "nlc" (windows are not causal, so kinds that pool over positions are fine). Other
+values change the architecture (and the state dict), so official weights then load only partially.
 
 The selective scan is `zoo.models.ssm.selective_scan` (`scan_backend`: "auto" = mamba_ssm's CUDA
 kernel for CUDA tensors when installed, else the chunked fast path: a C++ kernel on CPU, pure PyTorch
@@ -34,8 +36,13 @@ elsewhere and while tracing; it runs in float32 under autocast and exports to ON
 from __future__ import annotations
 
 import argparse
+import http.client
 import logging
+import os
+import urllib.error
+import urllib.parse
 import warnings
+import zipfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -43,17 +50,18 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model,
+                         resolve_pretrained_cfg)
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo.models.ssm import BACKENDS, selective_scan
-from zoo.norm import NORM_KINDS, build_norm
+from zoo.norm import build_norm, check_norm, replace_norms
 
 __all__ = ["MambaVision", "MambaVisionMixer", "Attention", "Block", "ConvBlock", "MambaVisionLayer",
            "PatchEmbed", "Downsample", "window_partition", "window_reverse", "attention_blocks",
-           "load_official_checkpoint", "VARIANTS"]
+           "load_official_checkpoint", "convert_norms", "VARIANTS"]
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +69,6 @@ log = logging.getLogger(__name__)
 def _norm(kind: str, num_features: int, layout: str, bn_eps: float = 1e-5) -> nn.Module:
     """A `zoo.norm` layer; `bn_eps` is the official eps of the batch norm this one replaces (other
     kinds keep their registry default)."""
-    if kind not in NORM_KINDS:
-        raise ValueError(f"unknown norm kind {kind!r}; expected one of {tuple(NORM_KINDS)}")
     return build_norm(kind, num_features, layout, eps=bn_eps) if kind == "batch" else build_norm(kind, num_features, layout)
 
 
@@ -305,6 +311,8 @@ class MambaVision(nn.Module):
                              f"{list(depths)}, {list(num_heads)}, {list(window_size)}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool {global_pool!r} is not one of 'avg', ''")
+        check_norm(conv_norm, type(self).__name__, arg="conv_norm", layouts=("nchw",))
+        check_norm(token_norm, type(self).__name__, arg="token_norm", layouts=("nlc",))
         self.num_classes, self.global_pool, self.grad_checkpointing = num_classes, global_pool, False
         self.num_features = self.head_hidden_size = dim * 8
         self.patch_embed = PatchEmbed(in_chans, in_dim, dim, conv_norm)
@@ -420,6 +428,19 @@ class MambaVision(nn.Module):
             self.reset_classifier(0, "")
         return take
 
+    def load_pretrained(self, path: str) -> None:
+        """timm's hook for `pretrained=True` (the pretrained_cfg's `custom_load`): strict-loads the
+        official file that timm downloaded from the cfg's `url` into its cache (or the cfg's `file`)
+        with `load_official_checkpoint`; a head for another number of classes is re-initialised. Errors
+        name the file and where it came from."""
+        cfg = self.pretrained_cfg
+        try:
+            load_official_checkpoint(self, path, strict=True)
+        except (ValueError, RuntimeError) as e:
+            came = (f"downloaded from {cfg['url']}; delete it to download it again" if cfg.get("url") and
+                    not cfg.get("file") else "the pretrained_cfg file")
+            raise type(e)(f"pretrained weights of {cfg.get('architecture')}: {e} ({came})") from e
+
 
 # ----------------------------------------------------------------------------------------------------
 # official checkpoints
@@ -428,6 +449,8 @@ def _official_state_dict(checkpoint: dict) -> dict:
     """The weights of an official checkpoint dict: its `state_dict` (or `model`) entry, or the dict
     itself, with DataParallel's `module.` prefixes removed."""
     sd = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
+    if not isinstance(sd, dict):
+        raise ValueError(f"the checkpoint's weights are a {type(sd).__name__}, not a dict of tensors")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -442,13 +465,15 @@ def load_official_checkpoint(model: MambaVision, path: Union[str, Path], strict:
 
     Reads the `state_dict` (or `model`) entry and strips `module.` prefixes. When the checkpoint's head
     has another number of classes than `model`, the head weights are skipped and the model's head is
-    re-initialised (reported). The file is read with `torch.load(weights_only=True)`, allowing the
+    re-initialised (reported); a stem for other input channels is adapted as timm does
+    (`adapt_input_conv`). The file is read with `torch.load(weights_only=True)`, allowing the
     argparse `Namespace` that timm's training script stores as `args`; a file holding other pickled
     objects is refused unless `trusted=True` (only for files from a source you trust: unpickling can
-    run code).
+    run code). A file that is no readable checkpoint (truncated, corrupt, an HTML page) is a ValueError.
 
-    Returns {"missing": [...], "unexpected": [...], "head_reinitialised": bool}; missing/unexpected keys
-    are logged as a warning, and with `strict=True` any of them raises RuntimeError.
+    Returns {"missing": [...], "unexpected": [...], "mismatched": [...], "head_reinitialised": bool}
+    (mismatched: keys whose shapes differ, left out); any of the three lists is logged as a warning,
+    and with `strict=True` raises RuntimeError.
     NVIDIA's weights are under CC-BY-NC-SA-4.0: using them is the caller's choice.
     """
     path = Path(path)
@@ -457,35 +482,57 @@ def load_official_checkpoint(model: MambaVision, path: Union[str, Path], strict:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except Exception as e:  # UnpicklingError for non-tensor objects
-        if trusted:
-            raise
-        raise ValueError(f"{path} holds pickled objects that weights_only loading refuses ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); if you trust its source, pass "
-                         "trusted=True") from None
+    except Exception as e:
+        if "Unsupported global" in str(e):  # weights_only met a pickled object it does not allow
+            raise ValueError(f"{path} holds pickled objects that weights_only loading refuses ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}); if you trust its source, pass trusted=True") from None
+        why = (f"{type(e).__name__}: {str(e).splitlines()[0]}" if zipfile.is_zipfile(path) else
+               "not the zip archive that torch.save writes")
+        raise ValueError(f"{path} cannot be read as a PyTorch checkpoint ({why}): it is truncated, corrupt or "
+                         "not a checkpoint") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} does not hold a dict of weights (got {type(ckpt).__name__})")
-    sd = _official_state_dict(ckpt)
+    try:
+        sd = _official_state_dict(ckpt)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    own = model.state_dict()
     head_reinit = False
     head_w = sd.get("head.weight")
-    own_head = model.state_dict().get("head.weight")
-    if head_w is not None and (own_head is None or own_head.shape != head_w.shape):
+    if head_w is not None and head_w.shape[0] != model.num_classes:
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         model.reset_classifier(model.num_classes)
         head_reinit = True
         log.warning("load_official_checkpoint: checkpoint head has %d classes, the model %d: head re-initialised",
                     head_w.shape[0], model.num_classes)
-    result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not (head_reinit and k.startswith("head."))]
+    stem = "patch_embed.conv_down.0.weight"
+    if stem in sd and stem in own and sd[stem].shape[1] != own[stem].shape[1]:
+        sd[stem] = adapt_input_conv(own[stem].shape[1], sd[stem])  # the RGB weights for other input channels
+    mismatched = [k for k, v in sd.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+    result = model.load_state_dict({k: v for k, v in sd.items() if k not in mismatched}, strict=False)
+    missing = [k for k in result.missing_keys if k not in mismatched and not (head_reinit and k.startswith("head."))]
     unexpected = list(result.unexpected_keys)
-    if missing or unexpected:
-        msg = (f"load_official_checkpoint({path.name}): {len(missing)} missing keys {missing[:8]}"
-               f"{'...' if len(missing) > 8 else ''}, {len(unexpected)} unexpected keys {unexpected[:8]}"
-               f"{'...' if len(unexpected) > 8 else ''}")
+    if missing or unexpected or mismatched:
+        msg = f"load_official_checkpoint({path}): " + ", ".join(
+            f"{len(keys)} {what} {keys[:8]}{'...' if len(keys) > 8 else ''}"
+            for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                               ("keys of other shapes", mismatched)) if keys)
         if strict:
             raise RuntimeError(msg)
         warnings.warn(msg, stacklevel=2)
-    return {"missing": missing, "unexpected": unexpected, "head_reinitialised": head_reinit}
+    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched, "head_reinitialised": head_reinit}
+
+
+def convert_norms(model: MambaVision, conv_norm: str, token_norm: str) -> None:
+    """Turns the norms of `model` into `conv_norm` (stem, conv stages, final norm) and `token_norm`
+    (token blocks) in place, by `zoo.norm.replace_norms`: what the kinds share is copied (the affine
+    weights; everything within one kind). A model built with the official norms and NVIDIA's weights
+    then has the state dict layout of one built with these norms, e.g. to fine-tune them from there."""
+    for part in model.levels[2:]:
+        replace_norms(part, token_norm)
+    for part in (model.patch_embed, *model.levels[:2]):
+        replace_norms(part, conv_norm)
+    replace_norms(model, conv_norm, skip=(PatchEmbed, MambaVisionLayer))  # the final norm
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -507,38 +554,84 @@ VARIANTS = {
                            window_size=(8, 8, 14, 7), drop_path_rate=0.3, layer_scale=1e-5),
     "mambavision_l3": dict(dim=256, in_dim=64, depths=(3, 3, 20, 10), num_heads=(4, 8, 16, 32),
                            window_size=(8, 8, 16, 8), drop_path_rate=0.5, layer_scale=1e-5),
+    # L2 and L3 as their 512 px ImageNet-21K weights: windows as large as the stage 2-3 maps at 512 px
+    "mambavision_l2_512": dict(dim=196, in_dim=64, depths=(3, 3, 12, 5), num_heads=(4, 8, 16, 32),
+                               window_size=(8, 8, 32, 16), drop_path_rate=0.3, layer_scale=1e-5),
+    "mambavision_l3_512": dict(dim=256, in_dim=64, depths=(3, 3, 20, 10), num_heads=(4, 8, 16, 32),
+                               window_size=(8, 8, 32, 16), drop_path_rate=0.5, layer_scale=1e-5),
 }
+
+# ----------------------------------------------------------------------------------------------------
+# pretrained weights
+#
+# NVIDIA's published files, as the official code's `default_cfgs` (NVlabs/MambaVision
+# mambavision/models/mamba_vision.py) and README list them: one `.pth.tar` per Hugging Face repo
+# nvidia/MambaVision-*, a timm training checkpoint ({"state_dict": ..., "optimizer": ..., "args": ...})
+# in the official layout. `timm.create_model(name, pretrained=True)` downloads the cfg's `url` into
+# timm's cache ($TORCH_HOME/hub/checkpoints, or `cache_dir`) once, then hands the file to
+# `MambaVision.load_pretrained` (`custom_load`), which strict-loads it with `load_official_checkpoint`.
+# A `url` rather than an `hf_hub_id`: with one timm would fetch through huggingface_hub instead.
+# Evaluation transform: bicubic resize to input_size / crop_pct, then crop (center or squash), ImageNet
+# mean/std. The 21K files are ImageNet-21K pretrained, fine-tuned on ImageNet-1K (1000 classes).
 
 _HF = "https://huggingface.co/nvidia"
 _LICENSE = "NVIDIA Source Code License-NC (code), CC-BY-NC-SA-4.0 (weights)"
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {"url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 1.0,
-            "crop_mode": "center", "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.conv_down.0", "classifier": "head",
-            "license": _LICENSE, **kwargs}
+def _cfg(repo: str, file: str, **kwargs) -> dict:
+    return {"url": f"{_HF}/{repo}/resolve/main/{file}", "custom_load": True, "num_classes": 1000,
+            "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 1.0, "crop_mode": "center",
+            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "patch_embed.conv_down.0", "classifier": "head", "license": _LICENSE,
+            "origin_url": "https://github.com/NVlabs/MambaVision", "paper_ids": "arXiv:2407.08083", **kwargs}
 
 
+_512 = dict(input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93, crop_mode="squash")
+
+# the first tag of a model is what pretrained=True loads; name.tag picks another
 default_cfgs = generate_default_cfgs({
-    "mambavision_t.nvlabs_in1k": _cfg(f"{_HF}/MambaVision-T-1K/resolve/main/mambavision_tiny_1k.pth.tar"),
-    "mambavision_t2.nvlabs_in1k": _cfg(f"{_HF}/MambaVision-T2-1K/resolve/main/mambavision_tiny2_1k.pth.tar",
-                                       crop_pct=0.98),
-    "mambavision_s.nvlabs_in1k": _cfg(f"{_HF}/MambaVision-S-1K/resolve/main/mambavision_small_1k.pth.tar",
-                                      crop_pct=0.93),
-    "mambavision_b.nvlabs_in1k": _cfg(f"{_HF}/MambaVision-B-1K/resolve/main/mambavision_base_1k.pth.tar"),
-    "mambavision_l.nvlabs_in1k": _cfg(f"{_HF}/MambaVision-L-1K/resolve/main/mambavision_large_1k.pth.tar"),
-    "mambavision_l2.nvlabs_in1k": _cfg(f"{_HF}/MambaVision-L2-1K/resolve/main/mambavision_large2_1k.pth.tar"),
-    "mambavision_l3.nvlabs_in21k_ft_in1k_256": _cfg(
-        f"{_HF}/MambaVision-L3-256-21K/resolve/main/mambavision_L3_21k_740m_256.pth.tar",
-        input_size=(3, 256, 256), pool_size=(8, 8)),
+    "mambavision_t.nvlabs_in1k": _cfg("MambaVision-T-1K", "mambavision_tiny_1k.pth.tar"),
+    "mambavision_t2.nvlabs_in1k": _cfg("MambaVision-T2-1K", "mambavision_tiny2_1k.pth.tar", crop_pct=0.98),
+    "mambavision_s.nvlabs_in1k": _cfg("MambaVision-S-1K", "mambavision_small_1k.pth.tar", crop_pct=0.93),
+    "mambavision_b.nvlabs_in1k": _cfg("MambaVision-B-1K", "mambavision_base_1k.pth.tar"),
+    "mambavision_b.nvlabs_in21k_ft_in1k": _cfg("MambaVision-B-21K", "mambavision_base_21k.pth.tar"),
+    "mambavision_l.nvlabs_in1k": _cfg("MambaVision-L-1K", "mambavision_large_1k.pth.tar"),
+    "mambavision_l.nvlabs_in21k_ft_in1k": _cfg("MambaVision-L-21K", "mambavision_large_21k.pth.tar"),
+    "mambavision_l2.nvlabs_in1k": _cfg("MambaVision-L2-1K", "mambavision_large2_1k.pth.tar"),
+    "mambavision_l2_512.nvlabs_in21k_ft_in1k": _cfg("MambaVision-L2-512-21K", "mambavision_L2_21k_240m_512.pth.tar",
+                                                    **_512),
+    "mambavision_l3.nvlabs_in21k_ft_in1k": _cfg("MambaVision-L3-256-21K", "mambavision_L3_21k_740m_256.pth.tar",
+                                                input_size=(3, 256, 256), pool_size=(8, 8)),
+    "mambavision_l3_512.nvlabs_in21k_ft_in1k": _cfg("MambaVision-L3-512-21K", "mambavision_L3_21k_740m_512.pth.tar",
+                                                    **_512),
 })
+
+_DOWNLOAD_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+
+def _download_failed(variant: str, kwargs: dict, e: Exception) -> str:
+    """One line for a failed download: the url, why, where the cache looked and how to supply the file."""
+    url = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).url
+    cached = os.path.join(kwargs.get("cache_dir") or os.path.join(torch.hub.get_dir(), "checkpoints"),
+                          os.path.basename(urllib.parse.urlparse(url).path))
+    why = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+    return (f"pretrained weights of {variant}: downloading {url} failed ({why}) and the cache has no {cached}; "
+            "without internet, download that file elsewhere and put it there (the cache follows TORCH_HOME), or "
+            "build the model without pretrained and call zoo.models.mambavision.load_official_checkpoint(model, file)")
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> MambaVision:
     model_args = {**VARIANTS[variant], **kwargs}
-    return build_model_with_cfg(MambaVision, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **model_args)
+    # timm assumes a `url` or `file` given in pretrained_cfg_overlay holds a plain state dict
+    # (custom_load=False); our loader reads official files and plain state dicts alike
+    model_args["pretrained_cfg_overlay"] = {"custom_load": True, **(kwargs.get("pretrained_cfg_overlay") or {})}
+    try:
+        return build_model_with_cfg(MambaVision, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                    feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **model_args)
+    except _DOWNLOAD_ERRORS as e:
+        if not pretrained:
+            raise
+        raise RuntimeError(_download_failed(variant, kwargs, e)) from e
 
 
 @register_model
@@ -581,3 +674,15 @@ def mambavision_l2(pretrained: bool = False, **kwargs) -> MambaVision:
 def mambavision_l3(pretrained: bool = False, **kwargs) -> MambaVision:
     """MambaVision-L3 (256 px windows [8, 8, 16, 8]): 739.6M parameters (official)."""
     return _create("mambavision_l3", pretrained, **kwargs)
+
+
+@register_model
+def mambavision_l2_512(pretrained: bool = False, **kwargs) -> MambaVision:
+    """MambaVision-L2 with the windows [8, 8, 32, 16] of its 512 px weights: 241.5M parameters (official)."""
+    return _create("mambavision_l2_512", pretrained, **kwargs)
+
+
+@register_model
+def mambavision_l3_512(pretrained: bool = False, **kwargs) -> MambaVision:
+    """MambaVision-L3 with the windows [8, 8, 32, 16] of its 512 px weights: 739.6M parameters (official)."""
+    return _create("mambavision_l3_512", pretrained, **kwargs)

@@ -10,10 +10,10 @@ Shapes (B batch, N decoder steps, M mixture components, Nz latent size):
     decoder   input [S_{t-1}; z] (B, N, 5 + Nz), initial state tanh(W z + b) -> h (B, N, dec) ->
               params (B, N, 3 + 6M) = [pen logits 3 | pi | mu_x | mu_y | log sigma_x | log sigma_y | rho]
 
-Cells (`norm`, one of CELL_NORMS; every cell has the official forget-gate bias 1.0, orthogonal
-recurrent weights per gate, Glorot-uniform input weights, and recurrent dropout on the candidate
-tanh(g) only, as magenta's cells; gates are in torch's order i, f, g, o, a relabelling of the official
-i, j, f, o):
+Cells (`norm`, a `zoo.norm` kind declared recurrent, see `zoo.norm.norm_spec`; every cell has the
+official forget-gate bias 1.0, orthogonal recurrent weights per gate, Glorot-uniform input weights, and
+recurrent dropout on the candidate tanh(g) only, as magenta's cells; gates are in torch's order
+i, f, g, o, a relabelling of the official i, j, f, o):
     none   plain LSTM. Runs as `torch.nn.LSTM` (fused) whenever recurrent dropout is inactive (eval, or
            `recurrent_dropout=0`). The fused kernel cannot drop the candidate alone, so in training with
            recurrent dropout the same nn.LSTM weights run through this file's fused scan instead.
@@ -27,15 +27,20 @@ i, j, f, o):
            steps past the longest sequence of a batch reuse the last real step's statistics, as the paper
            does past T_max. Inference uses per-step running statistics (`max_steps` of them; later steps
            use the last).
+    any other registered kind declared per row and recurrent (`register_norm(..., pools_positions=False,
+           pools_batch=False, recurrent=True)`): the layer cell's equations with the kind's own modules,
+           `build_norm(kind, H, "nc")` for each gate and for the cell, plus a gate bias (forget 1.0), run
+           as a plain step loop in PyTorch with autograd (slower than the fused cells).
 
 Speed: the normalized cells (and `none` with recurrent dropout in training) run a whole sequence as one
 autograd node (`FusedScan`, `BatchNormScan` for `batch`): the input projection of all steps is one
 matmul, the forward steps run without recording a graph, back-propagation through time is hand-written
 (including through the masked per-step statistics of `batch`), and weight gradients are one matmul over
-all steps. On CPU both run as C++ kernels (zoo/csrc/lstm_scan.cpp, built on first use, see
-zoo.cpu_kernels): a step is the recurrent matmul plus one fused pass per row (or column, for batch
-statistics). Elsewhere, or without a compiler, the same math runs as torch ops (torch's fused norm
-kernels for layer/rms). See benchmarks/README.md for the measured speeds.
+all steps. On CPU both run as C++ kernels (zoo/csrc/lstm_scan.cpp, built on first use; differentiable
+torch ops that torch.compile keeps in its graphs, see zoo.cpu_kernels): a step is the recurrent matmul
+plus one fused pass per row (or column, for batch statistics). Elsewhere, or without a compiler, the
+same math runs as torch ops (torch's fused norm kernels for layer/rms). See benchmarks/README.md for the
+measured speeds.
 """
 from __future__ import annotations
 
@@ -47,13 +52,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo import cpu_kernels
+from zoo.models.inference import inference
+from zoo.norm import NormSpec, build_norm, check_norm
 
-__all__ = ["CELL_NORMS", "LSTMLayer", "SketchRNN", "MixtureParams", "split_params", "gmm_log_prob",
+__all__ = ["LSTMLayer", "SketchRNN", "MixtureParams", "split_params", "gmm_log_prob",
            "reconstruction_loss", "kl_divergence", "kl_weight_schedule", "interpolate_latents",
            "sample_mixture"]
 
-CELL_NORMS = ("none", "layer", "rms", "batch")
-SCAN_KINDS = ("none", "layer", "rms")  # FusedScan's kinds, numbered as zoo/csrc/lstm_scan.cpp's
+SCAN_KINDS = {"none": 0, "layer": 1, "rms": 2}  # FusedScan's kinds: their numbers in zoo/csrc/lstm_scan.cpp
 RHO_MAX = 1.0 - 1e-5  # |rho| < 1 keeps log(1 - rho^2) finite where tanh saturates in float32
 LOG_2PI = math.log(2 * math.pi)
 
@@ -125,12 +131,24 @@ def _gates_to_cell(gates: Tensor, act: Tensor, c_prev: Tensor, c_out: Tensor, ke
     return o, torch.mul(f, c_prev, out=c_out).addcmul_(i, g)
 
 
+def _lstm_scan(kind, eps, xw, h0, c0, w_hh, g_gamma, g_beta, c_gamma, c_beta, keep):
+    """One LSTM direction of kind none / layer / rms (`FusedScan`'s inputs and results): where the CPU
+    kernels are usable the C++ op `zoo::lstm_scan_forward` (differentiable, and kept whole in
+    torch.compile's graphs, see zoo.cpu_kernels), else `FusedScan`."""
+    if cpu_kernels.usable(xw):
+        hs, c, *_ = torch.ops.zoo.lstm_scan_forward(SCAN_KINDS[kind], eps, xw, h0, c0, w_hh, g_gamma, g_beta,
+                                                     c_gamma, c_beta, keep)
+        return hs, c
+    return FusedScan.apply(kind, eps, xw, h0, c0, w_hh, g_gamma, g_beta, c_gamma, c_beta, keep)
+
+
 class FusedScan(torch.autograd.Function):
     """One LSTM direction over a whole sequence as one autograd node (kinds none / layer / rms).
 
     Inputs: xw (T, B, 4H) input projections (bias included for `none`), h0, c0 (B, H), w_hh (4H, H),
     gate gain/shift (4H,), cell gain/shift (H,) (ignored for `none`), keep (T, B, H) recurrent-dropout
     multipliers or an empty tensor. Returns the hidden states (T, B, H) and the last cell state (B, H).
+    The pure-PyTorch form of the C++ op `zoo::lstm_scan_forward` (the same math, see `_lstm_scan`).
 
     Per-step work is kept to a few large ops: the forward writes into preallocated buffers; the
     backward first computes, vectorized over all steps, every factor that does not depend on the
@@ -144,12 +162,6 @@ class FusedScan(torch.autograd.Function):
         H = H4 // 4
         drop = keep.numel() > 0
         ctx.kind, ctx.eps, ctx.drop = kind, eps, drop
-        ctx.cpp = cpu_kernels.usable(xw)
-        if ctx.cpp:  # the same scan in C++ (zoo/csrc/lstm_scan.cpp); its stats: gate/cell mean and rstd
-            hs, cs, acts, tcs, pre, *stats = torch.ops.zoo.lstm_scan_forward(
-                SCAN_KINDS.index(kind), eps, xw, h0, c0, w_hh, g_gamma, g_beta, c_gamma, c_beta, keep)
-            ctx.save_for_backward(w_hh, g_gamma, c_gamma, keep, hs, cs, acts, tcs, pre, *stats)
-            return hs[1:].clone(), cs[T].clone()
         hs = xw.new_empty(T + 1, B, H)
         cs = xw.new_empty(T + 1, B, H)
         acts = xw.new_empty(T, B, H4)       # sigmoid(i, f, o) and tanh(g) (before dropout)
@@ -181,12 +193,6 @@ class FusedScan(torch.autograd.Function):
         (w_hh, g_gamma, c_gamma, keep, hs, cs, acts, tcs, pre, gs1, gs2, cs1, cs2) = ctx.saved_tensors
         kind, eps, drop = ctx.kind, ctx.eps, ctx.drop
         T, B, H = d_out.shape
-        if ctx.cpp:
-            d_cT = d_cT if d_cT is not None else d_out.new_zeros(B, H)
-            d_a, d_h0, d_c0, d_w_hh, *d_norm = torch.ops.zoo.lstm_scan_backward(
-                SCAN_KINDS.index(kind), d_out, d_cT, w_hh, g_gamma, c_gamma, keep, hs, cs, acts, tcs, pre,
-                gs1, gs2, cs1, cs2)
-            return (None, None, d_a, d_h0, d_c0, d_w_hh, *(d_norm or [None] * 4), None)
         norm = kind != "none"
         # Step-independent factors, all steps at once. With dc, dh the gradients of the step's cell
         # state (before its norm) and hidden state: d(i, f, g, o pre-activations) =
@@ -254,7 +260,8 @@ class BatchNormScan(torch.autograd.Function):
     The backward adds the gradient through the statistics: for y = (a - mean) * rstd over the real rows
     R of step s, read by the steps t that use step s's statistics, with G_t = dL/dy_t * gamma,
     dL/da_s = rstd * G_s - [b in R] * rstd / |R| * (sum_t sum_b G_t + xhat_s * sum_t sum_b G_t * xhat_t).
-    On CPU the scan runs in C++ (zoo/csrc/lstm_scan.cpp), the same math.
+    The pure-PyTorch form of the C++ op `zoo::bn_lstm_scan_forward` (the same math, see
+    `LSTMLayer._batch_scan`).
     """
 
     @staticmethod
@@ -263,42 +270,34 @@ class BatchNormScan(torch.autograd.Function):
         H = H4 // 4
         drop = keep.numel() > 0
         ctx.eps, ctx.drop, ctx.counts = eps, drop, counts
-        ctx.cpp = cpu_kernels.usable(xw)
-        if ctx.cpp:
-            ctx.counts = torch.tensor(counts if counts is not None else [], dtype=torch.long)
-            hs, cs, acts, tcs, pre, *st = torch.ops.zoo.bn_lstm_scan_forward(
-                eps, xw, h0, c0, w_hh, x_gamma, h_gamma, bias, c_gamma, c_beta, keep, ctx.counts,
-                list(stats) if stats is not None else [])
-            means, variances, rstds = st[0::3], st[1::3], st[2::3]
+        hs, cs = xw.new_empty(T + 1, B, H), xw.new_empty(T + 1, B, H)
+        acts, tcs, pre = xw.new_empty(T, B, H4), xw.new_empty(T, B, H), xw.new_empty(T, B, H4)
+        # per statistic (x, h, c): lists of per-step means and variances, and the (T, width) rstd
+        if counts is not None:
+            means, variances = [[], [], []], [[], [], []]
         else:
-            hs, cs = xw.new_empty(T + 1, B, H), xw.new_empty(T + 1, B, H)
-            acts, tcs, pre = xw.new_empty(T, B, H4), xw.new_empty(T, B, H), xw.new_empty(T, B, H4)
-            # per statistic (x, h, c): lists of per-step means and variances, and the (T, width) rstd
+            means, variances = [list(s.unbind(0)) for s in stats[0::2]], [list(s.unbind(0)) for s in stats[1::2]]
+        rstds = [xw.new_empty(T, H4), xw.new_empty(T, H4), xw.new_empty(T, H)]
+
+        def normalize(k, v, t):
+            """(v - mean) * rstd with statistic k's step-t statistics (computed in training)."""
             if counts is not None:
-                means, variances = [[], [], []], [[], [], []]
-            else:
-                means, variances = [list(s.unbind(0)) for s in stats[0::2]], [list(s.unbind(0)) for s in stats[1::2]]
-            rstds = [xw.new_empty(T, H4), xw.new_empty(T, H4), xw.new_empty(T, H)]
+                var, mean = (torch.var_mean(v[:counts[t]], 0, correction=0) if counts[t]
+                             else (variances[k][-1], means[k][-1]))
+                variances[k].append(var)
+                means[k].append(mean)
+            torch.rsqrt(variances[k][t] + eps, out=rstds[k][t])
+            return (v - means[k][t]) * rstds[k][t]
 
-            def normalize(k, v, t):
-                """(v - mean) * rstd with statistic k's step-t statistics (computed in training)."""
-                if counts is not None:
-                    var, mean = (torch.var_mean(v[:counts[t]], 0, correction=0) if counts[t]
-                                 else (variances[k][-1], means[k][-1]))
-                    variances[k].append(var)
-                    means[k].append(mean)
-                torch.rsqrt(variances[k][t] + eps, out=rstds[k][t])
-                return (v - means[k][t]) * rstds[k][t]
-
-            hs[0], cs[0] = h0, c0
-            w_t = w_hh.t()
-            for t in range(T):
-                a = torch.mm(hs[t], w_t, out=pre[t])
-                gates = torch.addcmul(torch.addcmul(bias, normalize(0, xw[t], t), x_gamma), normalize(1, a, t), h_gamma)
-                o, c = _gates_to_cell(gates, acts[t], cs[t], cs[t + 1], keep[t] if drop else None)
-                cn = torch.addcmul(c_beta, normalize(2, c, t), c_gamma)
-                torch.mul(o, torch.tanh(cn, out=tcs[t]), out=hs[t + 1])
-            means, variances = [torch.stack(m) for m in means], [torch.stack(v) for v in variances]
+        hs[0], cs[0] = h0, c0
+        w_t = w_hh.t()
+        for t in range(T):
+            a = torch.mm(hs[t], w_t, out=pre[t])
+            gates = torch.addcmul(torch.addcmul(bias, normalize(0, xw[t], t), x_gamma), normalize(1, a, t), h_gamma)
+            o, c = _gates_to_cell(gates, acts[t], cs[t], cs[t + 1], keep[t] if drop else None)
+            cn = torch.addcmul(c_beta, normalize(2, c, t), c_gamma)
+            torch.mul(o, torch.tanh(cn, out=tcs[t]), out=hs[t + 1])
+        means, variances = [torch.stack(m) for m in means], [torch.stack(v) for v in variances]
         ctx.save_for_backward(w_hh, x_gamma, h_gamma, c_gamma, keep, xw, hs, cs, acts, tcs, pre, *means, *rstds)
         out = (hs[1:].clone(), cs[T].clone())
         if counts is not None:
@@ -313,12 +312,6 @@ class BatchNormScan(torch.autograd.Function):
          mean_x, mean_h, mean_c, rstd_x, rstd_h, rstd_c) = ctx.saved_tensors
         drop, counts = ctx.drop, ctx.counts
         T, B, H = d_out.shape
-        if ctx.cpp:
-            d_cT = d_cT if d_cT is not None else d_out.new_zeros(B, H)
-            grads = torch.ops.zoo.bn_lstm_scan_backward(d_out, d_cT, w_hh, x_gamma, h_gamma, c_gamma, keep, counts,
-                                                        xw, hs, cs, acts, tcs, pre, mean_x, rstd_x, mean_h, rstd_h,
-                                                        mean_c, rstd_c)
-            return (None, *grads, None, None, None)
         i, f, g, o = acts.chunk(4, 2)
         gk, ik = (g * keep, i * keep) if drop else (g, i)
         mult = torch.stack([gk * i * (1 - i), cs[:-1] * f * (1 - f), ik * (1 - g * g), tcs * o * (1 - o)], 2)
@@ -370,16 +363,31 @@ class BatchNormScan(torch.autograd.Function):
                 None, None, None)
 
 
+def _cell_norm_refusal(kind: str, spec: NormSpec) -> Optional[str]:
+    """Why norm `kind` cannot run inside the LSTM cells (None: it can); for `zoo.norm.check_norm`."""
+    if not spec.recurrent:
+        return "it is not declared to run inside a recurrent cell (register_norm(..., recurrent=True))"
+    if spec.pools_batch and kind != "batch":  # the built-in one has masked per-step statistics
+        return "its statistics pool over the batch, so padded steps of shorter sequences would enter them"
+    return None
+
+
+def _check_cell_norm(kind: str, model: str) -> None:
+    """Raise the one-line ValueError of `zoo.norm.check_norm` unless `model` can use norm `kind`."""
+    check_norm(kind, model, layouts=("nc",), refuse=_cell_norm_refusal)
+
+
 class LSTMLayer(nn.Module):
     """One direction of an LSTM layer with `norm` inside the cell (see the module docstring).
 
     Args:
         input_size, hidden_size: D and H.
-        norm: one of CELL_NORMS.
+        norm: a `zoo.norm` kind declared recurrent (none, layer, rms, batch: fused cells; another per-row
+            kind: the plain-PyTorch cell).
         recurrent_dropout: probability of zeroing a unit of the candidate tanh(g) each step in training
             (the official `recurrent_dropout_prob` is the keep probability, 0.9 -> 0.1 here).
         max_steps: per-step running statistics kept by `batch` (later steps use the last).
-        eps: of the normalizations (magenta's layer norm: 1e-3).
+        eps: of the built-in normalizations (magenta's layer norm: 1e-3); a registered kind keeps its own.
         forget_bias: added to the forget gate; folded into the initial value of its bias (same function
             and gradients as magenta's constant).
         bn_gain: initial gain of `batch` (Cooijmans et al.: 0.1).
@@ -393,8 +401,7 @@ class LSTMLayer(nn.Module):
                  max_steps: int = 251, eps: float = 1e-3, forget_bias: float = 1.0, bn_gain: float = 0.1,
                  bn_momentum: float = 0.1):
         super().__init__()
-        if norm not in CELL_NORMS:
-            raise ValueError(f"unknown recurrent cell norm {norm!r}; accepted: {', '.join(CELL_NORMS)}")
+        _check_cell_norm(norm, type(self).__name__)
         if not 0.0 <= recurrent_dropout < 1.0:
             raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout!r}")
         self.input_size, self.hidden_size, self.norm = input_size, hidden_size, norm
@@ -412,12 +419,12 @@ class LSTMLayer(nn.Module):
             w_hh = self.weight_hh = nn.Parameter(torch.empty(4 * H, H))
             gate_bias = torch.zeros(4 * H)
             gate_bias[H:2 * H] = forget_bias
-            if norm in ("layer", "rms"):
+            if norm in SCAN_KINDS:
                 self.gate_weight = nn.Parameter(torch.ones(4 * H))
                 self.gate_bias = nn.Parameter(gate_bias)
                 self.cell_weight = nn.Parameter(torch.ones(H))
                 self.cell_bias = nn.Parameter(torch.zeros(H))
-            else:
+            elif norm == "batch":
                 self.x_weight = nn.Parameter(torch.full((4 * H,), bn_gain))
                 self.h_weight = nn.Parameter(torch.full((4 * H,), bn_gain))
                 self.bias = nn.Parameter(gate_bias)
@@ -426,6 +433,10 @@ class LSTMLayer(nn.Module):
                 for name, width in (("x", 4 * H), ("h", 4 * H), ("c", H)):
                     self.register_buffer(f"running_mean_{name}", torch.zeros(max_steps, width))
                     self.register_buffer(f"running_var_{name}", torch.ones(max_steps, width))
+            else:  # a registered per-row kind: its own modules, the gate bias after them
+                self.gate_norms = nn.ModuleList([build_norm(norm, H, "nc") for _ in range(4)])
+                self.cell_norm = build_norm(norm, H, "nc")
+                self.gate_bias = nn.Parameter(gate_bias)
         nn.init.xavier_uniform_(w_ih)
         _orthogonal_per_gate(w_hh, H)
 
@@ -455,41 +466,68 @@ class LSTMLayer(nn.Module):
                 return out, (h[0], c[0])
             xw = F.linear(x.transpose(0, 1), lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)
             empty = x.new_empty(0)
-            hs, c = FusedScan.apply("none", self.eps, xw, h0, c0, lstm.weight_hh_l0, empty, empty, empty, empty, keep)
-        elif self.norm in ("layer", "rms"):
+            hs, c = _lstm_scan("none", self.eps, xw, h0, c0, lstm.weight_hh_l0, empty, empty, empty, empty, keep)
+        elif self.norm in SCAN_KINDS:
             xw = F.linear(x.transpose(0, 1), self.weight_ih)
-            hs, c = FusedScan.apply(self.norm, self.eps, xw, h0, c0, self.weight_hh, self.gate_weight,
-                                    self.gate_bias, self.cell_weight, self.cell_bias, keep)
-        else:
+            hs, c = _lstm_scan(self.norm, self.eps, xw, h0, c0, self.weight_hh, self.gate_weight, self.gate_bias,
+                               self.cell_weight, self.cell_bias, keep)
+        elif self.norm == "batch":
             hs, c = self._batch_scan(x, h0, c0, lengths, t0, keep)
+        else:
+            hs, c = self._norm_scan(x, h0, c0, keep)
         return hs.transpose(0, 1), (hs[-1], c)
 
+    def _norm_scan(self, x, h0, c0, keep):
+        """The cell of a registered per-row kind over (B, T, D), step by step with autograd: gates =
+        norm_k(x W_x + h W_h) per gate k + bias, h = o * tanh(norm_c(c)). Per-row statistics never
+        see other rows, so padding changes nothing. Returns hidden states (T, B, H) and c_T (B, H)."""
+        H = self.hidden_size
+        xw = F.linear(x.transpose(0, 1), self.weight_ih)  # (T, B, 4H)
+        h, c, hs = h0, c0, []
+        for t in range(x.shape[1]):
+            a = torch.addmm(xw[t], h, self.weight_hh.t()).split(H, 1)
+            gates = torch.cat([norm(v) for norm, v in zip(self.gate_norms, a)], 1) + self.gate_bias
+            i, f, g, o = gates.chunk(4, 1)
+            g = torch.tanh(g) * keep[t] if keep.numel() else torch.tanh(g)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * g
+            h = torch.sigmoid(o) * torch.tanh(self.cell_norm(c))
+            hs.append(h)
+        return torch.stack(hs), c
+
     def _batch_scan(self, x, h0, c0, lengths, t0, keep):
-        """Recurrent batch norm over (B, T, D) with per-step statistics over real steps (`BatchNormScan`).
-        In training the batch is sorted by decreasing length, so each step's real rows are a prefix."""
+        """Recurrent batch norm over (B, T, D) with per-step statistics over real steps: the C++ op
+        `zoo::bn_lstm_scan_forward` where the CPU kernels are usable (differentiable, and kept whole in
+        torch.compile's graphs, see zoo.cpu_kernels), else `BatchNormScan`. In training the batch is
+        sorted by decreasing length, so each step's real rows are a prefix; `counts` (T,) stays a tensor
+        (no graph break) except for BatchNormScan, which slices with its values."""
         B, T, _ = x.shape
         xw = F.linear(x.transpose(0, 1), self.weight_ih).contiguous()  # (T, B, 4H)
         order, counts, stats = None, None, None
         if self.training:
-            counts = [B] * T
+            counts = torch.full((T,), B, device=x.device)
             if lengths is not None:
-                if int(lengths.max()) < 1:
+                # a data-dependent check, which would split a compiled graph; there the kernel's own raises
+                if not torch.compiler.is_compiling() and int(lengths.max()) < 1:
                     raise ValueError("recurrent batch norm needs at least one sequence with length >= 1")
                 order = torch.argsort(lengths, descending=True, stable=True)
-                counts = (lengths[None, :] > torch.arange(T, device=x.device)[:, None]).sum(1).tolist()
+                counts = (lengths[None, :] > torch.arange(T, device=x.device)[:, None]).sum(1)
                 xw, h0, c0 = xw[:, order], h0[order], c0[order]
                 keep = keep[:, order] if keep.numel() else keep
         else:
             idx = (torch.arange(T, device=x.device) + t0).clamp(max=self.max_steps - 1)
             stats = tuple(getattr(self, f"running_{s}_{k}")[idx] for k in "xhc" for s in ("mean", "var"))
-        out = BatchNormScan.apply(self.eps, xw, h0.contiguous(), c0.contiguous(), self.weight_hh, self.x_weight,
-                                  self.h_weight, self.bias, self.cell_weight, self.cell_bias, keep, counts, stats)
-        hs, c = out[:2]
+        args = (self.eps, xw, h0.contiguous(), c0.contiguous(), self.weight_hh, self.x_weight, self.h_weight,
+                self.bias, self.cell_weight, self.cell_bias, keep)
+        if cpu_kernels.usable(xw):
+            hs, c, *batch_stats = torch.ops.zoo.bn_lstm_scan_forward(
+                *args, xw.new_empty(0, dtype=torch.long) if counts is None else counts, list(stats or ()))
+            batch_stats = batch_stats[:6]  # then what its backward pass reads
+        else:
+            hs, c, *batch_stats = BatchNormScan.apply(*args, None if counts is None else counts.tolist(), stats)
         if counts is not None:
-            real = sum(n > 0 for n in counts)  # steps 0..real-1 hold data
-            n = torch.tensor(counts[:real], dtype=x.dtype, device=x.device)[:, None]
-            for k, mean, var in zip("xhc", out[2::2], out[3::2]):
-                self._update_running(k, t0, mean[:real], var[:real], n)
+            n = counts.to(x.dtype)[:, None]
+            for k, mean, var in zip("xhc", batch_stats[0::2], batch_stats[1::2]):
+                self._update_running(k, t0, mean, var, n)
         if order is not None:
             inverse = torch.argsort(order)
             hs, c = hs[:, inverse], c[inverse]
@@ -497,16 +535,18 @@ class LSTMLayer(nn.Module):
 
     @torch.no_grad()
     def _update_running(self, name: str, start: int, mean: Tensor, var: Tensor, n: Tensor) -> None:
-        """Momentum update of the running statistics of steps start.. (unbiased variance, as torch)."""
+        """Momentum update of the running statistics of steps start.. that have real rows (n (T, 1) of
+        them; unbiased variance, as torch). Steps without are masked out rather than sliced off, which
+        would need their number in Python (a graph break under torch.compile)."""
         stop = min(start + len(mean), self.max_steps)
         if stop <= start:
             return
         k = stop - start
-        unbiased = var[:k] * (n[:k] / (n[:k] - 1).clamp_min(1))
-        mom = self.bn_momentum
-        rm, rv = getattr(self, f"running_mean_{name}"), getattr(self, f"running_var_{name}")
-        rm[start:stop].lerp_(mean[:k].detach(), mom)
-        rv[start:stop].lerp_(unbiased.detach(), mom)
+        n = n[:k]
+        unbiased = var[:k] * (n / (n - 1).clamp_min(1))
+        for stat, value in (("mean", mean[:k]), ("var", unbiased)):
+            running = getattr(self, f"running_{stat}_{name}")[start:stop]
+            running.copy_(torch.where(n > 0, running.lerp(value.detach(), self.bn_momentum), running))
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -643,7 +683,8 @@ class SketchRNN(nn.Module):
         enc_rnn_size, dec_rnn_size: encoder (each direction) and decoder LSTM widths (256, 512).
         z_size: latent size Nz (128).
         num_mixture: M bivariate normals in the offset distribution (20).
-        norm: the cells' normalization, one of CELL_NORMS (magenta's default cell: plain LSTM, "none").
+        norm: the cells' normalization, a `zoo.norm` kind declared recurrent (`LSTMLayer`; magenta's
+            default cell: plain LSTM, "none").
         recurrent_dropout: drop probability on the candidate (official keep 0.9 -> 0.1).
         conditional: VAE (True) or decoder-only unconditional model (False: no encoder, no z, zero
             initial decoder state).
@@ -655,6 +696,7 @@ class SketchRNN(nn.Module):
                  num_mixture: int = 20, norm: str = "none", recurrent_dropout: float = 0.1,
                  conditional: bool = True, max_seq_len: int = 250):
         super().__init__()
+        _check_cell_norm(norm, type(self).__name__)
         self.z_size, self.num_mixture, self.conditional, self.max_seq_len = z_size, num_mixture, conditional, max_seq_len
         self.norm = norm
         if conditional:
@@ -729,7 +771,7 @@ class SketchRNN(nn.Module):
     def params(self, out: Tensor) -> MixtureParams:
         return split_params(out, self.num_mixture)
 
-    @torch.no_grad()
+    @inference
     def sample(self, z: Optional[Tensor] = None, num: Optional[int] = None, max_len: Optional[int] = None,
                temperature: float = 1.0, greedy: bool = False, sigma_temperature: str = "paper",
                generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
@@ -741,64 +783,49 @@ class SketchRNN(nn.Module):
         Returns strokes (B, L, 5) stroke-5 offsets in the model's (normalized) units and lengths (B,)
         (points before the end token; rows from there on are end-of-sketch padding).
         """
-        was_training = self.training
-        self.eval()
-        try:
-            param = self.head.weight
-            if self.conditional and z is None:
-                if num is None:
-                    raise ValueError("sample needs z or num")
-                z = torch.randn(num, self.z_size, generator=generator, device=param.device, dtype=param.dtype)
-            B = z.shape[0] if z is not None else num
-            if B is None:
-                raise ValueError("sample needs num for an unconditional model")
-            max_len = max_len or self.max_seq_len
-            state = self.initial_decoder_state(z, B, param)
-            x = param.new_zeros(B, 1, 5)
-            x[:, 0, 2] = 1  # S0
-            rows = []
-            done = torch.zeros(B, dtype=torch.bool, device=param.device)
-            lengths = torch.full((B,), max_len, dtype=torch.long, device=param.device)
-            for t in range(max_len):
-                out, state = self.decode(x, z, state=state, t0=t)
-                x = sample_mixture(self.params(out[:, 0]), temperature, greedy, sigma_temperature, generator)
-                end = x[:, 4] > 0
-                lengths = torch.where(end & ~done, torch.full_like(lengths, t), lengths)
-                done = done | end
-                x = torch.where(done[:, None], x.new_tensor([0, 0, 0, 0, 1]), x)
-                rows.append(x)
-                x = x[:, None]
-                if bool(done.all()):
-                    break
-            return torch.stack(rows, 1), lengths
-        finally:
-            self.train(was_training)
+        param = self.head.weight
+        if self.conditional and z is None:
+            if num is None:
+                raise ValueError("sample needs z or num")
+            z = torch.randn(num, self.z_size, generator=generator, device=param.device, dtype=param.dtype)
+        B = z.shape[0] if z is not None else num
+        if B is None:
+            raise ValueError("sample needs num for an unconditional model")
+        max_len = max_len or self.max_seq_len
+        state = self.initial_decoder_state(z, B, param)
+        x = param.new_zeros(B, 1, 5)
+        x[:, 0, 2] = 1  # S0
+        rows = []
+        done = torch.zeros(B, dtype=torch.bool, device=param.device)
+        lengths = torch.full((B,), max_len, dtype=torch.long, device=param.device)
+        for t in range(max_len):
+            out, state = self.decode(x, z, state=state, t0=t)
+            x = sample_mixture(self.params(out[:, 0]), temperature, greedy, sigma_temperature, generator)
+            end = x[:, 4] > 0
+            lengths = torch.where(end & ~done, torch.full_like(lengths, t), lengths)
+            done = done | end
+            x = torch.where(done[:, None], x.new_tensor([0, 0, 0, 0, 1]), x)
+            rows.append(x)
+            x = x[:, None]
+            if bool(done.all()):
+                break
+        return torch.stack(rows, 1), lengths
 
-    @torch.no_grad()
+    @inference
     def reconstruct(self, strokes: Tensor, lengths: Tensor, temperature: float = 1.0, greedy: bool = False,
                     use_mean: bool = True, generator: Optional[torch.Generator] = None,
                     **kw) -> tuple[Tensor, Tensor]:
         """Conditional reconstruction: encode strokes (B, N + 1, 5) and decode from z (mu, or a draw
         from q(z|x) when use_mean=False) -> sample()'s (strokes, lengths)."""
-        was_training = self.training
-        self.eval()
-        try:
-            mu, presig = self.encode(strokes[:, 1:], lengths)
-        finally:
-            self.train(was_training)
+        mu, presig = self.encode(strokes[:, 1:], lengths)
         if not use_mean:
             mu = mu + torch.exp(presig / 2) * torch.randn(mu.shape, generator=generator, dtype=mu.dtype,
                                                           device=mu.device)
         return self.sample(mu, temperature=temperature, greedy=greedy, generator=generator, **kw)
 
-    @torch.no_grad()
+    @inference
     def interpolate(self, strokes: Tensor, lengths: Tensor, steps: int = 8, method: str = "slerp",
                     **kw) -> tuple[Tensor, Tensor]:
         """Decode `steps` latents between the encodings (mu) of the first two sketches of the batch."""
-        was_training = self.training
-        self.eval()
-        try:
-            mu, _ = self.encode(strokes[:2, 1:], lengths[:2])
-        finally:
-            self.train(was_training)
+        mu, _ = self.encode(strokes[:2, 1:], lengths[:2])
         return self.sample(interpolate_latents(mu[0], mu[1], steps, method), **kw)

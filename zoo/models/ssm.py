@@ -17,7 +17,8 @@ Backends, one interface:
     "sequential"  `selective_scan_ref`: a Python loop over time; obviously correct, used in tests.
     "chunked"     `selective_scan_chunked`: the fast path. On CPU, for B and C of layout (batch, N, L)
                   (Mamba's and MambaVision's), one C++ kernel does the whole computation, forward and
-                  backward (zoo/csrc/selective_scan.cpp, built on first use, see zoo.cpu_kernels).
+                  backward (zoo/csrc/selective_scan.cpp, built on first use): a differentiable torch op
+                  that torch.compile keeps in its graph (see zoo.cpu_kernels).
                   Otherwise (other layouts, GPUs without mamba_ssm, no compiler) pure PyTorch: one
                   autograd Function with a hand-written backward (the adjoint recurrence in reverse
                   time). On CPU the time axis is cut into blocks of a few steps whose tensors stay in
@@ -374,27 +375,15 @@ class _SelectiveScanFn(torch.autograd.Function):
         return g_du.mul_(delta), g_delta, g_A, g_B, g_C
 
 
-class _SelectiveScanCpp(torch.autograd.Function):
-    """The whole selective scan (bias, softplus, recurrence, D skip, silu(z) gate) as one C++ CPU kernel
-    (zoo/csrc/selective_scan.cpp) with its hand-written backward, for B, C of layout (batch, N, L):
-    mamba_ssm's shapes in and out, except the last state, (batch, N, dim). It keeps delta after the
-    softplus and the state before each 16-step block, and recomputes the rest in the backward pass."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        empty = u.new_empty(0)
-        args = [u, delta, A, B, C] + [empty if t is None else t for t in (D, z, delta_bias)]
-        y, last, *kept = torch.ops.zoo.selective_scan_forward(*args, delta_softplus)
-        ctx.softplus, ctx.given = delta_softplus, [t is not None for t in (D, z, delta_bias)]
-        ctx.save_for_backward(*args, *kept)
-        return y, last
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy, g_last):
-        *args, starts, delta = ctx.saved_tensors
-        grads = torch.ops.zoo.selective_scan_backward(gy, g_last, *args, ctx.softplus, starts, delta)
-        return (*grads[:5], *(g if given else None for g, given in zip(grads[5:], ctx.given)), None)
+def _selective_scan_cpp(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """The whole selective scan (bias, softplus, recurrence, D skip, silu(z) gate) as the C++ CPU op
+    `zoo::selective_scan_forward` (zoo/csrc/selective_scan.cpp; differentiable, and kept whole in
+    torch.compile's graphs, see zoo.cpu_kernels) for B, C of layout (batch, N, L): mamba_ssm's shapes in
+    and out, except the last state, (batch, N, dim)."""
+    empty = u.new_empty(0)  # the op's "absent"
+    y, last, _, _ = torch.ops.zoo.selective_scan_forward(
+        u, delta, A, B, C, *(empty if t is None else t for t in (D, z, delta_bias)), delta_softplus)
+    return y, last
 
 
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -408,7 +397,7 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     with torch.autocast(u.device.type, enabled=False):
         if B.dim() == 3 and C.dim() == 3 and cpu_kernels.usable(u.to(dtype)):  # Mamba's layout on CPU: C++
             f = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-            y, last = _SelectiveScanCpp.apply(*map(f, (u, delta, A, B, C, D, z, delta_bias)), delta_softplus)
+            y, last = _selective_scan_cpp(*map(f, (u, delta, A, B, C, D, z, delta_bias)), delta_softplus)
             return (y.to(dtype_in), last.transpose(1, 2)) if return_last_state else y.to(dtype_in)
         dtype, u, delta, A = _prepare(u, delta, A, delta_bias, delta_softplus)
         batch, dim, length = u.shape

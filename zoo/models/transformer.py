@@ -33,9 +33,12 @@ future. Batch norm computes per-channel statistics over tokens, so `TokenNorm` m
       sums), so output t never depends on inputs after t; in eval it uses the running statistics,
       which are per token. The running estimates are updated from all real tokens of the batch, with
       torch's momentum semantics (unbiased variance, momentum=None = cumulative average).
-Group and instance norm normalize each sequence over its positions: in a causal stack that leaks the
-future, and their per-sequence statistics would mix in pads, so they are refused with a ValueError.
-A norm registered with `zoo.norm.register_norm` is assumed to be per token.
+Which kinds are accepted is read from their declarations (`zoo.norm.norm_spec`): a kind whose
+statistics pool over positions (group, instance) would leak the future in a causal stack and mix pads
+into real tokens, and one that pools over the batch would mix in other sequences' pads, so both are
+refused with a ValueError, except the built-in batch norm that `TokenNorm` recomputes as above. A norm
+registered with `zoo.norm.register_norm` is accepted once declared per token (pools_positions=False,
+pools_batch=False).
 
 Generation keeps a key/value cache (`KVCache`). SDPA's `is_causal=True` aligns the causal mask to the
 top-left corner, which is wrong once the queries (new tokens) are fewer than the keys (cache + new
@@ -52,10 +55,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.norm import BatchNormNLC, GroupNorm, InstanceNorm, build_norm
+from zoo.models.inference import inference
+from zoo.norm import NormSpec, build_norm, check_norm
 
 __all__ = ["Transformer", "TransformerLM", "Block", "Attention", "FeedForward", "TokenNorm",
-           "Embeddings", "KVCache", "sinusoidal_positions", "length_penalty", "NORM_POSITIONS",
+           "Embeddings", "KVCache", "sinusoidal_positions", "length_penalty", "check_args", "NORM_POSITIONS",
            "POS_ENCODINGS", "ACTIVATIONS"]
 
 NORM_POSITIONS = ("post", "pre")
@@ -68,8 +72,33 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+def check_args(model: str, norm: str, norm_position: str, pos_encoding: str, activation: str) -> None:
+    """The choices `model` ("TransformerLM" or "Transformer") checks, without building it: a task
+    checks its arguments before any data is read, and builds the network once the vocabulary is fitted."""
+    _check_choice("norm_position", norm_position, NORM_POSITIONS)
+    _check_choice("pos_encoding", pos_encoding, POS_ENCODINGS)
+    _check_choice("activation", activation, ACTIVATIONS)
+    _check_token_norm(norm, model)
+
+
 # ---------------------------------------------------------------------------------------------------
 # normalization over tokens
+
+def _token_norm_refusal(kind: str, spec: NormSpec) -> str | None:
+    """Why norm `kind` cannot normalize tokens in this module (None: it can); for `check_norm`."""
+    if kind == "batch":  # TokenNorm recomputes its statistics over real tokens at positions <= t
+        return None
+    if spec.pools_positions:
+        return "its statistics pool over positions, a leak of the future (and of padding) into earlier tokens"
+    if spec.pools_batch:
+        return "its statistics pool over the batch and would mix in other sequences' padding"
+    return None
+
+
+def _check_token_norm(kind: str, model: str) -> None:
+    """Raise the one-line ValueError of `zoo.norm.check_norm` unless `model` can use norm `kind`."""
+    check_norm(kind, model, layouts=("nlc",), refuse=_token_norm_refusal)
+
 
 class TokenNorm(nn.Module):
     """A `zoo.norm` kind applied to token sequences (N, L, C), aware of padding and causality.
@@ -86,15 +115,10 @@ class TokenNorm(nn.Module):
 
     def __init__(self, kind: str, num_features: int, causal: bool = False):
         super().__init__()
+        _check_token_norm(kind, type(self).__name__)
         self.norm = build_norm(kind, num_features, layout="nlc")
-        if isinstance(self.norm, (GroupNorm, InstanceNorm)):
-            raise ValueError(
-                f"norm={kind!r} normalizes each sequence over all its positions: in a causal stack (the "
-                "language model, the seq2seq decoder) position t would see statistics of later positions "
-                "(a leak of the future), and in a padded batch the pads would enter the statistics. "
-                "Use 'layer', 'rms', 'batch' (made causal- and padding-safe here) or 'none'.")
         self.kind, self.causal = kind, causal
-        self.is_batch = isinstance(self.norm, BatchNormNLC)
+        self.is_batch = kind == "batch"  # a BatchNormNLC: built-in kinds are never replaced
 
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         """x (N, L, C), pad_mask (N, L) bool, True at pads (or None) -> (N, L, C)."""
@@ -396,7 +420,8 @@ class TransformerLM(nn.Module):
         vocab_size: V.
         d_model, n_heads, n_layers, d_ff: sizes (paper base: 512, 8, 6, 2048).
         dropout: on embeddings, sub-layer outputs, feed-forward hidden units and attention weights.
-        norm: a `zoo.norm` kind ("layer", "rms", "batch", "none"; not "group"/"instance").
+        norm: a `zoo.norm` kind whose statistics are per token ("layer", "rms", "none", or registered
+            with pools_positions=False, pools_batch=False), or "batch" (made causal here).
         norm_position: "pre" (GPT-2, default here; final norm added) or "post" (the paper).
         max_len: the longest context (positions 0..max_len-1).
         pos_encoding: "sinusoidal" (paper) or "learned" (GPT).
@@ -411,6 +436,7 @@ class TransformerLM(nn.Module):
                  activation: str = "relu", bias: bool = True):
         super().__init__()
         _check_choice("norm_position", norm_position, NORM_POSITIONS)
+        _check_token_norm(norm, type(self).__name__)
         self.max_len, self.n_layers = max_len, n_layers
         self.embed = Embeddings(vocab_size, d_model, max_len, dropout, pos_encoding, pad_id=None)
         self.blocks = nn.ModuleList([
@@ -443,7 +469,7 @@ class TransformerLM(nn.Module):
         """(N, L) ids -> (N, L, V) logits; with a cache, ids continue the cached positions."""
         return self.forward_head(self.forward_features(ids, cache))
 
-    @torch.no_grad()
+    @inference
     def generate(self, ids: Tensor, max_new_tokens: int, greedy: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, use_cache: bool = True,
                  generator: torch.Generator | None = None) -> Tensor:
@@ -458,21 +484,16 @@ class TransformerLM(nn.Module):
             raise ValueError(f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
                              f"max_len={self.max_len}; generate fewer tokens or use use_cache=False (slides "
                              "a window of max_len tokens)")
-        was_training = self.training
-        self.eval()
-        try:
-            cache = KVCache(self.n_layers) if use_cache else None
-            step_input = ids
-            for _ in range(max_new_tokens):
-                if cache is None:
-                    step_input = ids[:, -self.max_len:]
-                logits = self(step_input, cache)[:, -1]
-                nxt = _next_token(logits.float(), greedy, temperature, top_k, generator)
-                ids = torch.cat([ids, nxt], dim=1)
-                if cache is not None:
-                    step_input = nxt
-        finally:
-            self.train(was_training)
+        cache = KVCache(self.n_layers) if use_cache else None
+        step_input = ids
+        for _ in range(max_new_tokens):
+            if cache is None:
+                step_input = ids[:, -self.max_len:]
+            logits = self(step_input, cache)[:, -1]
+            nxt = _next_token(logits.float(), greedy, temperature, top_k, generator)
+            ids = torch.cat([ids, nxt], dim=1)
+            if cache is not None:
+                step_input = nxt
         return ids
 
 
@@ -504,6 +525,7 @@ class Transformer(nn.Module):
                  share_embeddings: bool = False, tie_embeddings: bool = True, pad_id: int = 0):
         super().__init__()
         _check_choice("norm_position", norm_position, NORM_POSITIONS)
+        _check_token_norm(norm, type(self).__name__)
         if share_embeddings and src_vocab_size != tgt_vocab_size:
             raise ValueError(f"share_embeddings needs one vocabulary, got src_vocab_size={src_vocab_size} "
                              f"and tgt_vocab_size={tgt_vocab_size}")
@@ -557,32 +579,27 @@ class Transformer(nn.Module):
         memory, memory_pad = self.encode(src)
         return self.decode(tgt, memory, memory_pad)
 
-    @torch.no_grad()
+    @inference
     def greedy_decode(self, src: Tensor, bos_id: int, eos_id: int, max_len: int,
                       use_cache: bool = True) -> Tensor:
         """(N, S) source -> (N, <= max_len) output ids without bos, eos included, pads after eos."""
         _check_prompt(src)
-        was_training = self.training
-        self.eval()
-        try:
-            memory, memory_pad = self.encode(src)
-            n = src.shape[0]
-            out = torch.full((n, 1), bos_id, dtype=torch.long, device=src.device)
-            done = torch.zeros(n, dtype=torch.bool, device=src.device)
-            cache = KVCache(self.num_decoder_layers) if use_cache else None
-            for _ in range(max_len):
-                step = out[:, -1:] if cache is not None else out
-                nxt = self.decode(step, memory, memory_pad, cache)[:, -1].argmax(-1)
-                nxt = nxt.masked_fill(done, self.pad_id)
-                out = torch.cat([out, nxt[:, None]], dim=1)
-                done |= nxt == eos_id
-                if done.all():
-                    break
-        finally:
-            self.train(was_training)
+        memory, memory_pad = self.encode(src)
+        n = src.shape[0]
+        out = torch.full((n, 1), bos_id, dtype=torch.long, device=src.device)
+        done = torch.zeros(n, dtype=torch.bool, device=src.device)
+        cache = KVCache(self.num_decoder_layers) if use_cache else None
+        for _ in range(max_len):
+            step = out[:, -1:] if cache is not None else out
+            nxt = self.decode(step, memory, memory_pad, cache)[:, -1].argmax(-1)
+            nxt = nxt.masked_fill(done, self.pad_id)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            done |= nxt == eos_id
+            if done.all():
+                break
         return out[:, 1:]
 
-    @torch.no_grad()
+    @inference
     def beam_search(self, src: Tensor, bos_id: int, eos_id: int, max_len: int, beam_size: int = 4,
                     alpha: float = 0.6) -> Tensor:
         """Beam search with the GNMT length penalty (paper Sec. 6.1: beam 4, alpha 0.6).
@@ -592,39 +609,34 @@ class Transformer(nn.Module):
         (N, S) source -> (N, <= max_len) ids, as `greedy_decode`.
         """
         _check_prompt(src)
-        was_training = self.training
-        self.eval()
-        try:
-            n, k, dev = src.shape[0], beam_size, src.device
-            memory, memory_pad = self.encode(src)
-            memory = memory.repeat_interleave(k, 0)
-            memory_pad = memory_pad.repeat_interleave(k, 0)
-            cache = KVCache(self.num_decoder_layers)
-            seqs = torch.full((n * k, 1), bos_id, dtype=torch.long, device=dev)
-            scores = torch.full((n, k), float("-inf"), device=dev)
-            scores[:, 0] = 0.0  # all beams start equal: expand only the first
-            done = torch.zeros(n * k, dtype=torch.bool, device=dev)
-            lengths = torch.zeros(n * k, dtype=torch.long, device=dev)
-            for _ in range(max_len):
-                logp = F.log_softmax(self.decode(seqs[:, -1:], memory, memory_pad, cache)[:, -1].float(), -1)
-                vocab = logp.shape[-1]
-                # a finished beam continues only with a pad, at no cost
-                finished = torch.full_like(logp, float("-inf"))
-                finished[:, self.pad_id] = 0.0
-                logp = torch.where(done[:, None], finished, logp)
-                cand = (scores.view(n * k, 1) + logp).view(n, k * vocab)
-                scores, flat = cand.topk(k, dim=-1)
-                beam = flat // vocab
-                tok = (flat % vocab).view(-1)
-                rows = (beam + torch.arange(n, device=dev)[:, None] * k).view(-1)
-                cache.reorder(rows)
-                seqs = torch.cat([seqs[rows], tok[:, None]], dim=1)
-                done, lengths = done[rows], lengths[rows] + (~done[rows]).long()
-                done = done | (tok == eos_id)
-                if done.all():
-                    break
-            best = (scores / length_penalty(lengths.view(n, k), alpha)).argmax(-1)
-            rows = best + torch.arange(n, device=dev) * k
-        finally:
-            self.train(was_training)
+        n, k, dev = src.shape[0], beam_size, src.device
+        memory, memory_pad = self.encode(src)
+        memory = memory.repeat_interleave(k, 0)
+        memory_pad = memory_pad.repeat_interleave(k, 0)
+        cache = KVCache(self.num_decoder_layers)
+        seqs = torch.full((n * k, 1), bos_id, dtype=torch.long, device=dev)
+        scores = torch.full((n, k), float("-inf"), device=dev)
+        scores[:, 0] = 0.0  # all beams start equal: expand only the first
+        done = torch.zeros(n * k, dtype=torch.bool, device=dev)
+        lengths = torch.zeros(n * k, dtype=torch.long, device=dev)
+        for _ in range(max_len):
+            logp = F.log_softmax(self.decode(seqs[:, -1:], memory, memory_pad, cache)[:, -1].float(), -1)
+            vocab = logp.shape[-1]
+            # a finished beam continues only with a pad, at no cost
+            finished = torch.full_like(logp, float("-inf"))
+            finished[:, self.pad_id] = 0.0
+            logp = torch.where(done[:, None], finished, logp)
+            cand = (scores.view(n * k, 1) + logp).view(n, k * vocab)
+            scores, flat = cand.topk(k, dim=-1)
+            beam = flat // vocab
+            tok = (flat % vocab).view(-1)
+            rows = (beam + torch.arange(n, device=dev)[:, None] * k).view(-1)
+            cache.reorder(rows)
+            seqs = torch.cat([seqs[rows], tok[:, None]], dim=1)
+            done, lengths = done[rows], lengths[rows] + (~done[rows]).long()
+            done = done | (tok == eos_id)
+            if done.all():
+                break
+        best = (scores / length_penalty(lengths.view(n, k), alpha)).argmax(-1)
+        rows = best + torch.arange(n, device=dev) * k
         return seqs[rows, 1:]

@@ -10,9 +10,10 @@ The network
     padding="same" (with padding_mode "zeros" or "reflect"): the common modern variant; output size
         = input size, which must be a multiple of `stride` = 2**(depth-1).
     norm: a `zoo.norm` kind name put after every 3x3 convolution, before its ReLU ("none" in the
-        paper). A convolution followed by a norm with a learnable shift (a `bias` parameter: batch,
-        instance, group, layer) has no bias of its own, since the norm's shift replaces it; rms (which
-        scales but does not shift) and none keep the convolution bias.
+        paper); any kind that declares the "nchw" layout. A convolution followed by a norm with a
+        learnable shift (a `bias` parameter: batch, instance, group, layer) has no bias of its own,
+        since the norm's shift replaces it; rms (which scales but does not shift) and none keep the
+        convolution bias.
     dropout: probability of the (element-wise) dropout at the end of the contracting path, i.e. on
         the bottom level's output. The paper uses dropout there without giving p; 0.0 by default so the
         module is deterministic, and 0.5 (Caffe's usual value) in the paper preset
@@ -49,7 +50,7 @@ import torch
 from timm.models import register_model
 from torch import Tensor, nn
 
-from zoo.norm import build_norm
+from zoo.norm import build_norm, check_norm
 
 __all__ = [
     "UNet", "DoubleConv", "Down", "Up",
@@ -267,7 +268,8 @@ class UNet(nn.Module):
         depth: number of resolution levels (the paper: 5, i.e. 4 max-pools).
         padding: "valid" (the paper: unpadded convs, output smaller than input) or "same".
         padding_mode: "zeros" or "reflect", the conv padding for padding="same" (unused for "valid").
-        norm: `zoo.norm` kind after every 3x3 conv ("none", "batch", "group", "instance", "layer", "rms").
+        norm: `zoo.norm` kind after every 3x3 conv ("none", "batch", "group", "instance", "layer", "rms", or
+            a registered kind that declares "nchw").
         dropout: dropout probability at the end of the contracting path (see the module docstring).
 
     Shapes: forward (N, in_channels, H, W) -> (N, num_classes, H - 2c, W - 2c) logits, c =
@@ -288,6 +290,7 @@ class UNet(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        check_norm(norm, type(self).__name__, layouts=("nchw",))
         self.in_channels, self.num_classes, self.base_channels = in_channels, num_classes, base_channels
         self.depth, self.padding, self.padding_mode, self.norm = depth, padding, padding_mode, norm
         self.sizes = valid_input_sizes(depth, padding, padding_mode)

@@ -1,16 +1,29 @@
-"""What every zoo LightningModule shares: the fitted input scaler, optimizer parameter groups,
-sample images for the dashboards and the tag that lets `zoo.load` recognise its checkpoints."""
+"""What every zoo LightningModule shares: the fitted input scaler, the optimizer (zoo's parameter
+groups into the task's paper preset or an injected optimizer and schedule), sample images for the
+dashboards and the tag that lets `zoo.load` recognise its checkpoints."""
 from __future__ import annotations
 
+import inspect
 import re
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import numpy as np
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from PIL import Image
 
 from zoo import checkpoint
-from zoo.optim import param_groups
+from zoo.data.contract import DataInfo, ZooDataModule
+from zoo.optim import lr_schedule, param_groups
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+# Hyper-parameters that only the preset optimizer reads (an injected one takes its own init_args).
+PRESET_KEYS = ("lr", "weight_decay", "betas", "eps", "momentum")
+# Left out of the hparams: a callable is not plain data; the run's config.yaml records what the CLI injected.
+INJECTED = ("optimizer", "lr_scheduler")
 
 
 class ZooModule(L.LightningModule):
@@ -23,21 +36,100 @@ class ZooModule(L.LightningModule):
     """
 
     monitor: tuple[str, str] = ("val/loss", "min")
+    optimizer_preset: str = "adamw"  # the paper's optimizer (a key of OPTIMIZERS), fed from the hparams
+    schedule_preset: str = "none"  # the schedule when the hparams name none (`zoo.optim.SCHEDULES`)
+
+    def __init__(self, optimizer: Optional[OptimizerCallable] = None,
+                 lr_scheduler: Optional[LRSchedulerCallable] = None):
+        super().__init__()
+        self._optimizer_fn, self._scheduler_fn = optimizer, lr_scheduler
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         checkpoint.register_task(cls)  # checkpoints may name registered task classes only
 
+    # Pixels of context per side the network consumes beyond its output (the valid-padding U-Net's);
+    # the segmentation datamodule pads its training crops by it (`zoo.data.contract`).
+    input_context: int = 0
+
+    def data_info(self) -> DataInfo:
+        """What the attached datamodule hands this task (`zoo.data.contract`); empty without one."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return dm.info() if isinstance(dm, ZooDataModule) else DataInfo()
+
     def setup(self, stage: str) -> None:
         # The datamodule fits the scaler on its training split; the model carries it from here on,
         # so checkpoints hold it and inference takes raw inputs.
-        scaler = getattr(self.trainer.datamodule, "scaler", None) if self._trainer is not None else None
+        scaler = self.data_info().scaler
         if stage == "fit" and scaler is not None and hasattr(self, "input_scaler"):
             self.input_scaler.copy_from(scaler)
+
+    def net_kwargs(self, network: type, **given) -> dict:
+        """`network`'s keyword arguments from the hparams of the same names, then `given`: a task passes
+        its network's settings through by name, never by position."""
+        names = inspect.signature(network).parameters
+        return {**{k: self.hparams[k] for k in names if k in self.hparams}, **given}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Parameter groups with norm weights, biases and embeddings excluded from weight decay."""
         return param_groups(self, weight_decay)
+
+    def save_hyperparameters(self, *args, ignore=(), frame=None, logger: bool = True) -> None:
+        """Lightning's, minus the injected optimizer and schedule, and refusing preset settings that an
+        injected optimizer would leave unused (checked here, before any work starts)."""
+        super().save_hyperparameters(*args, ignore=[*INJECTED, *ignore], frame=frame or inspect.currentframe().f_back,
+                                     logger=logger)
+        if self._optimizer_fn is not None:
+            self._refuse_preset_settings()
+
+    def configure_optimizers(self):
+        """One optimizer over `param_groups` (no weight decay on norms, biases, embeddings):
+
+        - the injected `optimizer` (LightningCLI style: `--model.optimizer SGD --model.optimizer.lr 0.1`,
+          or `optimizer=lambda params: ...` from Python), else the task's paper preset
+          `OPTIMIZERS[optimizer_preset]` with the hparams lr, weight_decay and, where the task has them,
+          betas / eps / momentum;
+        - the injected `lr_scheduler` (stepped per epoch, as LightningCLI does; ReduceLROnPlateau
+          watches the task's monitored metric), else the preset per-step schedule named by the hparam
+          `scheduler` (`zoo.optim.lr_schedule`; warmup_steps, min_lr_ratio, d_model, decay_rate).
+        """
+        hp = self.hparams
+        if self._optimizer_fn is None:
+            names = [k for k in PRESET_KEYS[2:] if k in hp]
+            opt = OPTIMIZERS[self.optimizer_preset](self.param_groups(hp.get("weight_decay", 0.0)), lr=hp.lr,
+                                                    **{k: tuple(hp[k]) if k == "betas" else hp[k] for k in names})
+        else:
+            # the decayed group (marked by decay 1) takes the optimizer's own weight_decay
+            opt = self._optimizer_fn([{k: v for k, v in g.items() if k != "weight_decay"} if g["weight_decay"] else g
+                                      for g in self.param_groups(1.0)])
+        if self._scheduler_fn is not None:
+            sched = self._scheduler_fn(opt)
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor[0]}}
+            return {"optimizer": opt, "lr_scheduler": sched}
+        name = hp.get("scheduler", self.schedule_preset)
+        warmup = hp.get("warmup_steps", 0)
+        if name == "none" and not warmup:
+            return opt
+        total = int(self.trainer.estimated_stepping_batches)
+        if name == "cosine" and warmup >= total:  # e.g. --trainer.fast_dev_run on a config made for a long run
+            warmup = total // 2
+            warnings.warn(f"warmup_steps={hp.warmup_steps} >= the run's {total} steps: warming up over {warmup}")
+        # sketch-rnn gives its floor as an absolute min_lr, as the paper does
+        floor = hp.min_lr / hp.lr if "min_lr" in hp else hp.get("min_lr_ratio", 0.0)
+        sched = lr_schedule(opt, name, total_steps=total, warmup_steps=warmup, min_lr_ratio=floor,
+                            d_model=hp.get("d_model"), decay_rate=hp.get("decay_rate", 0.9999))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _refuse_preset_settings(self) -> None:
+        """An injected optimizer ignores the preset's hparams: one of them set away from its default
+        too would be silently unused, so it is refused."""
+        defaults = inspect.signature(type(self).__init__).parameters
+        changed = [k for k in PRESET_KEYS if k in self.hparams and k in defaults
+                   and _plain(self.hparams[k]) != _plain(defaults[k].default)]
+        if changed:
+            raise ValueError(f"model {', '.join(changed)} set together with an injected optimizer, which ignores "
+                             f"them; give them as the optimizer's init_args (e.g. --model.optimizer.lr) instead")
 
     def on_save_checkpoint(self, ckpt: dict) -> None:
         ckpt["zoo"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}", "format": checkpoint.FORMAT}
@@ -84,3 +176,7 @@ class ZooModule(L.LightningModule):
 
     def write_predictions(self, outputs, batch, out_dir: Path) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not write predictions")
+
+
+def _plain(x):
+    return list(x) if isinstance(x, (tuple, list)) else x

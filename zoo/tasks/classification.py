@@ -1,7 +1,14 @@
-"""Image classification with MambaVision (`zoo.models.mambavision`).
+"""Image classification with any timm model (zoo's MambaVision included) and any `zoo.norm` norm.
 
-Training as the official recipe, scaled down: cross-entropy with label smoothing, AdamW with norm
-weights, biases, layer scales and the SSM's A_log / D excluded from weight decay (`zoo.optim`), a
+The network is `timm.create_model(model_name, **model_kwargs)`. Its norms are MambaVision's own
+`conv_norm` / `token_norm` arguments for `mambavision_*`, and for every other model
+`zoo.norm.replace_norms(net, norm)` after construction (`norm=None` keeps the network's own norms).
+The surgery is a function of the plain-data hyper-parameters, so `zoo.load` rebuilds the same network.
+`pretrained=True` starts `fit` from the model's published weights (timm's pretrained_cfg), fetched in
+`setup("fit")` only: building the task from its hyper-parameters (`zoo.load`, predict) never downloads.
+
+Training as MambaVision's official recipe, scaled down: cross-entropy with label smoothing, AdamW with
+norm weights, biases, layer scales and the SSM's A_log / D excluded from weight decay (`zoo.optim`), a
 per-step cosine schedule with linear warm-up (`zoo.optim.lr_schedule`). Validation reports loss and
 top-1 / top-k accuracy (torchmetrics) and saves a grid of validation images with their predicted
 and true classes each epoch. `predict` writes `predictions.csv` (one row per image: name, then the
@@ -10,24 +17,54 @@ top-k class names and probabilities). Class names travel in the checkpoint.
 from __future__ import annotations
 
 import csv
+import difflib
+import inspect
+import re
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from PIL import Image, ImageDraw
+from timm.models import get_arch_name
+from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 import zoo.models.mambavision as mambavision
-from zoo.norm import NORM_KINDS
-from zoo.optim import lr_schedule
+from zoo.norm import NORM_KINDS, replace_norms
+from zoo.optim import check_schedule
 from zoo.scaling import InputScaler
 from zoo.tasks.base import ZooModule
 
-__all__ = ["ImageClassification", "image_grid"]
+__all__ = ["ImageClassification", "create_model", "image_grid"]
+
+
+def create_model(model_name: str, **kwargs) -> nn.Module:
+    """`timm.create_model(model_name, **kwargs)`, with a one-line ValueError for a name timm does not
+    know (naming the closest registered names) or keyword arguments the model does not take (naming
+    them and the ones it takes)."""
+    if not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.5)
+        raise ValueError(f"model_name {model_name!r} is not a registered timm model; closest names: "
+                         f"{', '.join(close) or 'none'} (timm.list_models() lists them all)")
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except TypeError as e:
+        first = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if first is None:
+            raise
+        with torch.device("meta"):  # only its class is wanted: no weights allocated
+            cls = type(timm.create_model(model_name))
+        params = inspect.signature(cls).parameters
+        takes = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        factory = inspect.signature(timm.create_model).parameters
+        rejected = [k for k in kwargs if k not in params and k not in factory] or [first[1]]
+        raise ValueError(f"model_kwargs {rejected} are not arguments of {model_name} (timm class "
+                         f"{cls.__name__}); it takes: {', '.join(takes)}") from e
 
 
 def image_grid(images: torch.Tensor, captions: list[str], correct: list[bool], columns: int = 8) -> np.ndarray:
@@ -49,22 +86,30 @@ def image_grid(images: torch.Tensor, captions: list[str], correct: list[bool], c
 
 
 class ImageClassification(ZooModule):
-    """MambaVision image classifier.
+    """Image classifier: any timm model with any `zoo.norm` norm.
 
     Args:
-        variant: a registered MambaVision variant ("mambavision_t", ..., "mambavision_l3").
+        model_name: a timm model name ("resnet18", "convnext_atto", "mambavision_t", ...; `import zoo`
+            registers zoo's).
         num_classes, in_chans: head size and input channels.
-        conv_norm: norm of the stem, conv stages and final norm (`zoo.norm` kind; official: batch).
-        token_norm: norm of the mixer/attention blocks (official: layer).
-        norm: shorthand that sets both conv_norm and token_norm (None: use those two).
-        dim, in_dim, depths, num_heads, window_size, drop_path_rate, layer_scale: override the
-            variant's value when given (None: the variant's).
-        drop_rate: MLP / attention-projection dropout.
-        scan_backend: `zoo.models.ssm.selective_scan` backend ("auto", "chunked", "sequential", "cuda").
+        norm: a `zoo.norm` kind for every norm of the network, put in by `zoo.norm.replace_norms`
+            (MambaVision: sets both conv_norm and token_norm); None keeps the network's own norms.
+        conv_norm, token_norm: MambaVision's own norm arguments (other models refuse them): the norm of
+            the stem, conv stages and final norm (None: official batch), and of the mixer/attention
+            blocks (None: official layer); `norm` overrides both.
+        model_kwargs: further `timm.create_model` arguments, e.g. {"channels": [16, 32, 64, 128]} for a
+            narrow ResNet, {"dim": 32, "depths": [1, 1, 2, 2]} for MambaVision, {"drop_path_rate": 0.1}.
+        pretrained: `fit` starts from the published weights of `model_name` (a tag picks others:
+            "mambavision_b.nvlabs_in21k_ft_in1k"): timm downloads them once into its cache (TORCH_HOME,
+            HF_HOME) and loads them, with a new head when num_classes differs from theirs. Loaded in
+            `setup("fit")`, so `zoo.load` and predict take the weights from the checkpoint only. Norms
+            replaced by `norm` (or MambaVision's non-official conv_norm / token_norm) start from the
+            pretrained affine parameters only (warned).
         grad_checkpointing: recompute block activations in backward (less memory, ~1/3 more compute).
-        label_smoothing: of the training cross-entropy (official 0.1).
-        lr, weight_decay, betas: AdamW (official: 5e-3 for batch 4096, 0.05).
+        label_smoothing: of the training cross-entropy (MambaVision official 0.1).
+        lr, weight_decay, betas: AdamW (MambaVision official: 5e-3 for batch 4096, 0.05).
         scheduler: "cosine" (per step, linear warm-up over `warmup_steps`, down to min_lr_ratio * lr) or "none".
+        optimizer, lr_scheduler: injected instead of the preset (`ZooModule.configure_optimizers`).
         top_k: the k of the top-k accuracy (clipped to num_classes) and of the predict CSV.
         sample_images: validation images in the grid saved each epoch (0: none).
     """
@@ -73,21 +118,14 @@ class ImageClassification(ZooModule):
 
     def __init__(
         self,
-        variant: str = "mambavision_t",
+        model_name: str,
         num_classes: int = 1000,
         in_chans: int = 3,
-        conv_norm: str = "batch",
-        token_norm: str = "layer",
         norm: Optional[str] = None,
-        dim: Optional[int] = None,
-        in_dim: Optional[int] = None,
-        depths: Optional[list[int]] = None,
-        num_heads: Optional[list[int]] = None,
-        window_size: Optional[list[int]] = None,
-        drop_path_rate: Optional[float] = None,
-        layer_scale: Optional[float] = None,
-        drop_rate: float = 0.0,
-        scan_backend: str = "auto",
+        conv_norm: Optional[str] = None,
+        token_norm: Optional[str] = None,
+        model_kwargs: Optional[dict[str, Any]] = None,
+        pretrained: bool = False,
         grad_checkpointing: bool = False,
         label_smoothing: float = 0.1,
         lr: float = 1e-3,
@@ -98,28 +136,38 @@ class ImageClassification(ZooModule):
         min_lr_ratio: float = 0.01,
         top_k: int = 5,
         sample_images: int = 16,
+        optimizer: Optional[OptimizerCallable] = None,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
     ):
-        super().__init__()
-        if variant not in mambavision.VARIANTS:
-            raise ValueError(f"variant {variant!r} is not one of {tuple(mambavision.VARIANTS)}")
-        if norm is not None:
-            conv_norm = token_norm = norm
-        for name, kind in (("conv_norm", conv_norm), ("token_norm", token_norm)):
-            if kind not in NORM_KINDS:
-                raise ValueError(f"{name}={kind!r} is not a norm kind; expected one of {tuple(NORM_KINDS)}")
-        if scheduler not in ("cosine", "none"):
-            raise ValueError(f"scheduler {scheduler!r} is not one of 'cosine', 'none'")
+        super().__init__(optimizer, lr_scheduler)
+        for name, kind in (("norm", norm), ("conv_norm", conv_norm), ("token_norm", token_norm)):
+            if kind is not None and kind not in NORM_KINDS:
+                raise ValueError(f"{name}={kind!r} is not a norm kind; valid kinds: {', '.join(NORM_KINDS)}")
+        check_schedule(scheduler, ("cosine", "none"))
         if num_classes < 2 or top_k < 1:
             raise ValueError(f"need num_classes >= 2 and top_k >= 1, got {num_classes} and {top_k}")
+        kwargs = dict(model_kwargs or {})
+        own = {"num_classes", "in_chans", "conv_norm", "token_norm", "pretrained"} & set(kwargs)
+        if own:
+            raise ValueError(f"model_kwargs {sorted(own)} are the task's own arguments; set them as "
+                             f"{', '.join('model.' + k for k in sorted(own))}")
         self.save_hyperparameters()
-        # the norms actually built, whichever way they were given
-        self.hparams.conv_norm, self.hparams.token_norm = conv_norm, token_norm
-        overrides = dict(dim=dim, in_dim=in_dim, depths=depths, num_heads=num_heads, window_size=window_size,
-                         drop_path_rate=drop_path_rate, layer_scale=layer_scale)
-        self.net = timm.create_model(
-            variant, num_classes=num_classes, in_chans=in_chans, conv_norm=conv_norm, token_norm=token_norm,
-            drop_rate=drop_rate, scan_backend=scan_backend, **{k: v for k, v in overrides.items() if v is not None})
-        self.net.set_grad_checkpointing(grad_checkpointing)
+        own_norm_args = get_arch_name(model_name) in mambavision.VARIANTS
+        if own_norm_args:  # hparams keep the arguments as given, so that resuming compares like with like
+            kwargs["conv_norm"] = norm or conv_norm or "batch"
+            kwargs["token_norm"] = norm or token_norm or "layer"
+        elif conv_norm is not None or token_norm is not None:
+            raise ValueError(f"conv_norm and token_norm are MambaVision's arguments, not {model_name}'s; "
+                             f"use norm (one of {', '.join(NORM_KINDS)}, or null to keep its own norms)")
+        self._own_norm_args, self._net_kwargs = own_norm_args, kwargs  # for _load_pretrained
+        self.net = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        if norm is not None and not own_norm_args:
+            try:
+                replace_norms(self.net, norm)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"norm={norm!r} for {model_name}: {e}; norm=null keeps its own norms") from e
+        if grad_checkpointing:
+            self.net.set_grad_checkpointing(True)
         self.input_scaler = InputScaler(in_chans)
         self.class_names = [str(k) for k in range(num_classes)]
         k = min(top_k, num_classes)
@@ -134,12 +182,40 @@ class ImageClassification(ZooModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        names = getattr(self.trainer.datamodule, "classes", None) if self._trainer is not None else None
+        names = self.data_info().classes
         if stage == "fit" and names is not None:
             if len(names) != self.hparams.num_classes:
                 raise ValueError(f"the data has {len(names)} classes ({names[:5]}...), the model "
                                  f"num_classes={self.hparams.num_classes}")
             self.class_names = list(names)
+        # here rather than in __init__, so that rebuilding from hparams never downloads; a resumed fit
+        # loads them too (from the cache), then its checkpoint replaces them
+        if stage == "fit" and self.hparams.pretrained:
+            self._load_pretrained()
+
+    def _load_pretrained(self) -> None:
+        """Loads the published weights of `model_name` into the network (the `pretrained` argument).
+
+        timm builds the model as published with pretrained=True (downloading into its cache once, head
+        re-initialised for other num_classes); the norms this task replaces are then replaced there
+        too, by the surgery that copies what the two kinds share (affine weights), and the result is
+        loaded strictly: it has the network's architecture."""
+        h, kwargs = self.hparams, dict(self._net_kwargs)
+        if self._own_norm_args:  # MambaVision is published with its official norms
+            norms = kwargs.pop("conv_norm"), kwargs.pop("token_norm")
+            replaced = norms != ("batch", "layer")
+        else:
+            replaced = h.norm is not None
+        src = create_model(h.model_name, pretrained=True, num_classes=h.num_classes, in_chans=h.in_chans, **kwargs)
+        if replaced:
+            if self._own_norm_args:
+                mambavision.convert_norms(src, *norms)
+            else:
+                replace_norms(src, h.norm)
+            given = f"norm={h.norm!r}" if h.norm is not None else f"conv_norm={norms[0]!r}, token_norm={norms[1]!r}"
+            warnings.warn(f"pretrained=True with {given}: the replaced norm layers start from the pretrained affine "
+                          "parameters only (the weight, and the bias where the new kind has one)", stacklevel=2)
+        self.net.load_state_dict(src.state_dict())
 
     def on_save_checkpoint(self, ckpt: dict) -> None:
         super().on_save_checkpoint(ckpt)
@@ -199,16 +275,3 @@ class ImageClassification(ZooModule):
             for name, p, j in zip(outputs["name"], probs.tolist(), idx.tolist()):
                 writer.writerow([name] + [v for lp in zip([self.class_names[c] for c in j], [f"{x:.6f}" for x in p])
                                           for v in lp])
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.param_groups(hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        if hp.scheduler == "none":
-            return opt
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = hp.warmup_steps
-        if warmup >= total:  # e.g. a short test run of a config made for a long one
-            warmup = total // 2
-            warnings.warn(f"warmup_steps={hp.warmup_steps} >= the run's {total} steps: warming up over {warmup}")
-        sched = lr_schedule(opt, "cosine", total_steps=total, warmup_steps=warmup, min_lr_ratio=hp.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

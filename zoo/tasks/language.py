@@ -1,7 +1,7 @@
 """Language modelling with the decoder-only Transformer (`zoo.models.transformer.TransformerLM`), and
-`TransformerTask`, what it shares with the seq2seq task (`zoo.tasks.seq2seq`): AdamW with the zoo's
-parameter groups, the paper's warm-up ("noam") or cosine schedule, token throughput, and tokenizers
-that travel in the checkpoint.
+`TransformerTask`, what it shares with the seq2seq task (`zoo.tasks.seq2seq`): token throughput and
+tokenizers that travel in the checkpoint. The optimizer is the base task's (`ZooModule`): AdamW with
+zoo's parameter groups and the paper's warm-up ("noam") or a cosine schedule, unless one is injected.
 
 The vocabulary is the datamodule's, built on the training split, so the network is built in
 `setup` once the datamodule has fitted its tokenizer; the tokenizer state (plain data) is saved in
@@ -19,14 +19,17 @@ import math
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
+from zoo.data.contract import DataInfo
 from zoo.data.text import Tokenizer
-from zoo.models.transformer import TransformerLM, _check_choice
-from zoo.optim import lr_schedule
+from zoo.models.transformer import TransformerLM, check_args
+from zoo.optim import check_schedule
 from zoo.tasks.base import ZooModule
 
 SCHEDULERS = ("noam", "cosine", "none")
@@ -34,16 +37,17 @@ SCHEDULERS = ("noam", "cosine", "none")
 
 class TransformerTask(ZooModule):
     """Shared by the Transformer tasks. Subclasses define `_build(tokenizers)` (the network, from
-    fitted tokenizers), `_tokenizers_from(datamodule)` and `_count_tokens(batch)`; hparams hold lr,
-    weight_decay, betas, eps, scheduler, warmup_steps, min_lr_ratio and d_model.
+    fitted tokenizers), `_tokenizers_from(info)` (from the datamodule's `DataInfo`) and
+    `_count_tokens(batch)`; hparams hold lr, weight_decay, betas, eps, scheduler, warmup_steps,
+    min_lr_ratio and d_model.
 
-    Optimizer: AdamW over `param_groups` (no decay for norms, biases, embeddings). Schedules (per step):
-    "noam" is the paper's Eq. 3 times `lr` (lr=1 gives the paper's rate), "cosine" warms up linearly
-    then decays to min_lr_ratio * lr, "none" is constant after the warm-up.
+    Preset optimizer: AdamW over `param_groups` (no decay for norms, biases, embeddings). Schedules (per
+    step): "noam" is the paper's Eq. 3 times `lr` (lr=1 gives the paper's rate), "cosine" warms up
+    linearly then decays to min_lr_ratio * lr, "none" is constant after the warm-up.
     """
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, optimizer=None, lr_scheduler=None):
+        super().__init__(optimizer, lr_scheduler)
         self.net = None
         self.tokenizers: dict[str, Tokenizer] = {}
         self._t_last = None
@@ -51,9 +55,9 @@ class TransformerTask(ZooModule):
     # -- vocabulary and network -------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if self.net is None and dm is not None and stage != "predict":
-            self._set_tokenizers(self._tokenizers_from(dm))
+        info = self.data_info()
+        if self.net is None and info.tokenizers is not None and stage != "predict":
+            self._set_tokenizers(self._tokenizers_from(info))
 
     def _set_tokenizers(self, tokenizers: dict[str, Tokenizer]) -> None:
         self.tokenizers = tokenizers
@@ -75,16 +79,6 @@ class TransformerTask(ZooModule):
         if self.net is None:
             raise RuntimeError(f"{type(self).__name__} has no network yet: it is built from the datamodule's "
                                "vocabulary in trainer.fit, or from a checkpoint by zoo.load")
-
-    # -- optimizer ----------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.param_groups(hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
-        if hp.scheduler == "none" and not hp.warmup_steps:
-            return opt
-        sched = lr_schedule(opt, hp.scheduler, total_steps=self.trainer.estimated_stepping_batches,
-                            warmup_steps=hp.warmup_steps, min_lr_ratio=hp.min_lr_ratio, d_model=hp.d_model)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- throughput -----------------------------------------------------------------------------------
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -108,6 +102,7 @@ class LanguageModel(TransformerTask):
         block_size: the context length (the datamodule's windows must not be longer).
         lr, weight_decay, betas, eps: AdamW.
         scheduler, warmup_steps, min_lr_ratio: learning-rate schedule ("noam", "cosine", "none").
+        optimizer, lr_scheduler: injected instead of the preset (`ZooModule.configure_optimizers`).
         num_samples, sample_tokens, temperature, top_k: text samples each validation epoch, and the
             sampling settings of `predict` (how many tokens and greedy or not are the datamodule's
             `max_new_tokens` / `greedy`: LightningCLI restores a checkpoint's hparams over the
@@ -120,27 +115,24 @@ class LanguageModel(TransformerTask):
                  tie_embeddings: bool = True, lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-9, scheduler: str = "cosine",
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, num_samples: int = 2,
-                 sample_tokens: int = 120, temperature: float = 0.8, top_k: int | None = None):
-        super().__init__()
-        _check_choice("scheduler", scheduler, SCHEDULERS)
+                 sample_tokens: int = 120, temperature: float = 0.8, top_k: int | None = None,
+                 optimizer: Optional[OptimizerCallable] = None, lr_scheduler: Optional[LRSchedulerCallable] = None):
+        super().__init__(optimizer, lr_scheduler)
+        check_schedule(scheduler, SCHEDULERS)
+        check_args("TransformerLM", norm, norm_position, pos_encoding, activation)  # before any data is read
         self.save_hyperparameters()
         self.val_nll = MeanMetric()
-        # the network's own checks (norm kind, position, ...) run now, before any data is read
-        TransformerLM(8, d_model, n_heads, 1, 8, dropout, norm, norm_position, 1, pos_encoding, tie_embeddings,
-                      activation, bias)
 
-    def _tokenizers_from(self, dm) -> dict[str, Tokenizer]:
-        if dm.hparams.block_size > self.hparams.block_size:
-            raise ValueError(f"data block_size={dm.hparams.block_size} exceeds the model's "
-                             f"block_size={self.hparams.block_size}")
-        self.chars_per_token = getattr(dm, "chars_per_token", 1.0)
-        return {"text": dm.tokenizer}
+    def _tokenizers_from(self, info: DataInfo) -> dict[str, Tokenizer]:
+        if info.seq_len is not None and info.seq_len > self.hparams.block_size:
+            raise ValueError(f"data block_size={info.seq_len} exceeds the model's block_size={self.hparams.block_size}")
+        self.chars_per_token = info.chars_per_token or 1.0
+        return {"text": info.tokenizers["text"]}
 
     def _build(self, tokenizers: dict[str, Tokenizer]) -> TransformerLM:
         hp = self.hparams
-        return TransformerLM(len(tokenizers["text"]), hp.d_model, hp.n_heads, hp.n_layers, hp.d_ff or 4 * hp.d_model,
-                             hp.dropout, hp.norm, hp.norm_position, hp.block_size, hp.pos_encoding,
-                             hp.tie_embeddings, hp.activation, hp.bias)
+        return TransformerLM(**self.net_kwargs(TransformerLM, vocab_size=len(tokenizers["text"]),
+                                               d_ff=hp.d_ff or 4 * hp.d_model, max_len=hp.block_size))
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -8,17 +8,19 @@ omits. Validation, test and predict segment whole images of any size with overla
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from PIL import Image
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 from torchmetrics.segmentation import DiceScore
 
 from zoo.models.unet import UNet, seam_error, tiled_predict
-from zoo.optim import lr_schedule
+from zoo.optim import check_schedule
 from zoo.scaling import InputScaler
 from zoo.tasks.base import ZooModule
 
@@ -46,9 +48,10 @@ class UNetSegmentation(ZooModule):
     Args:
         in_channels, num_classes, base_channels, depth, padding, padding_mode, norm, dropout:
             the network (`zoo.models.unet.UNet`); defaults are the paper's network.
-        optimizer: "sgd" (the paper: momentum 0.99), "adam" or "adamw".
-        lr, momentum, weight_decay: optimizer settings (norm weights and biases get no decay).
+        lr, momentum, weight_decay: the paper's SGD with momentum (norm weights and biases get no decay).
         scheduler: "none" or "cosine" (over the whole run).
+        optimizer, lr_scheduler: injected instead of the preset (`ZooModule.configure_optimizers`),
+            e.g. `--model.optimizer Adam --model.optimizer.lr 0.001`.
         tile: output tile side for overlap-tile inference in validation/test/predict (None: the
             function's default).
         seam_tile: tile side used to measure the seam error (tiled vs whole-image pass) on the first
@@ -56,6 +59,7 @@ class UNetSegmentation(ZooModule):
     """
 
     monitor = ("val/loss", "min")
+    optimizer_preset = "sgd"
 
     def __init__(
         self,
@@ -67,19 +71,17 @@ class UNetSegmentation(ZooModule):
         padding_mode: str = "zeros",
         norm: str = "none",
         dropout: float = 0.0,
-        optimizer: str = "sgd",
         lr: float = 0.01,
         momentum: float = 0.99,
         weight_decay: float = 0.0,
         scheduler: str = "none",
         tile: int | None = None,
         seam_tile: int | None = None,
+        optimizer: Optional[OptimizerCallable] = None,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
     ):
-        super().__init__()
-        if optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"optimizer {optimizer!r} is not one of 'sgd', 'adam', 'adamw'")
-        if scheduler not in ("none", "cosine"):
-            raise ValueError(f"scheduler {scheduler!r} is not one of 'none', 'cosine'")
+        super().__init__(optimizer, lr_scheduler)
+        check_schedule(scheduler, ("none", "cosine"))
         self.save_hyperparameters()
         self.net = UNet(in_channels=in_channels, num_classes=num_classes, base_channels=base_channels,
                         depth=depth, padding=padding, padding_mode=padding_mode, norm=norm, dropout=dropout)
@@ -180,15 +182,3 @@ class UNetSegmentation(ZooModule):
             if probs.shape[0] == 2:
                 fg = (probs[1] * 255).round().byte().cpu().numpy()
                 Image.fromarray(fg).save(out_dir / f"{stem}_prob.png")
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups = self.param_groups(hp.weight_decay)
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
-        else:
-            opt = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW)(groups, lr=hp.lr)
-        if hp.scheduler == "none":
-            return opt
-        sched = lr_schedule(opt, "cosine", total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

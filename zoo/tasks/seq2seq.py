@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.nn.utils.rnn import pad_sequence
 from torchmetrics.text import WordErrorRate
 
 from zoo.data.text import BOS, EOS, PAD, UNK, Tokenizer
-from zoo.models.transformer import Transformer, _check_choice
+from zoo.data.contract import DataInfo
+from zoo.models.transformer import Transformer, check_args
+from zoo.optim import check_schedule
 from zoo.tasks.language import SCHEDULERS, TransformerTask
 
 
@@ -49,18 +53,18 @@ class Seq2Seq(TransformerTask):
                  tie_embeddings: bool = True, label_smoothing: float = 0.1, lr: float = 1.0,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-9,
                  scheduler: str = "noam", warmup_steps: int = 400, min_lr_ratio: float = 0.0,
-                 beam_size: int = 4, alpha: float = 0.6, num_samples: int = 4):
-        super().__init__()
-        _check_choice("scheduler", scheduler, SCHEDULERS)
+                 beam_size: int = 4, alpha: float = 0.6, num_samples: int = 4,
+                 optimizer: Optional[OptimizerCallable] = None, lr_scheduler: Optional[LRSchedulerCallable] = None):
+        super().__init__(optimizer, lr_scheduler)
+        check_schedule(scheduler, SCHEDULERS)
+        check_args("Transformer", norm, norm_position, pos_encoding, activation)  # before any data is read
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         self.save_hyperparameters()
-        Transformer(8, 8, d_model, n_heads, 1, 1, 8, dropout, norm, norm_position, 1, pos_encoding,
-                    activation, bias)  # the network's own checks, before any data is read
         self.per = WordErrorRate()
 
-    def _tokenizers_from(self, dm) -> dict[str, Tokenizer]:
-        return {"src": dm.src_tokenizer, "tgt": dm.tgt_tokenizer}
+    def _tokenizers_from(self, info: DataInfo) -> dict[str, Tokenizer]:
+        return {"src": info.tokenizers["src"], "tgt": info.tokenizers["tgt"]}
 
     def _build(self, tokenizers: dict[str, Tokenizer]) -> Transformer:
         hp = self.hparams
@@ -68,11 +72,9 @@ class Seq2Seq(TransformerTask):
         if hp.share_embeddings and not shared:
             warnings.warn("share_embeddings=True but source and target have different vocabularies: "
                           "the embeddings are not shared")
-        return Transformer(len(tokenizers["src"]), len(tokenizers["tgt"]), hp.d_model, hp.n_heads,
-                           hp.num_encoder_layers, hp.num_decoder_layers, hp.d_ff or 4 * hp.d_model, hp.dropout,
-                           hp.norm, hp.norm_position, hp.max_len, hp.pos_encoding, hp.activation, hp.bias,
-                           share_embeddings=hp.share_embeddings and shared, tie_embeddings=hp.tie_embeddings,
-                           pad_id=PAD)
+        return Transformer(**self.net_kwargs(
+            Transformer, src_vocab_size=len(tokenizers["src"]), tgt_vocab_size=len(tokenizers["tgt"]),
+            d_ff=hp.d_ff or 4 * hp.d_model, share_embeddings=hp.share_embeddings and shared, pad_id=PAD))
 
     @property
     def is_g2p(self) -> bool:

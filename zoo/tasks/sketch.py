@@ -22,11 +22,11 @@ from typing import Optional
 
 import numpy as np
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from PIL import Image
 
 from zoo.data.sketches import render_sketches, sketches_to_svg, stroke5_to_stroke3
 from zoo.models.sketch_rnn import SketchRNN, kl_divergence, kl_weight_schedule, reconstruction_loss
-from zoo.optim import lr_schedule
 from zoo.tasks.base import ZooModule
 
 
@@ -36,7 +36,8 @@ class SketchRNNTask(ZooModule):
     Args:
         enc_rnn_size, dec_rnn_size, z_size, num_mixture, norm, recurrent_dropout, conditional,
             max_seq_len: the network (`zoo.models.sketch_rnn.SketchRNN`).
-        lr, min_lr, decay_rate: Adam learning rate and its exponential decay per step.
+        lr, min_lr, decay_rate: Adam learning rate and its exponential decay per step (the preset).
+        optimizer, lr_scheduler: injected instead of the preset (`ZooModule.configure_optimizers`).
         kl_weight, kl_weight_start, kl_decay_rate, kl_tolerance: the KL term's annealed weight and floor.
         temperature: sampling temperature of the validation images and `predict`.
         num_images: sketches per validation image (inputs, reconstructions, samples).
@@ -44,6 +45,7 @@ class SketchRNNTask(ZooModule):
     """
 
     monitor = ("val/loss", "min")
+    optimizer_preset, schedule_preset = "adam", "exponential"
 
     def __init__(
         self,
@@ -65,8 +67,10 @@ class SketchRNNTask(ZooModule):
         temperature: float = 0.25,
         num_images: int = 8,
         sigma_temperature: str = "paper",
+        optimizer: Optional[OptimizerCallable] = None,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
     ):
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler)
         if not 0 < min_lr <= lr:
             raise ValueError(f"need 0 < min_lr <= lr, got lr={lr}, min_lr={min_lr}")
         self.save_hyperparameters()
@@ -77,10 +81,10 @@ class SketchRNNTask(ZooModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if stage == "fit" and getattr(dm, "scale_factor", None) is not None:
-            self.scale_factor.fill_(float(dm.scale_factor))
-        steps = getattr(dm, "steps", None)
+        info = self.data_info()
+        if stage == "fit" and info.scale_factor is not None:
+            self.scale_factor.fill_(float(info.scale_factor))
+        steps = info.seq_len
         if steps is not None and steps > self.hparams.max_seq_len + 1:
             raise ValueError(f"the data's longest sketch needs {steps} decoder steps but the model's max_seq_len="
                              f"{self.hparams.max_seq_len} allows {self.hparams.max_seq_len + 1}; set "
@@ -216,9 +220,3 @@ class SketchRNNTask(ZooModule):
                 a[j] = s
             arrays[k] = a
         np.savez_compressed(out_dir / f"batch{i:03d}_generated.npz", **arrays)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        opt = torch.optim.Adam(self.parameters(), lr=hp.lr)
-        sched = lr_schedule(opt, "exponential", decay_rate=hp.decay_rate, min_lr_ratio=hp.min_lr / hp.lr)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,142 @@
+"""ImageClassification with any timm model and any norm: ResNet with every norm kind (the classes
+built, a few training steps), timm's own norms with norm=null, other timm families, MambaVision's own
+norm arguments, a bit-identical checkpoint round trip through `zoo.load`, and one-line errors for bad
+model names, norms, models without norms and model_kwargs through `train.py`."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from tests.conftest import ROOT, cli_args
+from zoo import norm as zn
+from zoo.cli import ZooCLI
+from zoo.optim import is_norm_module
+from zoo.tasks.classification import ImageClassification
+
+# resnet10t at 1/8 width: 64 px inputs leave a 2 x 2 map at the last stage, enough for instance norm
+TINY_RESNET = dict(model_name="resnet10t", model_kwargs=dict(stem_width=8, channels=[8, 16, 16, 16]))
+TINY_RESNET_ARGS = ("--model.model_kwargs.stem_width=8", "--model.model_kwargs.channels=[8, 16, 16, 16]",
+                    "--model.sample_images=4", "--data.num_train=16", "--data.num_val=8", "--data.batch_size=4")
+BUILT = {"batch": {zn.BatchNormNCHW}, "group": {zn.GroupNorm}, "layer": {zn.LayerNorm}, "rms": {zn.RmsNorm},
+         "instance": {zn.InstanceNorm}, "none": set()}
+
+
+def norm_classes(model: nn.Module) -> set[type]:
+    """Classes of the leaf norm layers (not wrappers such as zoo's NormAct or timm's NormMlpClassifierHead)."""
+    return {type(m) for m in model.modules() if is_norm_module(m) and not any(m.children())}
+
+
+def train_steps(model: ImageClassification, size: int, steps: int = 3) -> list[float]:
+    """`steps` AdamW steps of the task's training_step on one random batch (4, 3, size, size); the losses."""
+    model.log = lambda *a, **k: None  # no trainer to log to
+    opt = model.configure_optimizers()
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(4, 3, size, size, generator=g) * 255, "label": torch.tensor([0, 1, 2, 3])}
+    model.train()
+    losses = []
+    for i in range(steps):
+        loss = model.training_step(batch, i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("kind", sorted(BUILT))
+def test_resnet_with_every_norm_builds_those_norms_and_trains(kind):
+    torch.manual_seed(0)
+    model = ImageClassification(num_classes=4, norm=kind, scheduler="none", **TINY_RESNET)
+    assert norm_classes(model.net) == BUILT[kind]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = train_steps(model, 64)
+    assert all(math.isfinite(x) for x in losses), losses
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n.startswith("net.layer1"))
+    if kind != "none":  # the new norms' own affine parameters train too
+        assert not torch.equal(model.net.bn1.weight, before["net.bn1.weight"])
+
+
+def test_norm_null_keeps_timms_batch_norm():
+    model = ImageClassification(num_classes=4, **TINY_RESNET)
+    assert norm_classes(model.net) == {nn.BatchNorm2d}
+
+
+@pytest.mark.parametrize("model_name, model_kwargs, kind, size, built", [
+    # ViT: channels-last LayerNorm -> batch norm over (N, L) per channel (BatchNormNLC's nn.BatchNorm1d)
+    ("test_vit", dict(img_size=32, patch_size=8), "batch", 32, {nn.BatchNorm1d}),
+    # ConvNeXt: LayerNorm2d (stem, downsamples, head) and channels-last LayerNorm (blocks) -> rms
+    ("test_convnext", {}, "rms", 32, {zn.RmsNorm}),
+    # MobileNetV3: timm's BatchNormAct2d -> group norm (in a NormAct that keeps the activation)
+    ("mobilenetv3_small_050", {}, "group", 64, {zn.GroupNorm}),
+])
+def test_other_timm_families(model_name, model_kwargs, kind, size, built):
+    torch.manual_seed(0)
+    model = ImageClassification(model_name, num_classes=4, norm=kind, model_kwargs=model_kwargs, scheduler="none")
+    assert norm_classes(model.net) == built
+    losses = train_steps(model, size, steps=2)
+    assert all(math.isfinite(x) for x in losses), losses
+
+
+def test_mambavision_keeps_its_own_norm_arguments():
+    tiny = dict(dim=8, in_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2], window_size=[8, 8, 2, 1])
+    model = ImageClassification("mambavision_t", num_classes=4, conv_norm="group", token_norm="rms",
+                                model_kwargs=tiny, scheduler="none")
+    assert isinstance(model.net.norm, zn.GroupNorm) and isinstance(model.net.patch_embed.conv_down[1], zn.GroupNorm)
+    assert isinstance(model.net.levels[2].blocks[0].norm1, zn.RmsNorm)
+    assert all(math.isfinite(x) for x in train_steps(model, 32, steps=2))
+    with pytest.raises(ValueError, match="conv_norm and token_norm are MambaVision's arguments, not resnet10t's"):
+        ImageClassification(num_classes=4, conv_norm="group", **TINY_RESNET)
+
+
+def test_checkpoint_round_trip_rebuilds_the_replaced_norms_bit_identically(tmp_path):
+    run = tmp_path / "run"
+    cli = ZooCLI(args=["fit", *cli_args("resnet", run, *TINY_RESNET_ARGS, "--model.norm=group")])
+    ckpt = run / "checkpoints" / "last.ckpt"
+    hp = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert hp["model_name"] == "resnet10t" and hp["norm"] == "group"
+    assert hp["model_kwargs"] == {"stem_width": 8, "channels": [8, 16, 16, 16]}
+    model = zoo.load(ckpt)  # weights_only=True
+    assert norm_classes(model.net) == {zn.GroupNorm}
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    cli.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), cli.model(x), rtol=0, atol=0)
+
+
+ERRORS = {
+    "unknown model": (["--model.model_name=resnet10"],
+                      "error: model_name 'resnet10' is not a registered timm model; closest names: resnet10t, "),
+    "unknown norm": (["--model.norm=bogus"],
+                     "error: norm='bogus' is not a norm kind; valid kinds: batch, layer, instance, group, rms, none"),
+    "nothing to replace": (["--model.model_name=test_nfnet", "--model.model_kwargs=null", "--model.norm=group"],
+                           "error: norm='group' for test_nfnet: model has no normalization layers to replace; "),
+    "rejected kwargs": (["--model.model_kwargs.foo=1", "--model.model_kwargs.bar=2"],
+                        "error: model_kwargs ['foo', 'bar'] are not arguments of resnet10t (timm class ResNet); "
+                        "it takes: block, layers, num_classes, "),
+}
+
+
+@pytest.fixture(scope="module")
+def error_runs(tmp_path_factory):
+    """`train.py fit` once per ERRORS case, all at once (each is mostly imports): name -> (exit, output)."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    procs = {name: subprocess.Popen(
+        [sys.executable, "train.py", "fit", *cli_args("resnet", tmp_path_factory.mktemp("run"), *extra)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, (extra, _) in ERRORS.items()}
+    outputs = {name: p.communicate()[0] for name, p in procs.items()}
+    return {name: (procs[name].returncode, out) for name, out in outputs.items()}
+
+
+@pytest.mark.parametrize("name", ERRORS)
+def test_bad_input_is_one_error_line(error_runs, name):
+    code, output = error_runs[name]
+    lines = [line for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and lines[-1] == errors[0], output
+    assert errors[0].startswith(ERRORS[name][1]) and "Traceback" not in output, errors[0]
