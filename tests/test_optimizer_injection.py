@@ -47,6 +47,10 @@ def test_injected_optimizer_gets_zoos_groups_and_its_own_settings():
 def test_a_preset_setting_next_to_an_injected_optimizer_is_refused():
     with pytest.raises(ValueError, match=r"model lr set together with an injected optimizer"):
         UNetSegmentation(base_channels=4, depth=3, lr=0.5, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    step = lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1)  # noqa: E731
+    with pytest.raises(ValueError, match=r"model scheduler set together with an injected lr_scheduler"):
+        UNetSegmentation(base_channels=4, depth=3, scheduler="cosine", lr_scheduler=step)
+    UNetSegmentation(base_channels=4, depth=3, lr=0.5, lr_scheduler=step)  # lr feeds the preset optimizer
 
 
 def test_cli_injection_trains_and_checkpoint_loads(tmp_path):
@@ -70,7 +74,7 @@ def test_cli_refuses_preset_setting_with_injected_optimizer(tmp_path):
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert len(lines) <= 2 and "Traceback" not in proc.stderr  # at most Lightning's "Seed set to 0" before it
     assert lines[-1:] == ["error: model lr set together with an injected optimizer, which ignores them; give them as "
-                     "the optimizer's init_args (e.g. --model.optimizer.lr) instead"], proc.stderr[-2000:]
+                     "its init_args (--model.optimizer.*) instead"], proc.stderr[-2000:]
 
 
 def test_a_run_shorter_than_its_warm_up_works_and_says_so(tmp_path):

@@ -7,7 +7,6 @@ import math
 import os
 import random
 import resource
-import threading
 import time
 from pathlib import Path
 
@@ -24,32 +23,6 @@ from zoo.files import atomic_open, atomic_write_text
 SUMMARY_FILE = "summary.json"
 
 
-def _current_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class _RssPeak(threading.Thread):
-    """Samples the process's resident memory every few ms (CPU has no allocator peak counter)."""
-
-    def __init__(self, interval: float = 0.005):
-        super().__init__(daemon=True)
-        self.interval, self.peak, self._stop_event = interval, 0, threading.Event()
-
-    def run(self):
-        while not self._stop_event.is_set():
-            self.peak = max(self.peak, _current_rss_bytes() or 0)
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        return max(self.peak, _current_rss_bytes() or 0)
-
-
 def _plain(value):
     if isinstance(value, torch.Tensor):
         value = value.item() if value.numel() == 1 else value.tolist()
@@ -63,10 +36,11 @@ class RunSummary(Callback):
     throughput (samples/s over training batches, data loading included, the first batch of each
     epoch excluded as warm-up), peak memory, and the final logged metrics.
 
-    Peak memory: on CUDA, `torch.cuda.max_memory_allocated`; on CPU, the peak resident set size
-    sampled during training minus the resident size at fit start (the training working set), plus
-    the process's lifetime peak `ru_maxrss`. A resumed run reports the peak over all its segments (each
-    checkpoint carries the peak so far); throughput and wall time are its last segment's.
+    Peak memory: on CUDA, `torch.cuda.max_memory_allocated`; on CPU, the process's peak resident set
+    size (`ru_maxrss`: data, model, framework and all). Not the training working set: the allocator
+    reuses what data setup freed, so "peak during fit minus size at fit start" came out near 0 for some
+    runs. A resumed run reports the peak over all its segments (each checkpoint carries the peak so
+    far); throughput and wall time are its last segment's.
     """
 
     def __init__(self, dirpath: str | Path):
@@ -80,11 +54,6 @@ class RunSummary(Callback):
         self.cuda, self.device = pl_module.device.type == "cuda", pl_module.device
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(pl_module.device)
-        self.rss0 = _current_rss_bytes()
-        self.sampler = None
-        if not self.cuda and self.rss0 is not None:
-            self.sampler = _RssPeak()
-            self.sampler.start()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.last = None
@@ -108,15 +77,12 @@ class RunSummary(Callback):
         self._write(trainer, pl_module)
 
     def _peak_mb(self) -> float | None:
-        """The peak so far over this segment and the ones before it (None: not measured)."""
+        """The peak so far over this segment and the ones before it, MiB."""
         if getattr(self, "cuda", False):
             now = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif getattr(self, "sampler", None) is not None:
-            now = (max(self.sampler.peak, _current_rss_bytes() or 0) - self.rss0) / 2**20
         else:
-            now = None
-        known = [m for m in (now, self.earlier_peak_mb) if m is not None]
-        return max(known) if known else None
+            now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return max(now, self.earlier_peak_mb or 0.0)
 
     def state_dict(self) -> dict:
         return {"peak_memory_mb": self._peak_mb()}
@@ -127,13 +93,8 @@ class RunSummary(Callback):
     def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_rank != 0:
             return
-        mem = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        peak = self._peak_mb()
-        if peak is not None:
-            mem["peak_memory_mb"] = peak
-        if self.sampler is not None:
-            self.sampler.stop()
-            self.sampler = None
+        mem = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_memory_mb": self._peak_mb()}
         summary = {
             "status": "failed" if self.error else "ok",
             "error": self.error,

@@ -667,7 +667,7 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
     md += md_table(*table(runs))
     md += ["", "Throughput counts training batches only (data loading included, first batch of each epoch "
            "excluded; a resumed run's last segment). Peak memory: CUDA allocator peak on GPU; on CPU, the "
-           "training working set (peak resident memory during fit minus that at fit start).", "", "## Curves", ""]
+           "process's peak resident memory (data, model and framework included).", "", "## Curves", ""]
     md += [f"![{p.stem}]({_rel(p, out)})" for p in plots]
     md += ["", "## Samples (latest validation epoch)", ""]
     for r in runs:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ import torch
 from zoo import checkpoint
 from zoo.callbacks import SUMMARY_FILE
 from zoo.checkpoint import HUB_PREFIX, CheckpointError
-from zoo.files import TEMP_MARK, atomic_open
+from zoo.files import TEMP_MARK, atomic_open, sha256_of
 
 FORMAT = 1
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
@@ -55,7 +54,7 @@ def export(ckpt_path: str | Path, out: str | Path, repo_id: str | None = None) -
     ckpt_path, out = Path(ckpt_path), Path(out)
     ckpt = checkpoint.read(ckpt_path)  # refuses missing, truncated, pickled-code and foreign files
     model = checkpoint.build(ckpt, ckpt_path)
-    digest = _sha256(ckpt_path)
+    digest = sha256_of(ckpt_path)
     replace = _check_out(out, digest)
 
     tensors, aliases, extra_state = _split_state(model.state_dict())
@@ -96,14 +95,6 @@ def _data_config(hparams: dict) -> dict:
         return {}
     return {"class_path": hparams.get("_class_path"),
             "init_args": {k: v for k, v in hparams.items() if not k.startswith("_")}}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_out(out: Path, digest: str) -> bool:

@@ -1,6 +1,7 @@
 """Crash-safe files: a kill at any moment leaves either the previous or the new complete file."""
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,11 +24,25 @@ def atomic_open(path: str | Path, mode: str = "wb"):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)  # makes the rename itself durable
+    fsync_path(path.parent)  # makes the rename itself durable
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flushes a file's or a directory's (its entries: renames) contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_of(path: str | Path) -> str:
+    """The file's sha256, hex, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

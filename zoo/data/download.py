@@ -18,7 +18,6 @@ The cache root is `$ZOO_CACHE`, else `~/.cache/zoo` (`cache_dir`). POSIX only (f
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import http.client
 import logging
 import os
@@ -29,9 +28,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from zoo.files import atomic_write_text
+from zoo.files import atomic_write_text, fsync_path, sha256_of
 
-__all__ = ["cache_dir", "download", "sha256_of"]
+__all__ = ["cache_dir", "download"]
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +40,6 @@ CHUNK = 1 << 20
 def cache_dir(kind: str) -> Path:
     """Where zoo keeps downloads of one kind: `$ZOO_CACHE/<kind>`, else `~/.cache/zoo/<kind>`."""
     return Path(os.environ.get("ZOO_CACHE") or Path.home() / ".cache" / "zoo").expanduser() / kind
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Interrupted(Exception):
@@ -106,9 +97,9 @@ def download(url: str, dest: str | Path, *, sha256: str | None = None, retries: 
             part.unlink()
             raise ValueError(f"the file downloaded from {url} has sha256 {digest}, not the expected {sha256}; "
                              "it was deleted")
-        _fsync(part)
+        fsync_path(part)
         os.replace(part, dest)
-        _fsync(dest.parent)  # makes the rename itself durable
+        fsync_path(dest.parent)  # makes the rename itself durable
         atomic_write_text(_sidecar(dest), f"{digest}  {dest.name}\n")
         _validator(part).unlink(missing_ok=True)
     return dest
@@ -186,11 +177,3 @@ def _fetch(url: str, part: Path, timeout: float) -> None:
     size = part.stat().st_size
     if total is not None and size != total:  # http.client returns a short body without raising
         raise _Interrupted(f"the connection closed after {size} of {total} bytes")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

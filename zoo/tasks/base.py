@@ -20,8 +20,9 @@ from zoo.data.contract import DataInfo, ZooDataModule
 from zoo.optim import lr_schedule, param_groups
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-# Hyper-parameters that only the preset optimizer reads (an injected one takes its own init_args).
+# Hyper-parameters that only the preset optimizer / schedule read (injected ones take their own init_args).
 PRESET_KEYS = ("lr", "weight_decay", "betas", "eps", "momentum")
+SCHEDULE_KEYS = ("scheduler", "warmup_steps", "min_lr_ratio", "min_lr", "decay_rate")
 # Left out of the hparams: a callable is not plain data; the run's config.yaml records what the CLI injected.
 INJECTED = ("optimizer", "lr_scheduler")
 
@@ -80,7 +81,9 @@ class ZooModule(L.LightningModule):
         super().save_hyperparameters(*args, ignore=[*INJECTED, *ignore], frame=frame or inspect.currentframe().f_back,
                                      logger=logger)
         if self._optimizer_fn is not None:
-            self._refuse_preset_settings()
+            self._refuse_preset_settings(PRESET_KEYS, "optimizer")
+        if self._scheduler_fn is not None:
+            self._refuse_preset_settings(SCHEDULE_KEYS, "lr_scheduler")
 
     def configure_optimizers(self):
         """One optimizer over `param_groups` (no weight decay on norms, biases, embeddings):
@@ -121,15 +124,15 @@ class ZooModule(L.LightningModule):
                             d_model=hp.get("d_model"), decay_rate=hp.get("decay_rate", 0.9999))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def _refuse_preset_settings(self) -> None:
-        """An injected optimizer ignores the preset's hparams: one of them set away from its default
-        too would be silently unused, so it is refused."""
+    def _refuse_preset_settings(self, keys: tuple[str, ...], injected: str) -> None:
+        """An injected optimizer / scheduler ignores the preset's hparams `keys`: one of them set away
+        from its default too would be silently unused, so it is refused."""
         defaults = inspect.signature(type(self).__init__).parameters
-        changed = [k for k in PRESET_KEYS if k in self.hparams and k in defaults
+        changed = [k for k in keys if k in self.hparams and k in defaults
                    and _plain(self.hparams[k]) != _plain(defaults[k].default)]
         if changed:
-            raise ValueError(f"model {', '.join(changed)} set together with an injected optimizer, which ignores "
-                             f"them; give them as the optimizer's init_args (e.g. --model.optimizer.lr) instead")
+            raise ValueError(f"model {', '.join(changed)} set together with an injected {injected}, which ignores "
+                             f"them; give them as its init_args (--model.{injected}.*) instead")
 
     def on_save_checkpoint(self, ckpt: dict) -> None:
         ckpt["zoo"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}", "format": checkpoint.FORMAT}
