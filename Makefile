@@ -6,7 +6,6 @@ CONFIG ?= configs/unet.yaml
 NAME := $(basename $(notdir $(CONFIG)))
 OUT ?= reports/$(NAME)
 # What `make train` compares: the config's own `compare.sweep`, unless NORMS=a,b or SWEEP=key=v1,v2.
-SWEEP ?= $(if $(NORMS),model.norm=$(NORMS))
 # torch's CUDA wheels are large: give pip time on slow mirrors.
 PIP := $(BIN)/python -m pip --default-timeout=180
 
@@ -30,7 +29,8 @@ $(VENV)/.dev: $(VENV)/.installed
 # The main job: the config trained once per norm (each a full run with its own checkpoints), then
 # the comparison report.
 train: setup
-	$(BIN)/python train.py compare --config $(CONFIG) $(if $(SWEEP),--sweep $(SWEEP)) --out $(OUT)
+	$(BIN)/python train.py compare --config $(CONFIG) $(if $(NORMS),--norms $(NORMS)) $(if $(SWEEP),--sweep $(SWEEP)) \
+		--out $(OUT)
 
 # zoo's C++ CPU kernels built now rather than on first use (zoo/cpu_kernels.py), into torch's extension
 # directory (TORCH_EXTENSIONS_DIR), for machines that should not compile at run time.

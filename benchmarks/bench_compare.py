@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def sweep(out: Path, steps: int, *extra: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "train.py"), "compare", "--config", str(ROOT / "configs" / "unet.yaml"),
-           "--sweep", "model.norm=none,batch", "--seeds", "2", f"--trainer.max_steps={steps}",
+           "--sweep", "model.net.norm=none,batch", "--seeds", "2", f"--trainer.max_steps={steps}",
            f"--trainer.val_check_interval={steps}", "--trainer.enable_progress_bar=false",
            "--trainer.accelerator=cpu", "--data.num_val=2", "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}

@@ -3,11 +3,17 @@ cold first use of those kernels, with and without the ahead-of-time build (`make
 
     OMP_NUM_THREADS=1 python benchmarks/bench_compile.py                 # all (~10 min on 2 busy cores)
     OMP_NUM_THREADS=1 python benchmarks/bench_compile.py --only steps --reps 10
+    OMP_NUM_THREADS=1 python benchmarks/bench_compile.py --only steps --cases U-Net Transformer
 
 Steps: a training step (forward, loss, backward, AdamW step) and an inference step (eval, no_grad) of
 MambaVision at configs/mambavision.yaml's size (64 px, batch 32) and Sketch-RNN at
 configs/sketch_rnn.yaml's size (bench_sketch_rnn.py's "config" batch: 50 sketches, 63 steps), norm none
-(the config's: fused scan in training, nn.LSTM in inference) and layer (fused scan in both).
+(the config's: fused scan in training, nn.LSTM in inference) and layer (fused scan in both); U-Net at
+configs/unet.yaml's size (base 16, depth 4, valid padding, batch 4 of 188 px inputs -> 100 px crops, the
+task's weighted NLL), norm none (the config's) and batch; the Transformer LM at
+configs/transformer_lm.yaml's size (4 pre-norm layers, 128 wide, 4 heads, d_ff 512, batch 12 x 64
+characters, vocabulary 65) and the seq2seq Transformer at configs/transformer_seq2seq.yaml's size (2 + 2
+post-norm layers, 64 wide, d_ff 256, dropout 0.1, batch 64 of the reverse task's 1-12 symbols, padded).
 `torch.compile(model)` with its defaults (inductor) vs the same eager model: the first compiled call
 (compilation included, into empty inductor caches: a later run that reuses them compiles in seconds) is
 reported apart, then eager and compiled steps alternate (median of --reps, so machine load affects both
@@ -39,19 +45,59 @@ import timm  # noqa: E402
 
 import zoo.models.mambavision  # noqa: E402,F401  (registers the models with timm)
 from bench_sketch_rnn import SIZES, random_batch  # noqa: E402
+from zoo.data.text import BOS, EOS, PAD  # noqa: E402
 from zoo.models.sketch_rnn import SketchRNN, kl_divergence, reconstruction_loss  # noqa: E402
+from zoo.models.transformer import Transformer, TransformerLM  # noqa: E402
+from zoo.models.unet import UNet  # noqa: E402
 
 MAMBAVISION = dict(num_classes=8, dim=32, in_dim=16, depths=[1, 1, 2, 2], num_heads=[1, 2, 2, 4],
                    window_size=[8, 8, 4, 2], drop_path_rate=0.05)  # configs/mambavision.yaml
+UNET = dict(in_channels=1, num_classes=2, base_channels=16, depth=4, padding="valid")  # configs/unet.yaml
+LM = dict(vocab_size=65, d_model=128, n_heads=4, n_layers=4, d_ff=512, dropout=0.0, norm="layer",
+          norm_position="pre", max_len=64, pos_encoding="learned", activation="gelu")  # transformer_lm.yaml
+SEQ2SEQ = dict(src_vocab_size=14, tgt_vocab_size=14, d_model=64, n_heads=4, num_encoder_layers=2,
+               num_decoder_layers=2, d_ff=256, dropout=0.1, norm="layer", norm_position="post", max_len=64,
+               share_embeddings=True)  # transformer_seq2seq.yaml; 10 symbols + pad, bos, eos, unk
+
+
+def case(make_model, inputs, loss):
+    """A fresh model (seed 0), its inputs and its training loss (of the model's output on the inputs)."""
+    torch.manual_seed(0)
+    return make_model(), inputs, lambda model: loss(model(*inputs))
 
 
 def mambavision_case():
-    """A fresh model (seed 0), its inputs and its training loss."""
-    torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     images, labels = torch.randn(32, 3, 64, 64, generator=g), torch.randint(0, 8, (32,), generator=g)
-    return (timm.create_model("mambavision_t", **MAMBAVISION), (images,),
-            lambda model: F.cross_entropy(model(images), labels, label_smoothing=0.1))
+    return case(lambda: timm.create_model("mambavision_t", **MAMBAVISION), (images,),
+                lambda out: F.cross_entropy(out, labels, label_smoothing=0.1))
+
+
+def unet_case(norm):
+    """configs/unet.yaml: 100 px target crops with 44 px of context per side, the paper's weighted NLL."""
+    g = torch.Generator().manual_seed(1)
+    images, masks = torch.randn(4, 1, 188, 188, generator=g), torch.randint(0, 2, (4, 100, 100), generator=g)
+    weight = 1 + 9 * torch.rand(4, 100, 100, generator=g)  # w(x) > 0: class balance + border term
+    return case(lambda: UNet(**UNET, norm=norm), (images,),
+                lambda out: (F.nll_loss(F.log_softmax(out, 1), masks, reduction="none") * weight).mean())
+
+
+def lm_case():
+    ids = torch.randint(0, LM["vocab_size"], (12, 65), generator=torch.Generator().manual_seed(1))
+    return case(lambda: TransformerLM(**LM), (ids[:, :-1],),
+                lambda out: F.cross_entropy(out.flatten(0, 1), ids[:, 1:].flatten()))
+
+
+def seq2seq_case():
+    """A reverse-task batch: sources of 1-12 symbols right-padded, targets bos + reversed source + eos."""
+    g, n = torch.Generator().manual_seed(1), torch.arange(64)
+    lengths = torch.randint(1, 13, (64,), generator=g)
+    src = torch.randint(4, 14, (64, 12), generator=g).masked_fill(torch.arange(12) >= lengths[:, None], PAD)
+    tgt = F.pad(torch.stack([torch.cat([s[:k].flip(0), s[k:]]) for s, k in zip(src, lengths)]), (1, 1), value=PAD)
+    tgt[n, 0], tgt[n, lengths + 1] = BOS, EOS
+    return case(lambda: Transformer(**SEQ2SEQ), (src, tgt[:, :-1]),
+                lambda out: F.cross_entropy(out.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD,
+                                            label_smoothing=0.1))
 
 
 def sketch_case(norm):
@@ -70,14 +116,17 @@ def sketch_case(norm):
 
 
 CASES = {"MambaVision": mambavision_case, "Sketch-RNN none": lambda: sketch_case("none"),
-         "Sketch-RNN layer": lambda: sketch_case("layer")}
+         "Sketch-RNN layer": lambda: sketch_case("layer"), "U-Net none": lambda: unet_case("none"),
+         "U-Net batch": lambda: unet_case("batch"), "Transformer LM": lm_case, "Transformer seq2seq": seq2seq_case}
 
 
-def bench_steps(reps):
+def bench_steps(reps, prefixes=None):
     print(f"\n## torch.compile (inductor) vs eager, CPU, {torch.get_num_threads()} thread(s), median of {reps}")
     print("| model | step | eager ms | compiled ms | eager / compiled | first compiled call s | graph breaks "
           "| max abs diff (inference) |\n|---|---|---|---|---|---|---|---|")
     for name, make in CASES.items():
+        if prefixes and not name.startswith(tuple(prefixes)):
+            continue
         bench_case(name, make, reps)
         torch._dynamo.reset()
 
@@ -170,13 +219,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["steps", "cold"])
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--cases", nargs="+", metavar="PREFIX",
+                        help=f"only the step cases whose names start with one of these; cases: {', '.join(CASES)}")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
     if args.only in (None, "steps"):
         # compile times as on a first run: inductor's caches (compiled graphs, kernels) in a new directory
         with tempfile.TemporaryDirectory() as cache, temporary_cache_dir(cache):
-            bench_steps(args.reps)
+            bench_steps(args.reps, args.cases)
     if args.only in (None, "cold"):
         bench_cold()
 

@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# model -> (config, overrides that size it for this sweep, metric plotted)
+# model -> (config, its norm argument, overrides that size it for this sweep, metric plotted)
 MODELS = {
-    "unet": ("unet.yaml", ["--model.base_channels=8", "--model.depth=3", "--data.crop_size=44"], "val/iou_fg"),
-    "resnet": ("resnet.yaml", [], "val/top1"),
+    "unet": ("unet.yaml", "model.net.norm", ["--model.net.base_channels=8", "--model.net.depth=3",
+                                             "--data.crop_size=44"], "val/iou_fg"),
+    "resnet": ("resnet.yaml", "model.norm", [], "val/top1"),
 }
 
 
@@ -37,10 +38,10 @@ def main() -> None:
     p.add_argument("--jobs", default="2")
     args = p.parse_args()
     out = Path(args.out)
-    config, sizes, metric = MODELS[args.model]
+    config, norm, sizes, metric = MODELS[args.model]
     cmd = [sys.executable, str(ROOT / "train.py"), "compare", "--config", str(ROOT / "configs" / config),
-           "--sweep", "model.norm=batch,group", "--sweep", f"data.batch_size={args.batch_sizes}",
-           "--seeds", args.seeds, "--baseline", "model.norm=batch", "--jobs", args.jobs, "--out", str(out),
+           "--sweep", f"{norm}=batch,group", "--sweep", f"data.batch_size={args.batch_sizes}",
+           "--seeds", args.seeds, "--baseline", f"{norm}=batch", "--jobs", args.jobs, "--out", str(out),
            *sizes, f"--trainer.max_steps={args.steps}",
            f"--trainer.val_check_interval={args.steps // 3}", "--trainer.enable_progress_bar=false"]
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})

@@ -36,13 +36,13 @@ SEQ2SEQ = {
     "addition": ["--data.task=addition", "--data.max_length=3", "--data.num_train=30000"],
 }
 NANOGPT = {  # nanoGPT README, "I only have a macbook": 4 layers, 4 heads, 128 wide, block 64, batch 12
-    "nanogpt": ["--model.n_layers=4", "--model.n_heads=4", "--model.d_model=128", "--model.block_size=64",
-                "--data.block_size=64", "--data.batch_size=12", "--trainer.max_steps=2000", "--model.dropout=0.0"],
+    "nanogpt": ["--model.net.n_layers=4", "--model.net.n_heads=4", "--model.net.d_model=128", "--model.block_size=64",
+                "--data.block_size=64", "--data.batch_size=12", "--trainer.max_steps=2000", "--model.net.dropout=0.0"],
     # config/train_shakespeare_char.py: 6 layers, 6 heads, 384 wide, block 256, batch 64, dropout 0.2, 5000 iters
-    "babygpt": ["--model.n_layers=6", "--model.n_heads=6", "--model.d_model=384", "--model.block_size=256",
-                "--data.block_size=256", "--data.batch_size=64", "--trainer.max_steps=5000", "--model.dropout=0.2"],
+    "babygpt": ["--model.net.n_layers=6", "--model.net.n_heads=6", "--model.net.d_model=384", "--model.block_size=256",
+                "--data.block_size=256", "--data.batch_size=64", "--trainer.max_steps=5000", "--model.net.dropout=0.2"],
 }
-LM_COMMON = ["--model.pos_encoding=learned", "--model.activation=gelu", "--model.bias=false", "--model.lr=0.001",
+LM_COMMON = ["--model.net.pos_encoding=learned", "--model.net.activation=gelu", "--model.net.bias=false", "--model.lr=0.001",
              "--model.betas=[0.9,0.99]", "--model.scheduler=cosine", "--model.warmup_steps=100",
              "--model.min_lr_ratio=0.1", "--model.weight_decay=0.1", "--trainer.gradient_clip_val=1.0",
              "--trainer.limit_val_batches=1.0"]
@@ -80,7 +80,7 @@ def seq2seq(out: Path, tasks: list[str], positions: list[str], extra: list[str])
             run_dir = out / f"{task}_{pos}"
             if run_dir.exists():
                 raise SystemExit(f"{run_dir} exists: remove it or choose another --out (a fresh run per directory)")
-            cfg = ["--config", "configs/transformer_seq2seq.yaml", *overrides, f"--model.norm_position={pos}",
+            cfg = ["--config", "configs/transformer_seq2seq.yaml", *overrides, f"--model.net.norm_position={pos}",
                    "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run_dir}", *extra]
             wall, cpu = run([sys.executable, "train.py", "fit", *cfg], out / f"{task}_{pos}.fit.log")
             best = next((run_dir / "checkpoints").glob("best-*.ckpt"))

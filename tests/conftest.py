@@ -40,7 +40,7 @@ def tiny_unet_args(root_dir, *extra: str) -> list[str]:
     training crops of 28 px (inputs 68 px) from 48 px synthetic images."""
     return cli_args(
         "unet", root_dir,
-        "--model.base_channels=4", "--model.depth=3", "--model.seam_tile=16",
+        "--model.net.base_channels=4", "--model.net.depth=3", "--model.seam_tile=16",
         "--data.crop_size=28", "--data.image_size=48", "--data.num_train=8", "--data.num_val=2",
         "--data.batch_size=2",
         *extra,
@@ -80,13 +80,32 @@ def python():
 class KillAt(Callback):
     """Simulates a crash: SIGKILLs its own process at the start of a training batch, once the
     checkpoint of the step before it is on disk — after `step` optimizer steps, or at the first batch
-    of epoch `epoch`; with `fresh_only`, only in a run that did not resume from a checkpoint."""
+    of epoch `epoch`; with `fresh_only`, only in a run that did not resume from a checkpoint. With
+    `parent`, kills the process that started it instead (a compare launcher's worker); with `once`, a
+    file path, only the first process of all to get there (the file marks it)."""
 
-    def __init__(self, step: int | None = None, epoch: int | None = None, fresh_only: bool = False):
-        self.step, self.epoch, self.fresh_only = step, epoch, fresh_only
+    def __init__(self, step: int | None = None, epoch: int | None = None, fresh_only: bool = False,
+                 parent: bool = False, once: str | None = None):
+        self.step, self.epoch, self.fresh_only, self.parent, self.once = step, epoch, fresh_only, parent, once
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.fresh_only and trainer.ckpt_path is not None:
             return
         if trainer.global_step == self.step or (trainer.current_epoch == self.epoch and batch_idx == 0):
-            os.kill(os.getpid(), signal.SIGKILL)
+            if self.once is not None:
+                try:
+                    os.close(os.open(self.once, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    return
+            os.kill(os.getppid() if self.parent else os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def sweep_reference(tmp_path_factory):
+    """`compare` of the tiny U-Net over norm none, batch x seeds 0, 3, one run after another: the output
+    folder every other launcher (--jobs 2, Ray on one or two nodes, retried runs) must reproduce."""
+    from tests.test_compare import SWEEP, compare
+
+    out = tmp_path_factory.mktemp("sweep_reference")
+    compare(out, *SWEEP)
+    return out

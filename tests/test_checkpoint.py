@@ -1,11 +1,13 @@
 """`zoo.load`: plain-data checkpoints load with weights_only=True; everything else is refused clearly."""
 import collections
+import dataclasses
 
 import pytest
 import torch
 
 import zoo
 from zoo.checkpoint import CheckpointError
+from zoo.models.unet import UNetConfig
 from zoo.tasks.base import ZooModule
 from zoo.tasks.segmentation import UNetSegmentation
 
@@ -29,7 +31,7 @@ def write_ckpt(path, model, **extra):
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    m = UNetSegmentation(base_channels=4, depth=3, norm="batch")
+    m = UNetSegmentation(net={"base_channels": 4, "depth": 3, "norm": "batch"})
     m.input_scaler.shift.fill_(3.0)  # as if fitted
     m.input_scaler.scale.fill_(2.0)
     return m
@@ -38,7 +40,7 @@ def model():
 def test_round_trip(tmp_path, model):
     loaded = zoo.load(write_ckpt(tmp_path / "m.ckpt", model))
     assert type(loaded) is UNetSegmentation and not loaded.training
-    assert loaded.hparams.norm == "batch" and loaded.hparams.depth == 3
+    assert loaded.hparams.net == {**dataclasses.asdict(UNetConfig()), "base_channels": 4, "depth": 3, "norm": "batch"}
     state = loaded.state_dict()
     for k, v in model.state_dict().items():
         if isinstance(v, torch.Tensor):

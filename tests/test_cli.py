@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import zoo
+from zoo.models.config import flat
 from zoo.cli import ZooCLI, error_line, run_tags, wandb_mode
 from zoo.scaling import InputScaler
 from zoo.tasks.segmentation import UNetSegmentation
@@ -27,7 +28,7 @@ def metrics_rows(root):
 
 
 def test_fit_writes_run_dir_and_load_restores_model(tmp_path):
-    cli = fit(tmp_path, "--model.norm=group", "--data.input_norm=robust")
+    cli = fit(tmp_path, "--model.net.norm=group", "--data.input_norm=robust")
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -40,8 +41,8 @@ def test_fit_writes_run_dir_and_load_restores_model(tmp_path):
     # Hyper-parameters are plain data; the norm is its name.
     raw = torch.load(ckpt, weights_only=True)
     hp = raw["hyper_parameters"]
-    assert hp["norm"] == "group"
-    assert all(isinstance(v, (str, int, float, bool, type(None))) for v in hp.values())
+    assert hp["net"]["norm"] == "group"
+    assert all(isinstance(v, (str, int, float, bool, type(None))) for v in flat(hp).values())
 
     model = zoo.load(ckpt)
     assert isinstance(model, UNetSegmentation) and not model.training
@@ -55,7 +56,7 @@ def test_fit_writes_run_dir_and_load_restores_model(tmp_path):
     x = torch.rand(1, 1, 68, 68) * 255
     cli.model.eval()
     torch.testing.assert_close(model(x), cli.model(x))
-    assert UNetSegmentation.load(ckpt).hparams.norm == "group"
+    assert UNetSegmentation.load(ckpt).hparams.net["norm"] == "group"
 
 
 def test_same_seed_same_metrics_other_seed_differs(tmp_path):
@@ -86,7 +87,7 @@ def test_resume_from_last_is_exact(tmp_path):
 
 def test_model_and_data_overrides_and_print_config(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "fit", *tiny_unet_args(tmp_path, "--model.norm=instance"),
+        [sys.executable, str(ROOT / "train.py"), "fit", *tiny_unet_args(tmp_path, "--model.net.norm=instance"),
          "--print_config"], capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout
     assert "class_path: zoo.tasks.segmentation.UNetSegmentation" in out
@@ -95,7 +96,7 @@ def test_model_and_data_overrides_and_print_config(tmp_path):
 
 def test_unknown_norm_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError) as raised:
-        fit(tmp_path, "--model.norm=bogus")
+        fit(tmp_path, "--model.net.norm=bogus")
     assert error_line(raised.value) == "error: unknown norm kind 'bogus'; valid kinds: batch, layer, instance, group, rms, none"
 
 
@@ -119,7 +120,7 @@ def test_predict_writes_probability_maps_and_masks(tmp_path):
 def test_ddp_on_two_cpu_processes(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "fit", *tiny_unet_args(tmp_path),
-         "--trainer.strategy=ddp", "--trainer.devices=2", "--model.norm=batch"],
+         "--trainer.strategy=ddp", "--trainer.devices=2", "--model.net.norm=batch"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -130,7 +131,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 
 def test_sync_batchnorm_converts_every_batch_norm():
     # What --trainer.sync_batchnorm does (it needs CUDA devices, so the CPU DDP test cannot use it).
-    model = UNetSegmentation(base_channels=4, depth=3, norm="batch")
+    model = UNetSegmentation(net={"base_channels": 4, "depth": 3, "norm": "batch"})
     n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert n_bn == 2 * 5  # two convs per level: 3 down, 2 up
@@ -155,13 +156,13 @@ def test_wandb_mode_is_decided_without_network(monkeypatch, tmp_path):
 
 
 def test_run_tags_name_model_and_norms():
-    model = UNetSegmentation(base_channels=4, depth=3, norm="rms")
+    model = UNetSegmentation(net={"base_channels": 4, "depth": 3, "norm": "rms"})
     assert run_tags(model, None) == ["UNetSegmentation", "norm=rms"]
 
 
 def test_wandb_run_carries_job_type_resolved_config_and_tags(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the logger is only configured here
-    cli = ZooCLI(args=tiny_unet_args(tmp_path, "--model.norm=group", "--wandb.job_type=compare",
+    cli = ZooCLI(args=tiny_unet_args(tmp_path, "--model.net.norm=group", "--wandb.job_type=compare",
                                      "--wandb.group=g", "--wandb.tags=[\"seed=3\"]", "--seed_everything=3"), run=False)
     from lightning.pytorch.loggers import WandbLogger
 
@@ -170,7 +171,7 @@ def test_wandb_run_carries_job_type_resolved_config_and_tags(tmp_path, monkeypat
     assert init["job_type"] == "compare" and init["group"] == "g"
     assert {"UNetSegmentation", "norm=group", "seed=3"} <= set(init["tags"])
     config = init["config"]  # the full resolved config, plain data
-    assert config["model"]["init_args"]["norm"] == "group" and config["seed_everything"] == 3
+    assert config["model"]["init_args"]["net"]["norm"] == "group" and config["seed_everything"] == 3
     assert config["data"]["init_args"]["crop_size"] == 28
 
 
@@ -178,7 +179,7 @@ def test_tensorboard_gets_hparams_with_final_metrics(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    fit(tmp_path, "--model.norm=group")
+    fit(tmp_path, "--model.net.norm=group")
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0}).Reload()
     summary = json.loads((tmp_path / "summary.json").read_text())
     for tag in ("val/loss", "val/iou_fg"):  # the final values, as the run summary has them
@@ -186,4 +187,4 @@ def test_tensorboard_gets_hparams_with_final_metrics(tmp_path):
     content = events.PluginTagToContent("hparams")
     (session,) = [plugin_data_pb2.HParamsPluginData.FromString(c).session_start_info
                   for c in content.values() if plugin_data_pb2.HParamsPluginData.FromString(c).HasField("session_start_info")]
-    assert session.hparams["model/norm"].string_value == "group" and session.hparams["seed"].string_value == "0"
+    assert session.hparams["model/net/norm"].string_value == "group" and session.hparams["seed"].string_value == "0"

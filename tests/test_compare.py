@@ -18,6 +18,7 @@ TINY = [a for a in tiny_unet_args("IGNORED") if not a.startswith("--trainer.defa
 
 # One thread per run whatever --jobs: torch's CPU kernels sum in an order that depends on threads.
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+SWEEP = ["--sweep", "model.net.norm=none,batch", "--seeds", "0,3"]  # conftest's sweep_reference
 
 
 def compare(out, *extra, check=True, **popen) -> subprocess.CompletedProcess:
@@ -35,14 +36,14 @@ def val_metrics(out) -> dict:
 
 def test_sweeps_are_crossed_and_norms_is_shorthand(tmp_path):
     sweeps = parse_sweeps("batch,group", ["data.batch_size=1,8"])
-    assert sweeps == {"model.norm": ["batch", "group"], "data.batch_size": ["1", "8"]}
+    assert sweeps == {"model.net.norm": ["batch", "group"], "data.batch_size": ["1", "8"]}
     names = [r.name for r in plan_runs(sweeps, tmp_path)]
     assert names == ["norm=batch,batch_size=1", "norm=batch,batch_size=8",
                      "norm=group,batch_size=1", "norm=group,batch_size=8"]
     with pytest.raises(ValueError, match="swept twice"):
-        parse_sweeps("batch", ["model.norm=group"])
+        parse_sweeps("batch", ["model.net.norm=group"])
     with pytest.raises(ValueError, match="KEY=v1,v2"):
-        parse_sweeps(None, ["model.norm"])
+        parse_sweeps(None, ["model.net.norm"])
 
 
 def test_seeds_baseline_and_plan():
@@ -50,12 +51,12 @@ def test_seeds_baseline_and_plan():
     for bad in ("x", "-1", "1.5", "0", "1,1", "2,"):
         with pytest.raises(ValueError, match="--seeds"):
             parse_seeds(bad)
-    sweeps = {"model.norm": ["layer", "rms"], "data.batch_size": ["2", "8"]}
-    assert parse_baseline(None, sweeps) == {"model.norm": "layer"}
-    assert parse_baseline("model.norm=rms", sweeps) == {"model.norm": "rms"}
+    sweeps = {"model.net.norm": ["layer", "rms"], "data.batch_size": ["2", "8"]}
+    assert parse_baseline(None, sweeps) == {"model.net.norm": "layer"}
+    assert parse_baseline("model.net.norm=rms", sweeps) == {"model.net.norm": "rms"}
     with pytest.raises(ValueError, match="swept key"):
-        parse_baseline("model.norm=batch", sweeps)
-    runs = plan_runs({"model.norm": ["layer", "rms"]}, ROOT, [0, 1])
+        parse_baseline("model.net.norm=batch", sweeps)
+    runs = plan_runs({"model.net.norm": ["layer", "rms"]}, ROOT, [0, 1])
     assert [(r.name, r.point, r.seed) for r in runs] == [
         ("norm=layer,seed=0", "norm=layer", 0), ("norm=layer,seed=1", "norm=layer", 1),
         ("norm=rms,seed=0", "norm=rms", 0), ("norm=rms,seed=1", "norm=rms", 1)]
@@ -74,12 +75,13 @@ def test_bad_input_gets_one_line_before_any_run(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     base = [*TINY, "--out", str(out)]
     cases = {
-        ("--sweep", "model.nrom=a,b"): "error: --sweep model.nrom: no such argument; closest: model.norm",
+        ("--sweep", "model.nrom=a,b"): "error: --sweep model.nrom: no such argument; closest: model.net.norm",
+        ("--sweep", "model.norm=a,b"): "error: --sweep model.norm: no such argument; closest: model.net.norm",
         ("--norms", "batch,bogus"): "error: unknown norm(s) ['bogus']; valid kinds: batch",
         ("--norms", "batch", "--seeds", "two"): "error: --seeds 'two' is not a count",
         ("--norms", "batch", "--jobs", "0"): "error: --jobs 0: must be at least 1",
         ("--norms", "batch", "--trainer.max_stepz=3"): "error: unrecognized arguments: --trainer.max_stepz=3",
-        ("--norms", "batch", "--baseline", "model.norm=group"): "error: --baseline 'model.norm=group' must be",
+        ("--norms", "batch", "--baseline", "model.net.norm=group"): "error: --baseline 'model.net.norm=group' must be",
         ("--norms", "batch", "--metric", "val/iou_fg"): "error: --metric 'val/iou_fg': expected NAME:min or NAME:max",
         ("--compare.sweep=[]",): "error: nothing to compare; give --norms a,b,... or --sweep KEY=v1,v2, or set "
                                  "compare.sweep in the config",
@@ -113,9 +115,9 @@ def test_other_settings_in_the_same_out_are_refused_and_fresh_starts_over(tmp_pa
 def test_compare_writes_report_and_reports_failures(tmp_path):
     out = tmp_path / "report"
     # 'bogus' passes --sweep unchecked, so that run fails inside its own process.
-    proc = compare(out, "--sweep", "model.norm=none,batch,bogus")
+    proc = compare(out, "--sweep", "model.net.norm=none,batch,bogus")
     assert "report:" in proc.stdout
-    assert "warning: model.norm value(s) ['bogus'] are not registered norms" in proc.stderr
+    assert "warning: model.net.norm value(s) ['bogus'] are not registered norms" in proc.stderr
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
     assert runs["norm=none"]["status"] == "ok" and runs["norm=batch"]["status"] == "ok"
@@ -136,23 +138,23 @@ def test_compare_writes_report_and_reports_failures(tmp_path):
     # Same seed, same data: the two runs differ only by the norm.
     for name in ("norm=none", "norm=batch"):
         cmd = (out / "runs" / name / "command.txt").read_text()
-        assert "--seed_everything" not in cmd and "--model.norm " + name.split("=")[1] in cmd
+        assert "--seed_everything" not in cmd and "--model.net.norm " + name.split("=")[1] in cmd
 
 
-def test_launchers_and_jobs_give_the_same_metrics_and_retries_resume(tmp_path):
-    sweep = ["--sweep", "model.norm=none,batch", "--seeds", "0,3"]
-    compare(tmp_path / "one", *sweep)
-    reference = val_metrics(tmp_path / "one")
+def test_launchers_and_jobs_give_the_same_metrics_and_retries_resume(tmp_path, sweep_reference):
+    reference = val_metrics(sweep_reference)
     assert len(reference) == 4 and all(reference.values())
     assert reference["norm=none,seed=0"] != reference["norm=none,seed=3"]  # the seed changes the run
     # the other launchers on half the sweep (two runs at once is what they have to get right)
-    half = ["--sweep", "model.norm=batch", "--seeds", "0,3"]
+    half = ["--sweep", "model.net.norm=batch", "--seeds", "0,3"]
     subset = {k: v for k, v in reference.items() if k.startswith("norm=batch,")}
     compare(tmp_path / "two", *half, "--jobs", "2")
     ray = compare(tmp_path / "ray", *half, "--launcher", "ray", "--max-retries", "0")
     assert val_metrics(tmp_path / "two") == subset, "--jobs 2 differs from --jobs 1"
     assert val_metrics(tmp_path / "ray") == subset, "the Ray launcher differs from the local one" + ray.stderr[-500:]
-    cmd = (tmp_path / "one" / "runs" / "norm=none,seed=3" / "command.txt").read_text()
+    nodes = {r["node"] for r in json.loads((tmp_path / "ray" / "results.json").read_text())["runs"].values()}
+    assert len(nodes) == 1 and nodes.pop().startswith("127.0.0.1/")  # the local instance stays on loopback
+    cmd = (sweep_reference / "runs" / "norm=none,seed=3" / "command.txt").read_text()
     assert "--seed_everything=3" in cmd
     # every run's process is SIGKILLed once (at step 2): retried from its last.ckpt, same metrics
     kill = json.dumps({"class_path": "tests.conftest.KillAt", "init_args": {"step": 2, "fresh_only": True}})
@@ -160,45 +162,43 @@ def test_launchers_and_jobs_give_the_same_metrics_and_retries_resume(tmp_path):
     results = json.loads((tmp_path / "retried" / "results.json").read_text())["runs"]
     assert len(results) == 2 and all(r["retries"] == 1 and r["status"] == "ok" for r in results.values())
     assert val_metrics(tmp_path / "retried") == subset
-    stats = json.loads((tmp_path / "one" / "results.json").read_text())
+    stats = json.loads((sweep_reference / "results.json").read_text())
     assert [p["n"] for p in stats["paired"]] == [2]
     assert {(a["point"], a["n"]) for a in stats["aggregate"] if a["metric"] == "val/loss"} == {
         ("norm=none", 2), ("norm=batch", 2)}
 
 
-def test_killed_compare_reruns_to_the_same_report_and_keeps_finished_runs(tmp_path):
-    sweep = ["--sweep", "model.norm=none,batch,group", "--trainer.max_steps=6"]
-    compare(tmp_path / "straight", *sweep)
+def test_killed_compare_reruns_to_the_same_report_and_keeps_finished_runs(tmp_path, sweep_reference):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "compare", *TINY, *sweep, "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "compare", *TINY, *SWEEP, "--out", str(out)],
                             cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = out / "runs" / "norm=none"
-    deadline = time.time() + 600
-    while not (out / "runs" / "norm=batch" / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
+    finished = [out / "runs" / "norm=none,seed=0", out / "runs" / "norm=none,seed=3"]
+    deadline = time.time() + 600  # killed once the third run has its first checkpoint
+    while not (out / "runs" / "norm=batch,seed=0" / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (first / "summary.json").exists() and not (out / "runs" / "norm=group").exists()
-    assert "1 of 3 runs done" in (out / "report.html").read_text()  # rewritten after every finished run
-    kept = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    assert all((f / "summary.json").exists() for f in finished) and not (out / "runs" / "norm=batch,seed=3").exists()
+    assert "2 of 4 runs done" in (out / "report.html").read_text()  # rewritten after every finished run
+    kept = {p: p.read_bytes() for f in finished for p in f.rglob("*") if p.is_file()}
     mtimes = {p: p.stat().st_mtime_ns for p in kept}
-    rerun = compare(out, *sweep)
-    assert "1 finished before, kept as they are" in rerun.stdout
+    rerun = compare(out, *SWEEP)
+    assert "2 finished before, kept as they are" in rerun.stdout
     assert {p: p.read_bytes() for p in kept} == kept and {p: p.stat().st_mtime_ns for p in kept} == mtimes
-    assert val_metrics(out) == val_metrics(tmp_path / "straight")
-    refused = compare(out, "--sweep", "model.norm=none,batch,group", "--trainer.max_steps=7", check=False)
+    assert val_metrics(out) == val_metrics(sweep_reference)
+    refused = compare(out, *SWEEP, "--trainer.max_steps=7", check=False)
     assert refused.returncode == 2 and "holds a comparison with other settings" in refused.stderr
 
 
 def test_report_carries_text_samples_and_latest_epoch_only(tmp_path):
     from zoo.compare import Run, write_report
 
-    run = Run("norm=layer", {"model.norm": "layer"}, tmp_path / "runs" / "norm=layer",
+    run = Run("norm=layer", {"model.net.norm": "layer"}, tmp_path / "runs" / "norm=layer",
               {"status": "ok", "metrics": {"val/loss": 1.5}, "params": 10}, point="norm=layer", status="ok")
     (run.dir / "samples").mkdir(parents=True)
     (run.dir / "samples" / "val_text_epoch000.txt").write_text("prompt: ab\noutput: old\n")
     (run.dir / "samples" / "val_text_epoch001.txt").write_text("prompt: ab\noutput: new <&>\n")
-    report = write_report([run], tmp_path, ["c.yaml"], [], {"model.norm": ["layer"]}).read_text()
+    report = write_report([run], tmp_path, ["c.yaml"], [], {"model.net.norm": ["layer"]}).read_text()
     assert "output: new <&>" in report and "output: old" not in report
     assert "| norm=layer | ok | 1.5 |" in report
 
@@ -206,10 +206,10 @@ def test_report_carries_text_samples_and_latest_epoch_only(tmp_path):
 def test_statistics_mid_sweep_skip_points_whose_baseline_has_not_finished(tmp_path):
     from zoo.compare import statistics
 
-    runs = plan_runs({"model.norm": ["none", "batch"]}, tmp_path, [0, 1])
+    runs = plan_runs({"model.net.norm": ["none", "batch"]}, tmp_path, [0, 1])
     for r in runs[2:3]:  # only norm=batch,seed=0 has finished; the baseline norm=none has not
         r.status, r.summary = "ok", {"status": "ok", "metrics": {"val/loss": 0.5}}
-    st = statistics(runs, "val/loss", "min", {"model.norm": "none"}, 0.05)
+    st = statistics(runs, "val/loss", "min", {"model.net.norm": "none"}, 0.05)
     assert st["paired"] == [] and [a["point"] for a in st["aggregate"]] == ["norm=batch"]
 
 
@@ -218,12 +218,12 @@ def test_paired_tests_on_further_metrics_with_their_direction(tmp_path):
 
     from zoo.compare import statistics
 
-    runs = plan_runs({"model.norm": ["none", "layer"]}, tmp_path, [0, 1, 2])
+    runs = plan_runs({"model.net.norm": ["none", "layer"]}, tmp_path, [0, 1, 2])
     table = {"none": ([1.0, 1.1, 0.9], [0.50, 0.60, 0.55]), "layer": ([0.9, 1.0, 0.85], [0.70, 0.72, 0.69])}
     for r in runs:
-        loss, acc = table[r.values["model.norm"]]
+        loss, acc = table[r.values["model.net.norm"]]
         r.status, r.summary = "ok", {"status": "ok", "metrics": {"val/loss": loss[r.seed], "val/acc": acc[r.seed]}}
-    st = statistics(runs, "val/loss", "min", {"model.norm": "none"}, 0.05, also=(("val/acc", "max"),))
+    st = statistics(runs, "val/loss", "min", {"model.net.norm": "none"}, 0.05, also=(("val/acc", "max"),))
     by_metric = {p["metric"]: p for p in st["paired"]}
     assert set(by_metric) == {"val/loss", "val/acc"}
     acc = by_metric["val/acc"]
@@ -231,3 +231,36 @@ def test_paired_tests_on_further_metrics_with_their_direction(tmp_path):
     assert acc["mean_diff"] == pytest.approx((0.20 + 0.12 + 0.14) / 3)
     assert acc["better"] == "better"  # higher accuracy, significant at 0.05
     assert len(st["verdicts"]) == 2
+
+
+def test_each_local_job_gets_its_own_gpus(monkeypatch, tmp_path):
+    """--jobs 2 --devices-per-run 2 on a (pretend) 4-GPU machine: runs at the same time never share a
+    device, and a plan needing more GPUs than there are is refused."""
+    import threading
+
+    import zoo.compare as c
+
+    monkeypatch.setattr(c, "_cuda_devices", lambda: ["0", "1", "2", "3"])
+    lock, busy, seen, shared = threading.Lock(), set(), [], []
+
+    def fake_execute(spec, max_retries):
+        devices = set(spec["env"]["CUDA_VISIBLE_DEVICES"].split(","))
+        with lock:
+            shared.append(devices & busy)
+            busy.update(devices)
+        time.sleep(0.05)  # long enough for the other job to start meanwhile
+        with lock:
+            busy.difference_update(devices)
+            seen.append(devices)
+        return {"summary": {"status": "ok"}, "retries": 0}
+
+    monkeypatch.setattr(c, "execute", fake_execute)
+    runs = plan_runs({"model.net.norm": ["a", "b", "c", "d", "e"]}, tmp_path)
+    specs = [{"env": {"OMP_NUM_THREADS": "1"}, "dir": str(r.dir)} for r in runs]
+    done = []
+    c.launch_local(runs, specs, 2, 2, 0, lambda run, result: done.append(run.name))
+    assert sorted(done) == sorted(r.name for r in runs) and len(seen) == 5
+    assert all(len(d) == 2 for d in seen) and not any(shared)
+    assert {frozenset(d) for d in seen} == {frozenset({"0", "1"}), frozenset({"2", "3"})}
+    with pytest.raises(ValueError, match="needs 6 GPUs; this machine has 4"):
+        c.launch_local(runs, specs, 3, 2, 0, lambda run, result: None)

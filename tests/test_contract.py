@@ -29,11 +29,11 @@ def test_each_datamodule_hands_what_it_declares(tmp_path):
 
     text = tmp_path / "t.txt"
     text.write_text("abcabcabd" * 20)
-    lm = LMDataModule(str(text), block_size=4, batch_size=2, val_fraction=0.2)
+    lm = LMDataModule(str(text), block_size=4, batch_size=2, val_fraction=0.2, max_new_tokens=7, greedy=True)
     assert lm.info().chars_per_token is None  # before setup: nothing fitted yet
     lm.setup("fit")
     assert lm.info().tokenizers == {"text": lm.tokenizer} and lm.info().chars_per_token == 1.0  # characters
-    assert lm.info().seq_len == 4
+    assert lm.info().seq_len == 4 and (lm.info().max_new_tokens, lm.info().greedy) == (7, True)  # for predict
 
     s2s = Seq2SeqDataModule("addition", num_train=50, num_val=10, num_test=10, max_length=2)
     assert s2s.info().tokenizers is None
@@ -58,7 +58,7 @@ def cli(config, root, *extra):
 
 
 def test_model_follows_its_data(tmp_path):
-    c = cli("sketch_rnn", tmp_path, "--data.max_seq_len=120", "--model.enc_rnn_size=8", "--model.dec_rnn_size=8")
+    c = cli("sketch_rnn", tmp_path, "--data.max_seq_len=120", "--model.net.enc_rnn_size=8", "--model.net.dec_rnn_size=8")
     assert c.model.hparams.max_seq_len == c.datamodule.hparams.max_seq_len == 120
     c = cli("transformer_lm", tmp_path, "--data.block_size=16")
     assert c.model.hparams.block_size == 16
@@ -77,7 +77,7 @@ def test_a_model_value_that_disagrees_with_the_data_is_one_line(tmp_path):
 
 
 def test_task_reads_the_scaler_through_the_contract(tmp_path):
-    c = cli("unet", tmp_path, "--model.base_channels=4", "--model.depth=3", "--data.crop_size=28",
+    c = cli("unet", tmp_path, "--model.net.base_channels=4", "--model.net.depth=3", "--data.crop_size=28",
             "--data.image_size=48", "--data.num_train=4", "--data.num_val=1", "--data.batch_size=2")
     c.trainer.fit(c.model, c.datamodule)
     fitted = c.datamodule.info().scaler

@@ -32,13 +32,13 @@ def unet_ckpt(tmp_path_factory):
 
 
 def test_bad_norm_is_one_line_from_the_command_line(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", "fit", *tiny_unet_args(tmp_path, "--model.norm=bogus")],
+    proc = subprocess.run([sys.executable, "train.py", "fit", *tiny_unet_args(tmp_path, "--model.net.norm=bogus")],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert proc.returncode == 2
     assert lines[-1] == "error: unknown norm kind 'bogus'; valid kinds: batch, layer, instance, group, rms, none"
     assert len(lines) <= 2 and "Traceback" not in proc.stderr  # at most Lightning's "Seed set to 0" before it
-    debug = subprocess.run([sys.executable, "train.py", "fit", *tiny_unet_args(tmp_path, "--model.norm=bogus")],
+    debug = subprocess.run([sys.executable, "train.py", "fit", *tiny_unet_args(tmp_path, "--model.net.norm=bogus")],
                            cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "WANDB_MODE": "disabled", "ZOO_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "unknown norm kind 'bogus'" in debug.stderr
@@ -105,16 +105,16 @@ def test_foreign_truncated_and_code_checkpoints_are_refused_naming_the_file(tmp_
 
 
 def test_resume_with_other_model_arguments_is_refused(tmp_path, capsys, unet_ckpt):
-    code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, "--model.norm=batch"), f"--ckpt_path={unet_ckpt}")
+    code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, "--model.net.norm=batch"), f"--ckpt_path={unet_ckpt}")
     assert code == 2 and error_lines(err) == [
-        f"error: cannot resume {unet_ckpt} with other model arguments (norm: checkpoint 'none', now 'batch'); "
+        f"error: cannot resume {unet_ckpt} with other model arguments (net.norm: checkpoint 'none', now 'batch'); "
         "resume with the checkpoint's arguments, or start a new run in another --trainer.default_root_dir"]
 
 
 def test_predict_uses_the_checkpoints_model_arguments_and_says_so(tmp_path, capsys, unet_ckpt):
-    ZooCLI(args=["predict", *tiny_unet_args(tmp_path, "--model.norm=batch"), f"--ckpt_path={unet_ckpt}",
+    ZooCLI(args=["predict", *tiny_unet_args(tmp_path, "--model.net.norm=batch"), f"--ckpt_path={unet_ckpt}",
                  f"--predict_out={tmp_path / 'pred'}"])
-    assert "using the checkpoint's model arguments (norm: checkpoint 'none', now 'batch')" in capsys.readouterr().err
+    assert "using the checkpoint's model arguments (net.norm: checkpoint 'none', now 'batch')" in capsys.readouterr().err
     assert list((tmp_path / "pred").glob("*_probs.npy"))
 
 

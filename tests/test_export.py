@@ -29,26 +29,34 @@ from zoo.tasks.segmentation import UNetSegmentation
 
 # Tiny runs of 2 steps (one validation, so summary.json has metrics), each with a norm that has weights.
 RUNS = {
-    "unet": lambda root: tiny_unet_args(root, "--model.norm=group", "--data.input_norm=zscore"),
-    "lm": lambda root: lm_args(root, "--model.norm=rms"),
-    "sketch": lambda root: tiny_sketch_args(root, "--model.norm=layer"),
+    "unet": lambda root: tiny_unet_args(root, "--model.net.norm=group", "--data.input_norm=zscore"),
+    "lm": lambda root: lm_args(root, "--model.net.norm=rms"),
+    "sketch": lambda root: tiny_sketch_args(root, "--model.net.norm=layer"),
     "classification": lambda root: cli_args("resnet", root, *TINY_RESNET_ARGS, "--model.norm=group"),
 }
+RUNS_NORM = {"unet": "group", "lm": "rms", "sketch": "layer", "classification": "group"}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """name -> the last.ckpt of its tiny run (trained once per module, on first use)."""
-    done = {}
+def trained_runs(runs: dict):
+    """A module fixture: name -> the last.ckpt of its tiny run in `runs` (trained on first use)."""
 
-    def get(name):
-        if name not in done:
-            root = tmp_path_factory.mktemp(name)
-            ZooCLI(args=["fit", *RUNS[name](root), "--trainer.max_steps=2"])
-            done[name] = root / "checkpoints" / "last.ckpt"
-        return done[name]
+    @pytest.fixture(scope="module")
+    def trained(tmp_path_factory):
+        done = {}
 
-    return get
+        def get(name):
+            if name not in done:
+                root = tmp_path_factory.mktemp(name)
+                ZooCLI(args=["fit", *runs[name](root), "--trainer.max_steps=2"])
+                done[name] = root / "checkpoints" / "last.ckpt"
+            return done[name]
+
+        return get
+
+    return trained
+
+
+trained = trained_runs(RUNS)
 
 
 def predictions(name: str, model) -> list:
@@ -92,8 +100,14 @@ def test_export_predicts_like_the_checkpoint(name, trained, tmp_path, capsys, mo
     card = (tmp_path / "out" / "README.md").read_text()
     summary = json.loads((ckpt.parent.parent / "summary.json").read_text())
     assert config["task"] == f"{type(original).__module__}.{type(original).__qualname__}"
-    assert config["norm"]["norm"] == original.hparams.norm and f"norm={original.hparams.norm}" in card
+    # the norm as the run set it: a top-level hyper-parameter (classifier) or one of the network config's
+    key = "norm" if name == "classification" else "net.norm"
+    norm = RUNS_NORM[name]
+    assert config["norm"][key] == norm and f"{key}={norm}" in card
     assert config["source"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    # all tensors under the task's names; the classifier (its norms replaced) is zoo-only (test_export_timm)
+    assert config["weights_prefix"] == "" and config.get("timm_compatible", None) is (
+        False if name == "classification" else None)
     assert summary["metrics"] and all(f"| {k} |" in card for k in summary["metrics"])
     if name == "unet":  # the fitted scaler: buffers in the safetensors, kind in config.json
         assert loaded.input_scaler.kind == "zscore" and loaded.input_scaler.fitted

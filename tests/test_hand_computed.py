@@ -60,7 +60,7 @@ def test_segmentation_metrics_hand_computed(monkeypatch):
     #   2: 3 / 4 / 3 -> IoU 3 / 4,  Dice 6 / 7
     # pixel accuracy 9 / 12 (the mean of the per-class recalls would be 7 / 9); the *_fg values average
     # classes 1 and 2 only (with class 0: IoU 0.606, Dice 0.743); per-batch averaging would differ too
-    task = UNetSegmentation(num_classes=3, base_channels=4, depth=2)
+    task = UNetSegmentation(num_classes=3, net={"base_channels": 4, "depth": 2})
     logged = capture_logs(task, monkeypatch)
     probs = torch.nn.functional.one_hot(pred, 3).permute(2, 0, 1).float() * 0.85 + 0.05  # argmax = pred
     for rows in (slice(0, 1), slice(1, 3)):
@@ -97,7 +97,7 @@ def test_kl_tolerance_floor_in_the_training_loss(kl, floored, monkeypatch):
     #   L_KL 0.05 -> 1 + 0.275 * 0.2 = 1.055, and no gradient reaches L_KL (the floor is a constant);
     #   L_KL 0.8  -> 1 + 0.275 * 0.8 = 1.22, gradient 0.275.
     # Catches a floor applied after weighting, L_KL + tolerance, a missing floor, or min for max.
-    task = SketchRNNTask(enc_rnn_size=4, dec_rnn_size=4, z_size=2, num_mixture=1, kl_weight=0.5,
+    task = SketchRNNTask(net={"enc_rnn_size": 4, "dec_rnn_size": 4, "z_size": 2, "num_mixture": 1}, kl_weight=0.5,
                          kl_weight_start=0.05, kl_decay_rate=0.5, kl_tolerance=0.2)
     logged = capture_logs(task, monkeypatch)
     monkeypatch.setattr(SketchRNNTask, "global_step", property(lambda self: 1))
@@ -192,8 +192,8 @@ PHONEMES = ["HH", "AH0", "L", "OW1", "W", "ER1", "D"]
 
 
 def g2p_task(monkeypatch) -> tuple[Seq2Seq, Tokenizer, dict]:
-    task = Seq2Seq(d_model=8, n_heads=2, num_encoder_layers=1, num_decoder_layers=1, max_len=16, num_samples=0,
-                   share_embeddings=False)
+    task = Seq2Seq(net={"d_model": 8, "n_heads": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "max_len": 16,
+                        "share_embeddings": False}, num_samples=0)
     tgt = Tokenizer(level="word", tokens=PHONEMES)
     task._set_tokenizers({"src": Tokenizer(level="char", tokens=list("helowrd")), "tgt": tgt})
     monkeypatch.setattr(task, "_loss", lambda batch, smoothing: torch.tensor(0.0))

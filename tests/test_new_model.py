@@ -21,12 +21,13 @@ import lightning as L
 import torch
 from torch import nn
 
+from zoo.models.config import network_config
 from zoo.norm import build_norm
 from zoo.tasks.base import ZooModule
 
 
 class TinyMLP(nn.Module):
-    def __init__(self, width: int, norm: str):
+    def __init__(self, width: int = 8, norm: str = "none"):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, width), build_norm(norm, width, "nc"), nn.ReLU(), nn.Linear(width, 1))
 
@@ -34,11 +35,15 @@ class TinyMLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+TinyMLPConfig = network_config(TinyMLP)
+
+
 class TinyRegression(ZooModule):
-    def __init__(self, width: int = 8, norm: str = "none", lr: float = 0.05):
+    def __init__(self, net: TinyMLPConfig = TinyMLPConfig(), lr: float = 0.05):
         super().__init__()
+        net = TinyMLPConfig.of(net)
         self.save_hyperparameters()
-        self.net = TinyMLP(width, norm)
+        self.net = net.build()
 
     def forward(self, x):
         return self.net(x)
@@ -73,7 +78,7 @@ class TinyData(L.LightningDataModule):
 CONFIG = '''
 seed_everything: 0
 compare:
-  sweep: ["model.norm=batch,layer"]
+  sweep: ["model.net.norm=batch,layer"]
 trainer:
   max_steps: 6
   val_check_interval: 3
@@ -83,7 +88,8 @@ trainer:
 model:
   class_path: tiny_ext.TinyRegression
   init_args:
-    width: 8
+    net:
+      width: 8
 data:
   class_path: tiny_ext.TinyData
 '''
@@ -101,13 +107,13 @@ def test_a_model_defined_outside_zoo_fits_loads_and_compares(tmp_path, monkeypat
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return proc
 
-    train("fit", "--config", "tiny.yaml", "--model.norm=layer", f"--trainer.default_root_dir={tmp_path / 'fit'}")
+    train("fit", "--config", "tiny.yaml", "--model.net.norm=layer", f"--trainer.default_root_dir={tmp_path / 'fit'}")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(CheckpointError, match="registered once the module defining it is imported"):
         zoo.load(tmp_path / "fit" / "checkpoints" / "last.ckpt")  # a name in a file imports nothing
     importlib.import_module("tiny_ext")
     model = zoo.load(tmp_path / "fit" / "checkpoints" / "last.ckpt")
-    assert type(model).__name__ == "TinyRegression" and model.hparams.norm == "layer"
+    assert type(model).__name__ == "TinyRegression" and model.hparams.net == {"width": 8, "norm": "layer"}
     assert isinstance(model.net.net[1], torch.nn.LayerNorm)
     assert model(torch.zeros(3, 4)).shape == (3,)
 
@@ -116,7 +122,7 @@ def test_a_model_defined_outside_zoo_fits_loads_and_compares(tmp_path, monkeypat
     printed = train("compare", "--config", "tiny.yaml", "--out", str(out)).stdout
     assert "2 runs" in printed
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert {r["values"]["model.norm"]: r["status"] for r in runs.values()} == {"batch": "ok", "layer": "ok"}
+    assert {r["values"]["model.net.norm"]: r["status"] for r in runs.values()} == {"batch": "ok", "layer": "ok"}
     assert all(r["global_step"] == 6 and "val/loss" in r["metrics"] for r in runs.values())
     assert "norm=layer vs norm=batch" in (out / "report.md").read_text()
 
@@ -129,6 +135,6 @@ def test_make_train_uses_the_configs_own_sweep():
     line = [x for x in dry.stdout.splitlines() if "compare" in x][0]
     assert "--sweep" not in line and "--config configs/sketch_rnn.yaml" in line
     dry = subprocess.run(["make", "-n", "train", "NORMS=layer,rms"], capture_output=True, text=True, cwd=ROOT)
-    assert "--sweep model.norm=layer,rms" in dry.stdout
+    assert "--norms layer,rms" in dry.stdout
     for config in sorted((ROOT / "configs").glob("*.yaml")):
         assert yaml.safe_load(config.read_text())["compare"]["sweep"], f"{config.name} has no default sweep"

@@ -25,7 +25,7 @@ def group_ids(groups):
 
 
 def test_preset_is_the_papers_sgd_over_zoos_groups():
-    model = UNetSegmentation(base_channels=4, depth=3, norm="batch", lr=0.02, momentum=0.9, weight_decay=0.01)
+    model = UNetSegmentation(net={"base_channels": 4, "depth": 3, "norm": "batch"}, lr=0.02, momentum=0.9, weight_decay=0.01)
     opt = model.configure_optimizers()  # scheduler "none": no trainer needed
     assert type(opt) is torch.optim.SGD
     expected = param_groups(model, 0.01)
@@ -34,7 +34,7 @@ def test_preset_is_the_papers_sgd_over_zoos_groups():
 
 
 def test_injected_optimizer_gets_zoos_groups_and_its_own_settings():
-    model = UNetSegmentation(base_channels=4, depth=3, norm="group",
+    model = UNetSegmentation(net={"base_channels": 4, "depth": 3, "norm": "group"},
                              optimizer=lambda params: torch.optim.AdamW(params, lr=0.003, weight_decay=0.2))
     opt = model.configure_optimizers()
     assert type(opt) is torch.optim.AdamW
@@ -46,11 +46,11 @@ def test_injected_optimizer_gets_zoos_groups_and_its_own_settings():
 
 def test_a_preset_setting_next_to_an_injected_optimizer_is_refused():
     with pytest.raises(ValueError, match=r"model lr set together with an injected optimizer"):
-        UNetSegmentation(base_channels=4, depth=3, lr=0.5, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+        UNetSegmentation(net={"base_channels": 4, "depth": 3}, lr=0.5, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     step = lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1)  # noqa: E731
     with pytest.raises(ValueError, match=r"model scheduler set together with an injected lr_scheduler"):
-        UNetSegmentation(base_channels=4, depth=3, scheduler="cosine", lr_scheduler=step)
-    UNetSegmentation(base_channels=4, depth=3, lr=0.5, lr_scheduler=step)  # lr feeds the preset optimizer
+        UNetSegmentation(net={"base_channels": 4, "depth": 3}, scheduler="cosine", lr_scheduler=step)
+    UNetSegmentation(net={"base_channels": 4, "depth": 3}, lr=0.5, lr_scheduler=step)  # lr feeds the preset optimizer
 
 
 def test_cli_injection_trains_and_checkpoint_loads(tmp_path):
@@ -81,7 +81,7 @@ def test_a_run_shorter_than_its_warm_up_works_and_says_so(tmp_path):
     # configs/transformer_lm.yaml warms up over 100 steps; fast_dev_run is one step
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config",
                            str(ROOT / "configs" / "transformer_lm.yaml"), "--trainer.fast_dev_run=true",
-                           f"--trainer.default_root_dir={tmp_path}", "--model.n_layers=1", "--data.max_chars=20000"],
+                           f"--trainer.default_root_dir={tmp_path}", "--model.net.n_layers=1", "--data.max_chars=20000"],
                           capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]

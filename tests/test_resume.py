@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -21,7 +22,7 @@ from tests.test_transformer_tasks import lm_args, s2s_args
 # Each gives 4 training batches per epoch; 6 steps cross one epoch end. A checkpoint every 2 steps (val_check_interval=1 would be read by Lightning as "once per epoch").
 MODELS = {
     "unet": (tiny_unet_args, []),
-    "sketch_rnn": (tiny_sketch_args, ["--model.norm=layer"]),
+    "sketch_rnn": (tiny_sketch_args, ["--model.net.norm=layer"]),
     "transformer_lm": (lm_args, ["--data.max_chars=600", "--data.batch_size=8"]),
     "transformer_seq2seq": (s2s_args, []),
     "mambavision": (tiny_mambavision_args, []),
@@ -29,13 +30,27 @@ MODELS = {
 STEPS_PER_EPOCH, MAX_STEPS = 4, 6
 
 
-def fit(args, *extra, kill=None) -> subprocess.CompletedProcess:
-    """`train.py fit` in its own process; `kill` = KillAt's init args (the process dies there)."""
+def start(args, *extra, kill=None) -> subprocess.Popen:
+    """`train.py fit` in its own process, started; `kill` = KillAt's init args (the process dies there)."""
     cmd = [sys.executable, "-m", "zoo.cli", "fit", *args, *extra]
     if kill:
         cmd.append("--trainer.callbacks+=" + json.dumps({"class_path": "tests.conftest.KillAt", "init_args": kill}))
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # output to files: a pipe nobody reads while another process runs could fill and stall it
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+    proc.output = out, err
+    return proc
+
+
+def fit(args, *extra, kill=None) -> subprocess.CompletedProcess:
+    return finish(start(args, *extra, kill=kill))
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    proc.wait(timeout=300)
+    out, err = (f.seek(0) or f.read() for f in proc.output)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def final(root) -> tuple[dict, dict]:
@@ -48,11 +63,11 @@ def test_killed_twice_and_resumed_equals_uninterrupted(tmp_path, model):
     make, extra = MODELS[model]
     common = [f"--trainer.max_steps={MAX_STEPS}", "--trainer.val_check_interval=2",
               "--trainer.check_val_every_n_epoch=null", "--trainer.limit_val_batches=2", *extra]
-    straight = fit(make(tmp_path / "straight", *common))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
+    straight = start(make(tmp_path / "straight", *common))  # beside the first interrupted one: 1 thread each
     run = make(tmp_path / "resumed", *common)
     mid = fit(run, kill={"step": 2})  # mid-epoch: after the step-2 checkpoint
+    straight = finish(straight)
+    assert straight.returncode == 0, straight.stderr[-3000:]
     assert mid.returncode == -9, mid.stderr[-3000:]
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     end = fit(run, "--ckpt_path=last", kill={"epoch": 1})  # at the epoch end: after the step-4 checkpoint

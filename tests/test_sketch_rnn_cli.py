@@ -16,7 +16,7 @@ from tests.conftest import assert_same_weights, cli_args, interrupted_then_resum
 def tiny_sketch_args(root, *extra):
     return cli_args(
         "sketch_rnn", root,
-        "--model.enc_rnn_size=8", "--model.dec_rnn_size=16", "--model.z_size=4", "--model.num_mixture=2",
+        "--model.net.enc_rnn_size=8", "--model.net.dec_rnn_size=16", "--model.net.z_size=4", "--model.net.num_mixture=2",
         "--model.num_images=2", "--model.max_seq_len=40",
         "--data.builtin=synthetic", "--data.classes=[circle, house]", "--data.num_per_class=10",
         "--data.batch_size=4", "--data.max_seq_len=40",
@@ -25,7 +25,7 @@ def tiny_sketch_args(root, *extra):
 
 
 def test_fit_load_predict(tmp_path):
-    cli = ZooCLI(args=["fit", *tiny_sketch_args(tmp_path / "run", "--model.norm=batch")])
+    cli = ZooCLI(args=["fit", *tiny_sketch_args(tmp_path / "run", "--model.net.norm=batch")])
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["global_step"] == 4
@@ -35,7 +35,7 @@ def test_fit_load_predict(tmp_path):
     assert {"val_samples", "val_reconstructions"} <= samples
 
     raw = torch.load(ckpt, weights_only=True)
-    assert raw["hyper_parameters"]["norm"] == "batch"
+    assert raw["hyper_parameters"]["net"]["norm"] == "batch"
     # The scale factor is the std of the training offsets, computed independently here.
     dm = SketchDataModule(builtin="synthetic", classes=["circle", "house"], num_per_class=10, batch_size=4,
                           max_seq_len=40)
@@ -69,7 +69,7 @@ def test_fit_load_predict(tmp_path):
 
 
 def test_unconditional_fit(tmp_path):
-    ZooCLI(args=["fit", *tiny_sketch_args(tmp_path, "--model.conditional=false", "--model.norm=layer",
+    ZooCLI(args=["fit", *tiny_sketch_args(tmp_path, "--model.net.conditional=false", "--model.net.norm=layer",
                                           "--trainer.max_steps=2")])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "ok" and "val/L_R" in summary["metrics"] and "val/L_KL" not in summary["metrics"]
@@ -80,7 +80,7 @@ def test_resume_from_last_is_exact(tmp_path):
     # Two epochs straight through, and stopped after one then relaunched with --ckpt_path last, must end
     # with identical weights.
     common = ["--trainer.max_steps=-1", "--trainer.val_check_interval=null", "--trainer.max_epochs=2",
-              "--trainer.limit_val_batches=1", "--data.batch_size=8", "--model.norm=layer"]
+              "--trainer.limit_val_batches=1", "--data.batch_size=8", "--model.net.norm=layer"]
     straight = ZooCLI(args=["fit", *tiny_sketch_args(tmp_path / "straight", *common)])
     first, resumed = interrupted_then_resumed(tiny_sketch_args(tmp_path / "resumed", *common), tmp_path / "resumed")
     assert first["global_step"] == 2

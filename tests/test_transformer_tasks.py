@@ -119,8 +119,8 @@ def _with_net(model, tokenizers, steps=100):
 
 def test_label_smoothing_loss_over_real_tokens_only():
     tok = Tokenizer("char").fit("abcdef")
-    m = _with_net(Seq2Seq(d_model=16, n_heads=2, num_encoder_layers=1, num_decoder_layers=1, dropout=0.0,
-                          label_smoothing=0.1), {"src": tok, "tgt": tok})
+    m = _with_net(Seq2Seq(net={"d_model": 16, "n_heads": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
+                               "dropout": 0.0}, label_smoothing=0.1), {"src": tok, "tgt": tok})
     batch = {"src": torch.tensor([[4, 5, 6], [7, 0, 0]]), "tgt": torch.tensor([[1, 6, 5, 2], [1, 7, 2, 0]])}
     logp = F.log_softmax(m(batch["src"], batch["tgt"][:, :-1]), -1)
     target = batch["tgt"][:, 1:]
@@ -133,7 +133,7 @@ def test_label_smoothing_loss_over_real_tokens_only():
 
 def test_adamw_groups_and_noam_schedule():
     tok = Tokenizer("char").fit("abcdef")
-    m = _with_net(LanguageModel(d_model=16, n_heads=2, n_layers=1, norm="rms", lr=1.0, scheduler="noam",
+    m = _with_net(LanguageModel(net={"d_model": 16, "n_heads": 2, "n_layers": 1, "norm": "rms"}, lr=1.0, scheduler="noam",
                                 warmup_steps=4, weight_decay=0.1), {"text": tok})
     cfg = m.configure_optimizers()
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
@@ -151,7 +151,7 @@ def test_adamw_groups_and_noam_schedule():
 
 def test_cosine_schedule_with_warm_up():
     tok = Tokenizer("char").fit("abcdef")
-    m = _with_net(LanguageModel(d_model=16, n_heads=2, n_layers=1, lr=1e-3, scheduler="cosine", warmup_steps=2,
+    m = _with_net(LanguageModel(net={"d_model": 16, "n_heads": 2, "n_layers": 1}, lr=1e-3, scheduler="cosine", warmup_steps=2,
                                 min_lr_ratio=0.1), {"text": tok}, steps=10)
     cfg = m.configure_optimizers()
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
@@ -169,7 +169,7 @@ def test_bad_task_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="scheduler"):
         LanguageModel(scheduler="linear")
     with pytest.raises(ValueError, match="leak of the future"):
-        LanguageModel(norm="group")
+        LanguageModel(net={"norm": "group"})
     with pytest.raises(ValueError, match="task"):
         Seq2SeqDataModule("translate")
 
@@ -178,8 +178,8 @@ def test_bad_task_arguments_are_clear_errors():
 # end to end through the CLI
 
 def lm_args(root, *extra):
-    return cli_args("transformer_lm", root, "--trainer.limit_val_batches=2", "--model.d_model=16",
-                    "--model.n_heads=2", "--model.n_layers=1", "--model.block_size=16", "--model.warmup_steps=2",
+    return cli_args("transformer_lm", root, "--trainer.limit_val_batches=2", "--model.net.d_model=16",
+                    "--model.net.n_heads=2", "--model.net.n_layers=1", "--model.block_size=16", "--model.warmup_steps=2",
                     "--model.sample_tokens=8", "--data.block_size=16", "--data.max_chars=20000", *extra)
 
 
@@ -188,12 +188,12 @@ def test_lm_fit_load_and_predict(tmp_path, monkeypatch):
     log_text = LanguageModel.log_text
     monkeypatch.setattr(LanguageModel, "log_text",
                         lambda self, *a: sample_steps.append(self.global_step) or log_text(self, *a))
-    cli = ZooCLI(args=["fit", *lm_args(tmp_path / "run", "--model.norm=batch")])
+    cli = ZooCLI(args=["fit", *lm_args(tmp_path / "run", "--model.net.norm=batch")])
     assert sample_steps == [2, 4]  # samples at every validation (not the sanity check)
     assert cli.trainer.gradient_clip_val == 1.0  # the config clips gradients
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     raw = torch.load(ckpt, weights_only=True)
-    assert raw["hyper_parameters"]["norm"] == "batch" and raw["tokenizers"]["text"]["level"] == "char"
+    assert raw["hyper_parameters"]["net"]["norm"] == "batch" and raw["tokenizers"]["text"]["level"] == "char"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "ok" and {"val/loss", "val/ppl", "val/bpc"} <= set(summary["metrics"])
     m = summary["metrics"]
@@ -215,20 +215,22 @@ def test_lm_fit_load_and_predict(tmp_path, monkeypatch):
     prompts.write_text("def f(x):\n\nreturn\n", encoding="utf-8")
     out = tmp_path / "pred"
     ZooCLI(args=["predict", *lm_args(tmp_path / "run"), f"--data.predict_path={prompts}", "--data.max_new_tokens=6",
-                 f"--predict_out={out}", f"--ckpt_path={ckpt}"])
+                 "--data.greedy=true", f"--predict_out={out}", f"--ckpt_path={ckpt}"])
     written = (out / "continuations.txt").read_text(encoding="utf-8")
-    assert written.count("=== prompt:") == 2 and "def f(x):" in written
+    assert written.count("=== prompt:") == 2
+    for p in ("def f(x):", "return"):  # the datamodule's generation settings reached the task
+        assert f"=== prompt: {p}\n{p}{model.continue_text(p, max_new_tokens=6, greedy=True)}\n" in written
 
 
 def s2s_args(root, *extra):
-    return cli_args("transformer_seq2seq", root, "--model.d_model=16", "--model.n_heads=2",
-                    "--model.num_encoder_layers=1", "--model.num_decoder_layers=1", "--model.d_ff=32",
+    return cli_args("transformer_seq2seq", root, "--model.net.d_model=16", "--model.net.n_heads=2",
+                    "--model.net.num_encoder_layers=1", "--model.net.num_decoder_layers=1", "--model.net.d_ff=32",
                     "--model.warmup_steps=2", "--data.num_train=64", "--data.num_val=16", "--data.num_test=16",
                     "--data.batch_size=16", *extra)
 
 
 def test_seq2seq_fit_load_test_and_predict(tmp_path, monkeypatch):
-    ZooCLI(args=["fit", *s2s_args(tmp_path / "run", "--model.norm_position=pre")])
+    ZooCLI(args=["fit", *s2s_args(tmp_path / "run", "--model.net.norm_position=pre")])
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "ok" and "val/exact_match" in summary["metrics"]

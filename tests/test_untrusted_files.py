@@ -179,7 +179,7 @@ def write_ckpt(path, model, task=None, hyper_parameters=None):
 @pytest.fixture
 def unet():
     torch.manual_seed(0)
-    return UNetSegmentation(base_channels=4, depth=3, norm="batch")
+    return UNetSegmentation(net={"base_channels": 4, "depth": 3, "norm": "batch"})
 
 
 def test_checkpoint_naming_a_zoo_function_is_refused_and_nothing_runs(tmp_path, unet):
@@ -217,7 +217,7 @@ def test_checkpoint_never_imports_the_module_it_names(tmp_path, unet, monkeypatc
 
 def test_genuine_checkpoints_still_load(tmp_path, unet):
     loaded = zoo.load(write_ckpt(tmp_path / "unet.ckpt", unet))
-    assert type(loaded) is UNetSegmentation and loaded.hparams.depth == 3
+    assert type(loaded) is UNetSegmentation and loaded.hparams.net["depth"] == 3
     for a, b in zip(loaded.parameters(), unet.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 `fit`/`validate`/`test`/`predict` are Lightning's own (LightningCLI); the model and data are chosen by
 the config (`model.class_path`, `data.class_path`), and every argument can be overridden from the
-command line (`--model.norm group`). `compare` lives in `zoo.compare`, `export` in `zoo.export`.
+command line (`--model.net.norm group`). `compare` lives in `zoo.compare`, `export` in `zoo.export`.
 
 Bad input ends in one line, `error: <what is wrong>`, and exit status 2 (1 for a failure while
 running); `ZOO_DEBUG=1` shows the traceback instead.
@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from zoo import checkpoint
 from zoo.callbacks import AtomicCheckpointIO, RunSummary, StepSeed, WritePredictions
 from zoo.files import remove_stray_temp_files
+from zoo.models.config import flat
 
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -55,9 +56,9 @@ def run_tags(model: L.LightningModule, data: L.LightningDataModule | None) -> li
     """Tags naming the model and every norm-like hyper-parameter (`norm=batch`, `input_norm=zscore`)."""
     tags = [type(model).__name__]
     for source in (model, data):
-        for key, value in (getattr(source, "hparams", None) or {}).items():
+        for key, value in flat(getattr(source, "hparams", None) or {}).items():
             if "norm" in key and isinstance(value, str):
-                tags.append(f"{key}={value}")
+                tags.append(f"{key.rsplit('.', 1)[-1]}={value}")
     return tags
 
 
@@ -168,9 +169,9 @@ class ZooCLI(LightningCLI):
             raise checkpoint.CheckpointError(
                 f"checkpoint {path!r} holds a {task_name} model, but the config builds "
                 f"{cfg['model']['class_path']}; use the config it was trained with")
-        given = dict(cfg["model"].get("init_args") or {})
-        differ = {k: (v, given[k]) for k, v in ckpt.get("hyper_parameters", {}).items()
-                  if not k.startswith("_") and k in given and _plain(v) != _plain(given[k])}
+        given = flat(cfg["model"].get("init_args") or {})
+        differ = {k: (v, given[k]) for k, v in flat(ckpt.get("hyper_parameters", {})).items()
+                  if not k.startswith("_") and k in given and v != given[k]}
         if differ:
             what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
             if stage == "fit":
@@ -238,15 +239,6 @@ def link_data_to_model(cfg) -> None:
             raise ValueError(f"model.{key}={given} and data.{key}={wanted} disagree; set data.{key} only "
                              f"(model.{key} follows it)")
         model["init_args"][key] = wanted
-
-
-def _plain(value):
-    """Config values compared as plain data (tuples and lists alike)."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 # Errors that describe bad input; anything else is a failure while running and names its type.

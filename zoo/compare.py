@@ -2,7 +2,7 @@
 then says which differences are real.
 
     python train.py compare --config configs/unet.yaml --norms batch,group,instance,none --seeds 3 --out DIR
-    python train.py compare --config configs/unet.yaml --sweep model.norm=batch,group \
+    python train.py compare --config configs/unet.yaml --sweep model.net.norm=batch,group \
         --sweep data.batch_size=1,2,8 --seeds 0,1,2 --jobs 2 --out DIR --trainer.max_steps 200
 
 Each run is its own `train.py fit` process (one run's failure, memory or wandb state cannot touch the
@@ -39,6 +39,7 @@ import socket
 import subprocess
 import sys
 import threading
+import unittest.mock
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from zoo.callbacks import SUMMARY_FILE
 from zoo.files import atomic_write_text
 
 STATE_FILE = "compare.json"
+RAY_NODES = "ray_nodes.txt"  # in a run dir: the Ray node (IP/node id) of each attempt, one per line
+RAY_LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's multi-machine switch (see launch_ray)
 
 
 @dataclass
@@ -62,6 +65,12 @@ class Run:
     retries: int = 0
 
     @property
+    def node(self) -> str | None:
+        """IP/node id of the Ray node the run's last attempt ran on (None: not run by the Ray launcher)."""
+        nodes = ray_nodes(self.dir)
+        return nodes[-1] if nodes else None
+
+    @property
     def ok(self) -> bool:
         return self.summary.get("status") == "ok"
 
@@ -69,16 +78,16 @@ class Run:
 # ------------------------------------------------------------------------------------------------
 # the plan
 
-def parse_sweeps(norms: str | None, sweeps: list[str]) -> dict[str, list[str]]:
-    """`--norms a,b` and `--sweep KEY=v1,v2` (repeatable) -> {key: [values]}, in order."""
+def parse_sweeps(norms: str | None, sweeps: list[str], norm_key: str = "model.net.norm") -> dict[str, list[str]]:
+    """`--norms a,b` (sweeps `norm_key`) and `--sweep KEY=v1,v2` (repeatable) -> {key: [values]}, in order."""
     out: dict[str, list[str]] = {}
-    specs = ([f"model.norm={norms}"] if norms else []) + list(sweeps)
+    specs = ([f"{norm_key}={norms}"] if norms else []) + list(sweeps)
     for spec in specs:
         key, sep, values = spec.partition("=")
         key = key.strip().removeprefix("--")
         vals = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key or not vals:
-            raise ValueError(f"bad sweep {spec!r}; expected KEY=v1,v2 (e.g. model.norm=batch,group)")
+            raise ValueError(f"bad sweep {spec!r}; expected KEY=v1,v2 (e.g. model.net.norm=batch,group)")
         if key in out:
             raise ValueError(f"{key!r} is swept twice (by --norms and --sweep, or two --sweep)")
         out[key] = vals
@@ -120,7 +129,7 @@ def parse_seeds(text: str | None) -> list[int] | None:
 
 
 def parse_baseline(text: str | None, sweeps: dict[str, list[str]]) -> dict[str, str]:
-    """`--baseline model.norm=layer` -> {key: value}; default: the first value of the first swept key.
+    """`--baseline model.net.norm=layer` -> {key: value}; default: the first value of the first swept key.
     A point's baseline is the point with the same values but these."""
     if text is None:
         key = next(iter(sweeps))
@@ -182,7 +191,9 @@ def check_arguments(configs: list[str], overrides: list[str], norms: str | None,
     with warnings.catch_warnings():  # LightningCLI warns when given args while sys.argv holds compare's own
         warnings.simplefilter("ignore")
         cfg = ParseOnly(args=args).config["fit"]
-    sweeps = parse_sweeps(norms, sweep_specs if norms or sweep_specs else cfg["compare"]["sweep"])
+    # the network config's norm (zoo.models.config), or the task's own for tasks without one
+    norm_key = "model.net.norm" if cfg.get("model.init_args.net.norm") is not None else "model.norm"
+    sweeps = parse_sweeps(norms, sweep_specs if norms or sweep_specs else cfg["compare"]["sweep"], norm_key)
     keys = set()
     for key, value in cfg.items(branches=True) if hasattr(cfg, "items") else []:
         keys.add(key.replace(".init_args.", "."))
@@ -191,7 +202,10 @@ def check_arguments(configs: list[str], overrides: list[str], norms: str | None,
     unknown = [k for k in sweeps if k not in keys]
     if unknown:
         k = unknown[0]
-        close = difflib.get_close_matches(k, sorted(keys), n=3, cutoff=0.5)
+        # keys ending like it first (model.norm -> model.net.norm), then keys spelled like it
+        tail = k.rsplit(".", 1)[-1]
+        close = [key for key in sorted(keys) if difflib.get_close_matches(tail, [key.rsplit(".", 1)[-1]], cutoff=0.75)]
+        close = list(dict.fromkeys(close + difflib.get_close_matches(k, sorted(keys), n=3, cutoff=0.5)))[:3]
         raise ValueError(f"--sweep {k}: no such argument" + (f"; closest: {', '.join(close)}" if close else "")
                          + " (`train.py fit --config ... --print_config` lists every argument)")
     task = _import(cfg["model"]["class_path"])
@@ -374,19 +388,28 @@ def launch_ray(runs: list[Run], specs: list[dict], address: str | None, cpus_per
         except (OSError, ValueError) as e:
             raise ValueError(f"--ray-address {address}: cannot reach it ({e}); give HOST:PORT of a running Ray "
                              "head (`ray start --head`), or leave it out to start a local instance") from None
-    import ray
+    # A new local instance serves this machine only, so it stays on the loopback address. Ray 2.60
+    # ignores _node_ip_address there and advertises the machine's outward address unless its
+    # multi-machine mode is off: that switch (named for Windows/macOS, where off is the default) is read
+    # from the environment by Ray's processes, and by this one when it imports Ray.
+    local = {RAY_LOCAL_ONLY: "0"} if not address else {}
+    with unittest.mock.patch.dict(os.environ, local):
+        import ray
+        from ray._private import ray_constants
 
-    started = not ray.is_initialized()
-    if started and address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    elif started:  # a new local instance (not one found running), kept on the loopback address
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
-    try:
-        _ray_launch(ray, runs, specs, cpus_per_run, gpus_per_run, max_retries, on_done)
-    finally:
-        if started:
-            ray.shutdown()  # here rather than at exit, where Ray 2.60's own shutdown hook fails
+        with unittest.mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER
+                                        and not local):  # for a Ray imported earlier in this process
+            started = not ray.is_initialized()
+            if started and address:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            elif started:
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                         _node_ip_address="127.0.0.1")
+            try:
+                _ray_launch(ray, runs, specs, cpus_per_run, gpus_per_run, max_retries, on_done)
+            finally:
+                if started:
+                    ray.shutdown()  # here rather than at exit, where Ray 2.60's own shutdown hook fails
 
 
 def _ray_launch(ray, runs, specs, cpus_per_run, gpus_per_run, max_retries, on_done) -> None:
@@ -408,9 +431,22 @@ def _ray_launch(ray, runs, specs, cpus_per_run, gpus_per_run, max_retries, on_do
 
 
 def _ray_execute(spec: dict, max_retries: int) -> dict:
+    """`execute` in a Ray task. Ray re-runs a task whose worker or node died, and `execute` then resumes
+    from last.ckpt; each attempt appends its node to the run's RAY_NODES file, so that the report
+    counts those retries too and says where the run ran."""
     import ray
 
-    return {**execute(spec, max_retries), "node": ray.get_runtime_context().get_node_id()}
+    run_dir = Path(spec["dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / RAY_NODES, "a") as f:
+        f.write(f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()}\n")
+    result = execute(spec, max_retries)
+    return {**result, "retries": result["retries"] + len(ray_nodes(run_dir)) - 1}
+
+
+def ray_nodes(run_dir: Path) -> list[str]:
+    path = run_dir / RAY_NODES
+    return path.read_text().split() if path.exists() else []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -638,8 +674,8 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
             latest_samples(r, out)
     write_dashboard(dashboard_data(runs, out, f"Comparison: {', '.join(configs)}", description, metric, mode, st), out)
     atomic_write_text(out / "results.json", json.dumps({
-        "runs": {r.name: {"point": r.point, "seed": r.seed, "values": r.values, "retries": r.retries, **r.summary}
-                 for r in runs},
+        "runs": {r.name: {"point": r.point, "seed": r.seed, "values": r.values, "retries": r.retries, "node": r.node,
+                          **r.summary} for r in runs},
         "aggregate": st["aggregate"], "paired": st["paired"], "verdicts": st["verdicts"]}, indent=2, default=str))
     if not final:
         return out / "report.html"
@@ -693,7 +729,8 @@ def main(argv: list[str]) -> int:
         "write DIR/report.html + report.md. Any other --trainer.*/--model.*/--data.* argument applies to every run.",
     )
     p.add_argument("--config", action="append", required=True, help="config file (repeatable, as for fit)")
-    p.add_argument("--norms", help="comma-separated norm kinds: shorthand for --sweep model.norm=a,b,c")
+    p.add_argument("--norms", help="comma-separated norm kinds: shorthand for --sweep model.net.norm=a,b,c "
+                   "(model.norm for tasks without a network config)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="sweep any argument (repeatable; sweeps are crossed), e.g. data.batch_size=1,2,8 "
                    "(default: the config's compare.sweep)")
@@ -729,10 +766,11 @@ def main(argv: list[str]) -> int:
     if args.norms:
         from zoo.norm import NORM_KINDS
 
-        unknown = [v for v in sweeps["model.norm"] if v not in NORM_KINDS]
+        key = next(iter(sweeps))  # --norms comes first
+        unknown = [v for v in sweeps[key] if v not in NORM_KINDS]
         if unknown:
             raise ValueError(f"unknown norm(s) {unknown}; valid kinds: {', '.join(NORM_KINDS)} (a norm you registered "
-                             "yourself: use --sweep model.norm=... and import it from your config's module)")
+                             f"yourself: use --sweep {key}=... and import it from your config's module)")
     for key, values in sweeps.items():
         warn_unregistered_norms(key, values)
     out = Path(args.out)

@@ -1,20 +1,37 @@
 """Inference-only model folders: `train.py export --ckpt_path CKPT --out DIR [--push-to-hub ORG/NAME]`
 writes one, and `zoo.load(DIR)` or `zoo.load("hf-hub:ORG/NAME[@REVISION]")` reads one back into the
-eval-mode model the checkpoint holds, predicting exactly as it does.
+eval-mode model the checkpoint holds, predicting exactly as it does. An image classifier's folder is
+also timm's: `timm.create_model("hf-hub:ORG/NAME" or "local-dir:DIR", pretrained=True)` (with zoo
+imported, which registers its models) builds its network with its weights.
 
-A folder (format 1) holds three files:
+A folder (format 1) holds:
 
-- `model.safetensors`: every tensor of the task's state_dict as the LightningModule has it (weights,
-  buffers: the fitted input scaler, Sketch-RNN's scale_factor, ...). safetensors refuses tensors that
-  share memory, so a tensor that is another one (tied embeddings) is stored under its first name only
-  and listed in config.json's `aliases`.
+- `model.safetensors`, and for a timm-loadable classifier `task.safetensors`: the tensors of the
+  task's state_dict (weights, buffers: the fitted input scaler, Sketch-RNN's scale_factor, ...).
+  config.json's `weights_prefix` splits them: names that start with it are in model.safetensors,
+  without it, the others in task.safetensors. It is "" for every export but a timm-loadable
+  classifier's (all tensors in model.safetensors under the LightningModule's names) and "net." for
+  those: model.safetensors holds the network's tensors under its own names, which timm reads, and
+  task.safetensors the task's others (the input scaler), which timm ignores; nothing is stored twice.
+  safetensors refuses tensors that share memory, so a tensor that is another one (tied embeddings)
+  is stored under its first name only and listed in config.json's `aliases`.
 - `config.json`: plain JSON. `format`; `task`, a registered task class (`zoo.checkpoint.task_class`:
   nothing named in a file is imported); `hyper_parameters`; `task_state`, what the task's
   `on_save_checkpoint` adds and its `on_load_checkpoint` reads (tokenizers, class names);
   `extra_state`, the state_dict's non-tensor entries (the scaler's kind); `aliases` {name: stored
-  name}; and, for people, `norm` (the norm hyper-parameters), `data` (the datamodule's
+  name}; `weights_prefix` (above; missing in folders written before it: ""); and, for people, `norm`
+  (the norm hyper-parameters, nested ones as dotted names: `net.norm`), `data` (the datamodule's
   hyper-parameters) and `source` (checkpoint file name, sha256, epoch, step).
-- `README.md`: a model card (model, norm, data, final metrics of the run's summary.json).
+  An image classifier's config.json also says `timm_compatible`. If true, it holds timm's own keys
+  (`timm.models.load_model_config_from_hf` reads them): `architecture`, `model_args` (the
+  `timm.create_model` arguments that rebuild the network), `num_classes`, `num_features`,
+  `label_names` (the class names) and `pretrained_cfg` (input size, interpolation and crop of zoo's
+  evaluation transform; `mean` / `std`: the fitted input scaler, a per-channel `(x - shift) / scale`
+  of [0, 255] images, on timm's [0, 1] ones: shift / 255, scale / 255). If false (the network is
+  not what timm.create_model builds: norms replaced after creation by `norm`, or any difference a
+  rebuild finds), `timm_reason` says why, and there are no timm keys: timm refuses the folder.
+- `README.md`: a model card (model, norm, data, final metrics of the run's summary.json; how to load
+  it with timm, or why not).
 
 Nothing is unpickled: reading takes JSON and safetensors only. Hub downloads go through
 `huggingface_hub.snapshot_download` (its cache, HF_HOME, HF_ENDPOINT and revision pinning).
@@ -29,15 +46,20 @@ import shutil
 from pathlib import Path
 
 import safetensors.torch
+import timm
 import torch
+from timm.models import get_arch_name
 
 from zoo import checkpoint
 from zoo.callbacks import SUMMARY_FILE
 from zoo.checkpoint import HUB_PREFIX, CheckpointError
 from zoo.files import TEMP_MARK, atomic_open, sha256_of
+from zoo.models.config import flat
+from zoo.tasks.classification import ImageClassification
 
 FORMAT = 1
-WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
+WEIGHTS, TASK_WEIGHTS, CONFIG, CARD = "model.safetensors", "task.safetensors", "config.json", "README.md"
+NET_PREFIX = "net."  # ImageClassification's network: what timm reads from model.safetensors
 # config.json's entries and their JSON types; all are required.
 CONFIG_TYPES = {"format": int, "task": str, "hyper_parameters": dict, "task_state": dict, "extra_state": dict,
                 "aliases": dict, "norm": dict, "data": dict, "source": dict}
@@ -62,6 +84,9 @@ def export(ckpt_path: str | Path, out: str | Path, repo_id: str | None = None) -
     model.on_save_checkpoint(task_state)  # the task's own entries, as on_load_checkpoint reads them
     task_state.pop("zoo", None)  # its task name and format are config.json's own
     hparams = checkpoint.inference_hparams(ckpt)
+    data = _data_config(ckpt.get("datamodule_hyper_parameters", {}))
+    timm_config = _timm_config(model, tensors, data)
+    prefix = NET_PREFIX if timm_config.get("timm_compatible") else ""
     config = {
         "format": FORMAT,
         "task": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -69,19 +94,24 @@ def export(ckpt_path: str | Path, out: str | Path, repo_id: str | None = None) -
         "task_state": task_state,
         "extra_state": extra_state,
         "aliases": aliases,
-        "norm": {k: v for k, v in hparams.items() if "norm" in k},
-        "data": _data_config(ckpt.get("datamodule_hyper_parameters", {})),
+        "weights_prefix": prefix,
+        "norm": {k: v for k, v in flat(hparams).items() if "norm" in k},
+        "data": data,
         "source": {"checkpoint": ckpt_path.name, "sha256": digest, "epoch": ckpt.get("epoch"),
                    "global_step": ckpt.get("global_step")},
+        **timm_config,
     }
+    stored: dict[str, dict[str, torch.Tensor]] = {WEIGHTS: {}, TASK_WEIGHTS: {}} if prefix else {WEIGHTS: {}}
+    for name, tensor in tensors.items():
+        file, key = _locate(name, prefix)
+        stored[file][key] = tensor
     ckpt_dir = ckpt_path.resolve().parent  # in a run: <run dir>/checkpoints, beside <run dir>/summary.json
     summary_file = ckpt_dir.parent / SUMMARY_FILE
     in_run = ckpt_dir.name == "checkpoints" and summary_file.is_file()
     summary = json.loads(summary_file.read_text()) if in_run else None
     # metadata format "pt": what the ecosystem's safetensors loaders (transformers) look for
-    files = {WEIGHTS: safetensors.torch.save(tensors, metadata={"format": "pt"}),
-             CONFIG: _to_json(config, ckpt_path).encode(),
-             CARD: model_card(config, summary, repo_id).encode()}
+    files = {file: safetensors.torch.save(part, metadata={"format": "pt"}) for file, part in stored.items()}
+    files |= {CONFIG: _to_json(config, ckpt_path).encode(), CARD: model_card(config, summary, repo_id).encode()}
     try:
         _write_folder(out, files, replace)
     except OSError as e:
@@ -95,6 +125,75 @@ def _data_config(hparams: dict) -> dict:
         return {}
     return {"class_path": hparams.get("_class_path"),
             "init_args": {k: v for k, v in hparams.items() if not k.startswith("_")}}
+
+
+def _locate(name: str, prefix: str) -> tuple[str, str]:
+    """The file that holds state_dict entry `name` in a folder of this `weights_prefix`, and its name there."""
+    return (WEIGHTS, name[len(prefix):]) if name.startswith(prefix) else (TASK_WEIGHTS, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# timm's layout (image classifiers)
+
+def _timm_config(model, tensors: dict[str, torch.Tensor], data: dict) -> dict:
+    """config.json's entries for timm of an ImageClassification ({} for other tasks): timm's keys,
+    or timm_compatible false and why, when timm.create_model does not build its network."""
+    if not isinstance(model, ImageClassification):
+        return {}
+    h, net = model.hparams, model.net
+    arch = get_arch_name(h.model_name)  # a tag names published weights; these are others
+    # what the task gave timm.create_model (model_kwargs, and MambaVision's conv_norm / token_norm)
+    args = {"num_classes": h.num_classes, "in_chans": h.in_chans, **model._net_kwargs}
+    net_tensors = {k[len(NET_PREFIX):]: v for k, v in tensors.items() if k.startswith(NET_PREFIX)}
+    reason = _not_timms(model, arch, args, net_tensors)
+    if reason:
+        return {"timm_compatible": False, "timm_reason": reason}
+    own = net.pretrained_cfg  # the architecture's default cfg: what our run does not decide
+    cfg = {k: own[k] for k in ("interpolation", "crop_pct", "crop_mode", "fixed_input_size", "first_conv",
+                               "classifier") if k in own}
+    init = data.get("init_args", {})
+    cfg |= {k: init[k] for k in ("interpolation", "crop_pct") if k in init}  # zoo's evaluation transform
+    if "root" in init and init["root"] is None:  # ImagesDataModule's synthetic images: made at image_size, not cropped
+        cfg["crop_pct"] = 1.0
+    size = init.get("image_size")
+    cfg["input_size"] = [h.in_chans, size, size] if size else [h.in_chans, *own["input_size"][1:]]
+    # zoo feeds [0, 255] images to its scaler (x - shift) / scale; timm's transforms give [0, 1]
+    # ones to Normalize(mean, std): the same map when mean = shift / 255 and std = scale / 255
+    scaler = model.input_scaler
+    cfg["mean"] = [v / 255 for v in scaler.shift.tolist()]
+    cfg["std"] = [v / 255 for v in scaler.scale.tolist()]
+    cfg["num_classes"] = h.num_classes
+    return {"timm_compatible": True, "architecture": arch, "num_classes": h.num_classes,
+            "num_features": net.num_features, "label_names": list(model.class_names), "model_args": args,
+            "pretrained_cfg": cfg}
+
+
+def _not_timms(model, arch: str, args: dict, net_tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why timm.create_model(arch, **args) with `net_tensors` loaded would not be the task's network
+    (None: it would be). The rebuild compares module classes and tensor names, shapes and dtypes, so
+    that no folder claims a network timm would build otherwise."""
+    norm = model.hparams.norm
+    if norm is not None and not model._own_norm_args:
+        return (f"norm={norm!r} replaced the network's norm layers after timm built it (zoo.norm.replace_norms), "
+                f"which timm.create_model({arch!r}) cannot do; only zoo.load rebuilds it")
+    with torch.random.fork_rng(devices=[]):  # building initialises weights: keep the caller's random stream
+        rebuilt = timm.create_model(arch, **args)
+    ours = {n: type(m) for n, m in model.net.named_modules()}
+    theirs = {n: type(m) for n, m in rebuilt.named_modules()}
+    spec = {k: (tuple(v.shape), v.dtype) for k, v in net_tensors.items()}
+    timm_spec = {k: (tuple(v.shape), v.dtype) for k, v in rebuilt.state_dict().items()}
+    differences = [f"module {n!r}: {_name(ours.get(n))} here, {_name(theirs.get(n))} there"
+                   for n in ours | theirs if ours.get(n) is not theirs.get(n)]
+    differences += [f"tensor {k!r}: {spec.get(k, 'none')} here, {timm_spec.get(k, 'none')} there"
+                    for k in spec | timm_spec if spec.get(k) != timm_spec.get(k)]
+    if differences:
+        return (f"timm.create_model({arch!r}, **model_args) builds another network ({'; '.join(differences[:3])}"
+                f"{f'; ... ({len(differences)} in all)' if len(differences) > 3 else ''}); only zoo.load rebuilds it")
+    return None
+
+
+def _name(cls: type | None) -> str:
+    return "none" if cls is None else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _check_out(out: Path, digest: str) -> bool:
@@ -173,9 +272,11 @@ def model_card(config: dict, summary: dict | None, repo_id: str | None = None) -
     scaling = ", ".join(str(v.get("kind")) for k, v in config["extra_state"].items()
                         if k.endswith("input_scaler._extra_state") and isinstance(v, dict))
     source = config["source"]
+    timm_ok = config.get("timm_compatible")
     lines = [
         "---",
-        f"tags: [zoo, {task}]",
+        f"tags: [zoo, {task}{', timm, image-classification' if timm_ok else ''}]",
+        *(["library_name: timm", "pipeline_tag: image-classification"] if timm_ok else []),
         "---",
         f"# {task} ({norms})",
         "",
@@ -192,6 +293,22 @@ def model_card(config: dict, summary: dict | None, repo_id: str | None = None) -
         f'model = zoo.load("{HUB_PREFIX}{repo_id or "ORG/NAME"}")  # or this folder\'s path; nothing is unpickled',
         "```",
     ]
+    if timm_ok:
+        lines += [
+            "", "## timm", "",
+            (f"Its network, `{config['architecture']}`, loads with timm as well (its model_args and the fitted "
+             "input scaling as pretrained_cfg mean / std on timm's [0, 1] images, equal to zoo's on [0, 255] "
+             "images up to float rounding):"), "",
+            "```python",
+            "import timm",
+            "import zoo  # registers zoo's models (mambavision_*) with timm",
+            (f'net = timm.create_model("{HUB_PREFIX}{repo_id or "ORG/NAME"}", pretrained=True).eval()  '
+             '# or "local-dir:PATH"'),
+            "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=net))",
+            "```",
+        ]
+    elif timm_ok is False:
+        lines += ["", f"Not loadable with timm: {config['timm_reason']}."]
     if summary:
         lines += ["", f"## Final metrics (step {summary.get('global_step')})", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
@@ -219,13 +336,17 @@ def load_folder(folder: str | Path, expected: type | None = None, strict: bool =
     checkpoint.check_expected(cls, expected, folder)
     model = cls(**config["hyper_parameters"])
     model.on_load_checkpoint(config["task_state"])  # e.g. builds the network from the tokenizers
-    state = {**_read_tensors(folder / WEIGHTS), **config["extra_state"]}
+    prefix = config["weights_prefix"]
+    state = {prefix + k: v for k, v in _read_tensors(folder / WEIGHTS).items()}
+    if prefix:
+        state |= _read_tensors(folder / TASK_WEIGHTS)
+    state |= config["extra_state"]
     for alias, name in config["aliases"].items():
         if name not in state:
-            raise CheckpointError(f"{str(folder / CONFIG)!r}: alias {alias!r} names {name!r}, which is not in "
-                                  f"{WEIGHTS}")
+            file, key = _locate(name, prefix)
+            raise CheckpointError(f"{str(folder / CONFIG)!r}: alias {alias!r} names {key!r}, which is not in {file}")
         state[alias] = state[name]
-    _check_state(model.state_dict(), state, folder, strict)
+    _check_state(model.state_dict(), state, folder, strict, prefix)
     model.load_state_dict(state, strict=strict)
     return model.eval()
 
@@ -242,6 +363,9 @@ def _read_config(path: Path) -> dict:
         raise CheckpointError(f"{str(path)!r} holds a {type(config).__name__}, not a JSON object")
     wrong = [f"{k} (not a {t.__name__})" if k in config else f"{k} (missing)"
              for k, t in CONFIG_TYPES.items() if not isinstance(config.get(k), t)]
+    config.setdefault("weights_prefix", "")  # folders written before it: everything in model.safetensors
+    if not isinstance(config["weights_prefix"], str):
+        wrong.append("weights_prefix (not a str)")
     if wrong:
         raise CheckpointError(f"{str(path)!r} is not an export's config.json: bad entries {', '.join(wrong)}")
     if config["format"] != FORMAT:
@@ -258,30 +382,32 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{str(path)!r} is truncated or not a safetensors file ({e})") from None
 
 
-def _check_state(want: dict, state: dict, folder: Path, strict: bool) -> None:
+def _check_state(want: dict, state: dict, folder: Path, strict: bool, prefix: str) -> None:
     """Compares the folder's state with the model's own state_dict before loading it, so that a
-    mismatch names the file instead of surfacing as torch's multi-line error."""
-    def where(value) -> str:  # the file an entry comes from
-        return WEIGHTS if isinstance(value, torch.Tensor) else f"{CONFIG} extra_state"
+    mismatch names the file and the entry's name there instead of surfacing as torch's multi-line error."""
+    def where(name: str, value) -> tuple[str, str]:  # the file an entry comes from, and its name there
+        return _locate(name, prefix) if isinstance(value, torch.Tensor) else (f"{CONFIG} extra_state", name)
 
-    def names(keys: list[str]) -> str:
+    def names(entries: list[tuple[str, object]]) -> str:
+        keys = [where(k, v)[1] for k, v in entries]
         return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
 
     problems = []
     if strict:
-        missing = [k for k in want if k not in state]
-        unexpected = [k for k in state if k not in want]
-        for file in (WEIGHTS, f"{CONFIG} extra_state"):
-            if lacking := [k for k in missing if where(want[k]) == file]:
+        missing = [(k, v) for k, v in want.items() if k not in state]
+        unexpected = [(k, v) for k, v in state.items() if k not in want]
+        for file in (WEIGHTS, TASK_WEIGHTS, f"{CONFIG} extra_state"):
+            if lacking := [(k, v) for k, v in missing if where(k, v)[0] == file]:
                 problems.append(f"{file} lacks {names(lacking)}")
-            if extra := [k for k in unexpected if where(state[k]) == file]:
+            if extra := [(k, v) for k, v in unexpected if where(k, v)[0] == file]:
                 problems.append(f"{file} has unexpected {names(extra)}")
     for k, w in want.items():
         got = state.get(k, w)
-        if where(got) != where(w):
-            problems.append(f"{where(got)} has {k}, which the model keeps in {where(w)}")
+        (file, name), (kept, _) = where(k, got), where(k, w)
+        if file != kept:
+            problems.append(f"{file} has {name}, which the model keeps in {kept}")
         elif isinstance(w, torch.Tensor) and (got.shape != w.shape or got.dtype != w.dtype):
-            problems.append(f"{WEIGHTS} has {k} as {str(got.dtype)[6:]}{list(got.shape)}, "
+            problems.append(f"{file} has {name} as {str(got.dtype)[6:]}{list(got.shape)}, "
                             f"the model {str(w.dtype)[6:]}{list(w.shape)}")
     if problems:
         raise CheckpointError(f"{str(folder)!r} does not fit the model its {CONFIG} describes: {'; '.join(problems)}")
@@ -296,7 +422,8 @@ def download(spec: str) -> Path:
 
     repo_id, _, revision = spec[len(HUB_PREFIX):].partition("@")
     try:
-        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=[CONFIG, WEIGHTS]))
+        return Path(snapshot_download(repo_id, revision=revision or None,
+                                      allow_patterns=[CONFIG, WEIGHTS, TASK_WEIGHTS]))
     except RepositoryNotFoundError:
         raise CheckpointError(f"{spec}: no model repository {repo_id!r} on {constants.ENDPOINT} (or it is private "
                               "or gated and you are not logged in with access)") from None
@@ -332,7 +459,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="train.py export",
         description="Write an inference-only folder (model.safetensors, config.json, README.md) from a "
-        "checkpoint; `zoo.load(DIR)` reads it back. Optionally upload it to the Hugging Face Hub.",
+        "checkpoint; `zoo.load(DIR)` reads it back, and an image classifier's network also "
+        '`timm.create_model("local-dir:DIR", pretrained=True)`. Optionally upload it to the Hugging Face Hub.',
     )
     p.add_argument("--ckpt_path", required=True, help="a checkpoint written by `train.py fit`")
     p.add_argument("--out", required=True,

@@ -32,6 +32,10 @@ class DataInfo:
     chars_per_token: Optional[float] = None  # validation characters per token (bits per character)
     scale_factor: Optional[float] = None  # sketch offsets are divided by it (training split statistic)
     seq_len: Optional[int] = None  # the longest sequence a batch holds (LM window; longest sketch + 1)
+    # what `predict` generates per prompt: predict-time options live in the datamodule, because
+    # LightningCLI restores a checkpoint's model hparams over the command line
+    max_new_tokens: Optional[int] = None
+    greedy: Optional[bool] = None
 
 
 class ZooDataModule(L.LightningDataModule):

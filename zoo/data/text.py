@@ -296,8 +296,9 @@ class LMDataModule(ZooDataModule):
         self.train_set = self.val_set = self.chars_per_token = None
 
     def info(self) -> DataInfo:
+        hp = self.hparams
         return DataInfo(tokenizers={"text": self.tokenizer}, chars_per_token=self.chars_per_token,
-                        seq_len=self.hparams.block_size)
+                        seq_len=hp.block_size, max_new_tokens=hp.max_new_tokens, greedy=hp.greedy)
 
     def load_text(self) -> str:
         text = read_text(self.hparams.path) if self.hparams.path else stdlib_corpus()

@@ -52,10 +52,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo import cpu_kernels
+from zoo.models.config import network_config
 from zoo.models.inference import inference
 from zoo.norm import NormSpec, build_norm, check_norm
 
-__all__ = ["LSTMLayer", "SketchRNN", "MixtureParams", "split_params", "gmm_log_prob",
+__all__ = ["LSTMLayer", "SketchRNN", "SketchRNNConfig", "MixtureParams", "split_params", "gmm_log_prob",
            "reconstruction_loss", "kl_divergence", "kl_weight_schedule", "interpolate_latents",
            "sample_mixture"]
 
@@ -829,3 +830,6 @@ class SketchRNN(nn.Module):
         """Decode `steps` latents between the encodings (mu) of the first two sketches of the batch."""
         mu, _ = self.encode(strokes[:2, 1:], lengths[:2])
         return self.sample(interpolate_latents(mu[0], mu[1], steps, method), **kw)
+
+
+SketchRNNConfig = network_config(SketchRNN, given=("max_seq_len",))

@@ -55,10 +55,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.models.config import network_config
 from zoo.models.inference import inference
 from zoo.norm import NormSpec, build_norm, check_norm
 
-__all__ = ["Transformer", "TransformerLM", "Block", "Attention", "FeedForward", "TokenNorm",
+__all__ = ["Transformer", "TransformerConfig", "TransformerLM", "TransformerLMConfig", "Block", "Attention", "FeedForward", "TokenNorm",
            "Embeddings", "KVCache", "sinusoidal_positions", "length_penalty", "check_args", "NORM_POSITIONS",
            "POS_ENCODINGS", "ACTIVATIONS"]
 
@@ -72,13 +73,13 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
-def check_args(model: str, norm: str, norm_position: str, pos_encoding: str, activation: str) -> None:
-    """The choices `model` ("TransformerLM" or "Transformer") checks, without building it: a task
-    checks its arguments before any data is read, and builds the network once the vocabulary is fitted."""
-    _check_choice("norm_position", norm_position, NORM_POSITIONS)
-    _check_choice("pos_encoding", pos_encoding, POS_ENCODINGS)
-    _check_choice("activation", activation, ACTIVATIONS)
-    _check_token_norm(norm, model)
+def check_args(cfg) -> None:
+    """The choices of a `TransformerLMConfig` / `TransformerConfig`, checked without building the network:
+    a task checks them before any data is read, and builds the network once the vocabulary is fitted."""
+    _check_choice("norm_position", cfg.norm_position, NORM_POSITIONS)
+    _check_choice("pos_encoding", cfg.pos_encoding, POS_ENCODINGS)
+    _check_choice("activation", cfg.activation, ACTIVATIONS)
+    _check_token_norm(cfg.norm, cfg.network.__name__)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -418,7 +419,7 @@ class TransformerLM(nn.Module):
 
     Args:
         vocab_size: V.
-        d_model, n_heads, n_layers, d_ff: sizes (paper base: 512, 8, 6, 2048).
+        d_model, n_heads, n_layers, d_ff: sizes (paper base: 512, 8, 6, 2048); d_ff None is 4 * d_model.
         dropout: on embeddings, sub-layer outputs, feed-forward hidden units and attention weights.
         norm: a `zoo.norm` kind whose statistics are per token ("layer", "rms", "none", or registered
             with pools_positions=False, pools_batch=False), or "batch" (made causal here).
@@ -431,13 +432,14 @@ class TransformerLM(nn.Module):
     """
 
     def __init__(self, vocab_size: int, d_model: int = 512, n_heads: int = 8, n_layers: int = 6,
-                 d_ff: int = 2048, dropout: float = 0.1, norm: str = "layer", norm_position: str = "pre",
+                 d_ff: int | None = None, dropout: float = 0.1, norm: str = "layer", norm_position: str = "pre",
                  max_len: int = 1024, pos_encoding: str = "sinusoidal", tie_embeddings: bool = True,
                  activation: str = "relu", bias: bool = True):
         super().__init__()
         _check_choice("norm_position", norm_position, NORM_POSITIONS)
         _check_token_norm(norm, type(self).__name__)
         self.max_len, self.n_layers = max_len, n_layers
+        d_ff = d_ff or 4 * d_model
         self.embed = Embeddings(vocab_size, d_model, max_len, dropout, pos_encoding, pad_id=None)
         self.blocks = nn.ModuleList([
             Block(d_model, n_heads, d_ff, dropout, norm, norm_position, causal=True, activation=activation, bias=bias)
@@ -497,6 +499,9 @@ class TransformerLM(nn.Module):
         return ids
 
 
+TransformerLMConfig = network_config(TransformerLM, given=("vocab_size", "max_len"))
+
+
 def length_penalty(length: Tensor, alpha: float) -> Tensor:
     """Wu et al. 2016 (GNMT), used by the paper's beam search: ((5 + |Y|) / 6) ** alpha."""
     return ((5.0 + length.float()) / 6.0) ** alpha
@@ -509,7 +514,7 @@ class Transformer(nn.Module):
     Args:
         src_vocab_size, tgt_vocab_size: vocabularies (equal when share_embeddings).
         d_model, n_heads, num_encoder_layers, num_decoder_layers, d_ff, dropout: sizes (paper base:
-            512, 8, 6, 6, 2048, 0.1).
+            512, 8, 6, 6, 2048, 0.1); d_ff None is 4 * d_model.
         norm, norm_position: as `TransformerLM`; "post" (the paper) by default.
         max_len: the longest source or target sequence.
         pos_encoding, activation, bias: as `TransformerLM`.
@@ -519,7 +524,7 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, src_vocab_size: int, tgt_vocab_size: int, d_model: int = 512, n_heads: int = 8,
-                 num_encoder_layers: int = 6, num_decoder_layers: int = 6, d_ff: int = 2048,
+                 num_encoder_layers: int = 6, num_decoder_layers: int = 6, d_ff: int | None = None,
                  dropout: float = 0.1, norm: str = "layer", norm_position: str = "post", max_len: int = 256,
                  pos_encoding: str = "sinusoidal", activation: str = "relu", bias: bool = True,
                  share_embeddings: bool = False, tie_embeddings: bool = True, pad_id: int = 0):
@@ -530,6 +535,7 @@ class Transformer(nn.Module):
             raise ValueError(f"share_embeddings needs one vocabulary, got src_vocab_size={src_vocab_size} "
                              f"and tgt_vocab_size={tgt_vocab_size}")
         self.pad_id, self.num_decoder_layers = pad_id, num_decoder_layers
+        d_ff = d_ff or 4 * d_model
         self.src_embed = Embeddings(src_vocab_size, d_model, max_len, dropout, pos_encoding, pad_id)
         self.tgt_embed = Embeddings(tgt_vocab_size, d_model, max_len, dropout, pos_encoding, pad_id)
         blk = dict(d_model=d_model, n_heads=n_heads, d_ff=d_ff, dropout=dropout, norm=norm,
@@ -640,3 +646,6 @@ class Transformer(nn.Module):
         best = (scores / length_penalty(lengths.view(n, k), alpha)).argmax(-1)
         rows = best + torch.arange(n, device=dev) * k
         return seqs[rows, 1:]
+
+
+TransformerConfig = network_config(Transformer, given=("src_vocab_size", "tgt_vocab_size", "pad_id"))

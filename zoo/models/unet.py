@@ -50,10 +50,11 @@ import torch
 from timm.models import register_model
 from torch import Tensor, nn
 
+from zoo.models.config import network_config
 from zoo.norm import build_norm, check_norm
 
 __all__ = [
-    "UNet", "DoubleConv", "Down", "Up",
+    "UNet", "UNetConfig", "DoubleConv", "Down", "Up",
     "InputSizes", "valid_input_sizes", "output_size", "input_size_for_output", "check_input_size",
     "tiled_predict", "whole_image_predict", "seam_error", "mirror_pad", "default_tile",
     "PADDINGS", "PADDING_MODES", "DEFAULT_TILE",
@@ -398,6 +399,9 @@ class UNet(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------
 # timm registry: timm.create_model("unet", ...) / ("unet_same", ...)
+
+UNetConfig = network_config(UNet, given=("in_channels", "num_classes"))
+
 
 def _create_unet(name: str, pretrained: bool, defaults: dict, kwargs: dict) -> UNet:
     if pretrained:

@@ -3,6 +3,7 @@ groups into the task's paper preset or an injected optimizer and schedule), samp
 dashboards and the tag that lets `zoo.load` recognise its checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import warnings
@@ -17,6 +18,7 @@ from PIL import Image
 
 from zoo import checkpoint
 from zoo.data.contract import DataInfo, ZooDataModule
+from zoo.models.config import flat
 from zoo.optim import lr_schedule, param_groups
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -31,7 +33,7 @@ class ZooModule(L.LightningModule):
     """Base class of zoo tasks.
 
     Subclasses call `self.save_hyperparameters()` with plain-data arguments only (a norm is its
-    name), set `self.input_scaler` (a `zoo.scaling.InputScaler`) if their inputs are scaled, and
+    name; a network config, `zoo.models.config`, is stored as a dict under its argument `net`), set `self.input_scaler` (a `zoo.scaling.InputScaler`) if their inputs are scaled, and
     may set `monitor = (metric, "min" | "max")` for the best-checkpoint callback. Defining a
     subclass registers it, so its checkpoints load (`zoo.checkpoint.task_class`).
     """
@@ -65,21 +67,18 @@ class ZooModule(L.LightningModule):
         if stage == "fit" and scaler is not None and hasattr(self, "input_scaler"):
             self.input_scaler.copy_from(scaler)
 
-    def net_kwargs(self, network: type, **given) -> dict:
-        """`network`'s keyword arguments from the hparams of the same names, then `given`: a task passes
-        its network's settings through by name, never by position."""
-        names = inspect.signature(network).parameters
-        return {**{k: self.hparams[k] for k in names if k in self.hparams}, **given}
-
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Parameter groups with norm weights, biases and embeddings excluded from weight decay."""
         return param_groups(self, weight_decay)
 
     def save_hyperparameters(self, *args, ignore=(), frame=None, logger: bool = True) -> None:
-        """Lightning's, minus the injected optimizer and schedule, and refusing preset settings that an
-        injected optimizer would leave unused (checked here, before any work starts)."""
+        """Lightning's, minus the injected optimizer and schedule, with network configs as dicts (so
+        checkpoints load with weights_only), and refusing preset settings that an injected optimizer
+        would leave unused (checked here, before any work starts)."""
         super().save_hyperparameters(*args, ignore=[*INJECTED, *ignore], frame=frame or inspect.currentframe().f_back,
                                      logger=logger)
+        for hp in (self._hparams, self._hparams_initial):  # a network config is stored as plain data
+            hp.update({k: dataclasses.asdict(v) for k, v in hp.items() if dataclasses.is_dataclass(v)})
         if self._optimizer_fn is not None:
             self._refuse_preset_settings(PRESET_KEYS, "optimizer")
         if self._scheduler_fn is not None:
@@ -94,7 +93,7 @@ class ZooModule(L.LightningModule):
           betas / eps / momentum;
         - the injected `lr_scheduler` (stepped per epoch, as LightningCLI does; ReduceLROnPlateau
           watches the task's monitored metric), else the preset per-step schedule named by the hparam
-          `scheduler` (`zoo.optim.lr_schedule`; warmup_steps, min_lr_ratio, d_model, decay_rate).
+          `scheduler` (`zoo.optim.lr_schedule`; warmup_steps, min_lr_ratio, net.d_model, decay_rate).
         """
         hp = self.hparams
         if self._optimizer_fn is None:
@@ -121,7 +120,7 @@ class ZooModule(L.LightningModule):
         # sketch-rnn gives its floor as an absolute min_lr, as the paper does
         floor = hp.min_lr / hp.lr if "min_lr" in hp else hp.get("min_lr_ratio", 0.0)
         sched = lr_schedule(opt, name, total_steps=total, warmup_steps=warmup, min_lr_ratio=floor,
-                            d_model=hp.get("d_model"), decay_rate=hp.get("decay_rate", 0.9999))
+                            d_model=hp.get("net", {}).get("d_model"), decay_rate=hp.get("decay_rate", 0.9999))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _refuse_preset_settings(self, keys: tuple[str, ...], injected: str) -> None:
@@ -129,7 +128,7 @@ class ZooModule(L.LightningModule):
         from its default too would be silently unused, so it is refused."""
         defaults = inspect.signature(type(self).__init__).parameters
         changed = [k for k in keys if k in self.hparams and k in defaults
-                   and _plain(self.hparams[k]) != _plain(defaults[k].default)]
+                   and flat({k: self.hparams[k]}) != flat({k: defaults[k].default})]
         if changed:
             raise ValueError(f"model {', '.join(changed)} set together with an injected {injected}, which ignores "
                              f"them; give them as its init_args (--model.{injected}.*) instead")
@@ -180,6 +179,3 @@ class ZooModule(L.LightningModule):
     def write_predictions(self, outputs, batch, out_dir: Path) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not write predictions")
 
-
-def _plain(x):
-    return list(x) if isinstance(x, (tuple, list)) else x

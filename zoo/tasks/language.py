@@ -28,7 +28,7 @@ from torchmetrics import MeanMetric
 
 from zoo.data.contract import DataInfo
 from zoo.data.text import Tokenizer
-from zoo.models.transformer import TransformerLM, check_args
+from zoo.models.transformer import TransformerLM, TransformerLMConfig, check_args
 from zoo.optim import check_schedule
 from zoo.tasks.base import ZooModule
 
@@ -36,10 +36,10 @@ SCHEDULERS = ("noam", "cosine", "none")
 
 
 class TransformerTask(ZooModule):
-    """Shared by the Transformer tasks. Subclasses define `_build(tokenizers)` (the network, from
-    fitted tokenizers), `_tokenizers_from(info)` (from the datamodule's `DataInfo`) and
-    `_count_tokens(batch)`; hparams hold lr, weight_decay, betas, eps, scheduler, warmup_steps,
-    min_lr_ratio and d_model.
+    """Shared by the Transformer tasks. Subclasses set `net_config` (their network's config), define
+    `_build(tokenizers)` (the network, from fitted tokenizers), `_tokenizers_from(info)` (from the
+    datamodule's `DataInfo`) and `_count_tokens(batch)`; hparams hold lr, weight_decay, betas, eps,
+    scheduler, warmup_steps and min_lr_ratio.
 
     Preset optimizer: AdamW over `param_groups` (no decay for norms, biases, embeddings). Schedules (per
     step): "noam" is the paper's Eq. 3 times `lr` (lr=1 gives the paper's rate), "cosine" warms up
@@ -96,30 +96,27 @@ class LanguageModel(TransformerTask):
     """Next-token language modelling with `TransformerLM`.
 
     Args:
-        d_model, n_heads, n_layers, d_ff, dropout, norm, norm_position, pos_encoding, activation,
-            bias, tie_embeddings: the network (`zoo.models.transformer.TransformerLM`); max_len is
-            `block_size`.
-        block_size: the context length (the datamodule's windows must not be longer).
+        net: the network's architecture (`zoo.models.transformer.TransformerLMConfig`: d_model, n_heads,
+            n_layers, d_ff, dropout, norm, norm_position, pos_encoding, activation, bias, tie_embeddings).
+        block_size: the context length, the network's max_len (follows data.block_size).
         lr, weight_decay, betas, eps: AdamW.
         scheduler, warmup_steps, min_lr_ratio: learning-rate schedule ("noam", "cosine", "none").
         optimizer, lr_scheduler: injected instead of the preset (`ZooModule.configure_optimizers`).
         num_samples, sample_tokens, temperature, top_k: text samples each validation epoch, and the
-            sampling settings of `predict` (how many tokens and greedy or not are the datamodule's
-            `max_new_tokens` / `greedy`: LightningCLI restores a checkpoint's hparams over the
-            command line, so predict-time options live in the datamodule).
+            sampling settings of `predict` (how many tokens and greedy or not come from the datamodule:
+            `DataInfo.max_new_tokens` / `greedy`).
     """
 
-    def __init__(self, d_model: int = 128, n_heads: int = 4, n_layers: int = 4, d_ff: int | None = None,
-                 dropout: float = 0.1, norm: str = "layer", norm_position: str = "pre", block_size: int = 128,
-                 pos_encoding: str = "sinusoidal", activation: str = "relu", bias: bool = True,
-                 tie_embeddings: bool = True, lr: float = 1e-3, weight_decay: float = 0.1,
+    def __init__(self, net: TransformerLMConfig = TransformerLMConfig(d_model=128, n_heads=4, n_layers=4),
+                 block_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-9, scheduler: str = "cosine",
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, num_samples: int = 2,
                  sample_tokens: int = 120, temperature: float = 0.8, top_k: int | None = None,
                  optimizer: Optional[OptimizerCallable] = None, lr_scheduler: Optional[LRSchedulerCallable] = None):
         super().__init__(optimizer, lr_scheduler)
         check_schedule(scheduler, SCHEDULERS)
-        check_args("TransformerLM", norm, norm_position, pos_encoding, activation)  # before any data is read
+        self.net_config = net = TransformerLMConfig.of(net)
+        check_args(net)  # before any data is read
         self.save_hyperparameters()
         self.val_nll = MeanMetric()
 
@@ -130,9 +127,7 @@ class LanguageModel(TransformerTask):
         return {"text": info.tokenizers["text"]}
 
     def _build(self, tokenizers: dict[str, Tokenizer]) -> TransformerLM:
-        hp = self.hparams
-        return TransformerLM(**self.net_kwargs(TransformerLM, vocab_size=len(tokenizers["text"]),
-                                               d_ff=hp.d_ff or 4 * hp.d_model, max_len=hp.block_size))
+        return self.net_config.build(vocab_size=len(tokenizers["text"]), max_len=self.hparams.block_size)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -207,10 +202,11 @@ class LanguageModel(TransformerTask):
         return self.tokenizer.decode(out[0, len(ids):])
 
     def predict_step(self, batch, batch_idx):
-        dm = self.trainer.datamodule.hparams
+        info = self.data_info()  # a datamodule that does not say keeps continue_text's defaults
+        given = {k: getattr(info, k) for k in ("max_new_tokens", "greedy") if getattr(info, k) is not None}
         g = torch.Generator(device=self.device).manual_seed(batch_idx)
         return {"prompt": batch["text"],
-                "continuation": [self.continue_text(p, dm.max_new_tokens, dm.greedy, g) for p in batch["text"]]}
+                "continuation": [self.continue_text(p, generator=g, **given) for p in batch["text"]]}
 
     def write_predictions(self, outputs, batch, out_dir: Path) -> None:
         """Appends prompt + continuation to `<out_dir>/continuations.txt`, one block per prompt."""

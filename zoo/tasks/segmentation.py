@@ -19,7 +19,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 from torchmetrics.segmentation import DiceScore
 
-from zoo.models.unet import UNet, seam_error, tiled_predict
+from zoo.models.unet import UNetConfig, seam_error, tiled_predict
 from zoo.optim import check_schedule
 from zoo.scaling import InputScaler
 from zoo.tasks.base import ZooModule
@@ -46,8 +46,9 @@ class UNetSegmentation(ZooModule):
     """U-Net segmentation task.
 
     Args:
-        in_channels, num_classes, base_channels, depth, padding, padding_mode, norm, dropout:
-            the network (`zoo.models.unet.UNet`); defaults are the paper's network.
+        net: the network's architecture (`zoo.models.unet.UNetConfig`: base_channels, depth, padding,
+            padding_mode, norm, dropout); the default is the paper's network.
+        in_channels, num_classes: the data's (num_classes follows data.num_classes).
         lr, momentum, weight_decay: the paper's SGD with momentum (norm weights and biases get no decay).
         scheduler: "none" or "cosine" (over the whole run).
         optimizer, lr_scheduler: injected instead of the preset (`ZooModule.configure_optimizers`),
@@ -63,14 +64,9 @@ class UNetSegmentation(ZooModule):
 
     def __init__(
         self,
+        net: UNetConfig = UNetConfig(),
         in_channels: int = 1,
         num_classes: int = 2,
-        base_channels: int = 64,
-        depth: int = 5,
-        padding: str = "valid",
-        padding_mode: str = "zeros",
-        norm: str = "none",
-        dropout: float = 0.0,
         lr: float = 0.01,
         momentum: float = 0.99,
         weight_decay: float = 0.0,
@@ -82,9 +78,9 @@ class UNetSegmentation(ZooModule):
     ):
         super().__init__(optimizer, lr_scheduler)
         check_schedule(scheduler, ("none", "cosine"))
+        net = UNetConfig.of(net)
         self.save_hyperparameters()
-        self.net = UNet(in_channels=in_channels, num_classes=num_classes, base_channels=base_channels,
-                        depth=depth, padding=padding, padding_mode=padding_mode, norm=norm, dropout=dropout)
+        self.net = net.build(in_channels=in_channels, num_classes=num_classes)
         self.input_scaler = InputScaler(in_channels)
         metrics = MetricCollection({
             "iou": MulticlassJaccardIndex(num_classes, average="none"),

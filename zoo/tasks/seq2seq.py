@@ -11,6 +11,7 @@ their prediction and target. The optimizer, schedule, throughput and tokenizer c
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -23,7 +24,7 @@ from torchmetrics.text import WordErrorRate
 
 from zoo.data.text import BOS, EOS, PAD, UNK, Tokenizer
 from zoo.data.contract import DataInfo
-from zoo.models.transformer import Transformer, check_args
+from zoo.models.transformer import Transformer, TransformerConfig, check_args
 from zoo.optim import check_schedule
 from zoo.tasks.language import SCHEDULERS, TransformerTask
 
@@ -32,11 +33,11 @@ class Seq2Seq(TransformerTask):
     """Encoder-decoder Transformer task.
 
     Args:
-        d_model, n_heads, num_encoder_layers, num_decoder_layers, d_ff, dropout, norm, norm_position,
-            max_len, pos_encoding, activation, bias: the network (`zoo.models.transformer.Transformer`).
-        share_embeddings: one embedding matrix for source and target when the datamodule has one
-            vocabulary (the algorithmic tasks; a warning says when it cannot apply, e.g. g2p).
-        tie_embeddings: the decoder's output layer uses its input embeddings.
+        net: the network's architecture (`zoo.models.transformer.TransformerConfig`: d_model, n_heads,
+            num_encoder_layers, num_decoder_layers, d_ff, dropout, norm, norm_position, max_len,
+            pos_encoding, activation, bias, share_embeddings, tie_embeddings). share_embeddings applies
+            when the datamodule has one vocabulary (the algorithmic tasks; a warning says when it
+            cannot, e.g. g2p).
         label_smoothing: epsilon of the smoothed cross-entropy (paper: 0.1).
         lr, weight_decay, betas, eps, scheduler, warmup_steps, min_lr_ratio: as `LanguageModel`
             (defaults: the paper's Adam betas/eps and "noam" warm-up schedule, lr=1 is its exact rate).
@@ -46,18 +47,18 @@ class Seq2Seq(TransformerTask):
 
     monitor = ("val/exact_match", "max")
 
-    def __init__(self, d_model: int = 128, n_heads: int = 4, num_encoder_layers: int = 2,
-                 num_decoder_layers: int = 2, d_ff: int | None = None, dropout: float = 0.1, norm: str = "layer",
-                 norm_position: str = "post", max_len: int = 128, pos_encoding: str = "sinusoidal",
-                 activation: str = "relu", bias: bool = True, share_embeddings: bool = True,
-                 tie_embeddings: bool = True, label_smoothing: float = 0.1, lr: float = 1.0,
+    def __init__(self, net: TransformerConfig = TransformerConfig(d_model=128, n_heads=4, num_encoder_layers=2,
+                                                                  num_decoder_layers=2, max_len=128,
+                                                                  share_embeddings=True),
+                 label_smoothing: float = 0.1, lr: float = 1.0,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-9,
                  scheduler: str = "noam", warmup_steps: int = 400, min_lr_ratio: float = 0.0,
                  beam_size: int = 4, alpha: float = 0.6, num_samples: int = 4,
                  optimizer: Optional[OptimizerCallable] = None, lr_scheduler: Optional[LRSchedulerCallable] = None):
         super().__init__(optimizer, lr_scheduler)
         check_schedule(scheduler, SCHEDULERS)
-        check_args("Transformer", norm, norm_position, pos_encoding, activation)  # before any data is read
+        self.net_config = net = TransformerConfig.of(net)
+        check_args(net)  # before any data is read
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         self.save_hyperparameters()
@@ -67,14 +68,12 @@ class Seq2Seq(TransformerTask):
         return {"src": info.tokenizers["src"], "tgt": info.tokenizers["tgt"]}
 
     def _build(self, tokenizers: dict[str, Tokenizer]) -> Transformer:
-        hp = self.hparams
-        shared = tokenizers["src"] == tokenizers["tgt"]
-        if hp.share_embeddings and not shared:
+        cfg = self.net_config
+        if cfg.share_embeddings and tokenizers["src"] != tokenizers["tgt"]:
             warnings.warn("share_embeddings=True but source and target have different vocabularies: "
                           "the embeddings are not shared")
-        return Transformer(**self.net_kwargs(
-            Transformer, src_vocab_size=len(tokenizers["src"]), tgt_vocab_size=len(tokenizers["tgt"]),
-            d_ff=hp.d_ff or 4 * hp.d_model, share_embeddings=hp.share_embeddings and shared, pad_id=PAD))
+            cfg = dataclasses.replace(cfg, share_embeddings=False)
+        return cfg.build(src_vocab_size=len(tokenizers["src"]), tgt_vocab_size=len(tokenizers["tgt"]), pad_id=PAD)
 
     @property
     def is_g2p(self) -> bool:
@@ -102,7 +101,7 @@ class Seq2Seq(TransformerTask):
     def decode_ids(self, src: torch.Tensor, beam_size: int = 1, use_cache: bool = True) -> torch.Tensor:
         """(N, S) source ids -> (N, T) output ids (eos included, pads after it)."""
         self._require_net()
-        max_out = min(self.hparams.max_len - 1, src.shape[1] + 10)
+        max_out = min(self.net_config.max_len - 1, src.shape[1] + 10)
         if beam_size == 1:
             return self.net.greedy_decode(src, BOS, EOS, max_out, use_cache=use_cache)
         return self.net.beam_search(src, BOS, EOS, max_out, beam_size, self.hparams.alpha)

@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from PIL import Image
 
 from zoo.data.sketches import render_sketches, sketches_to_svg, stroke5_to_stroke3
-from zoo.models.sketch_rnn import SketchRNN, kl_divergence, kl_weight_schedule, reconstruction_loss
+from zoo.models.sketch_rnn import SketchRNNConfig, kl_divergence, kl_weight_schedule, reconstruction_loss
 from zoo.tasks.base import ZooModule
 
 
@@ -34,8 +34,9 @@ class SketchRNNTask(ZooModule):
     """Sketch-RNN VAE task. Defaults are magenta's `get_default_hparams()`.
 
     Args:
-        enc_rnn_size, dec_rnn_size, z_size, num_mixture, norm, recurrent_dropout, conditional,
-            max_seq_len: the network (`zoo.models.sketch_rnn.SketchRNN`).
+        net: the network's architecture (`zoo.models.sketch_rnn.SketchRNNConfig`: enc_rnn_size,
+            dec_rnn_size, z_size, num_mixture, norm, recurrent_dropout, conditional).
+        max_seq_len: the longest sketch, the network's max_seq_len (follows data.max_seq_len).
         lr, min_lr, decay_rate: Adam learning rate and its exponential decay per step (the preset).
         optimizer, lr_scheduler: injected instead of the preset (`ZooModule.configure_optimizers`).
         kl_weight, kl_weight_start, kl_decay_rate, kl_tolerance: the KL term's annealed weight and floor.
@@ -49,13 +50,7 @@ class SketchRNNTask(ZooModule):
 
     def __init__(
         self,
-        enc_rnn_size: int = 256,
-        dec_rnn_size: int = 512,
-        z_size: int = 128,
-        num_mixture: int = 20,
-        norm: str = "none",
-        recurrent_dropout: float = 0.1,
-        conditional: bool = True,
+        net: SketchRNNConfig = SketchRNNConfig(),
         max_seq_len: int = 250,
         lr: float = 1e-3,
         min_lr: float = 1e-5,
@@ -73,10 +68,9 @@ class SketchRNNTask(ZooModule):
         super().__init__(optimizer, lr_scheduler)
         if not 0 < min_lr <= lr:
             raise ValueError(f"need 0 < min_lr <= lr, got lr={lr}, min_lr={min_lr}")
+        net = SketchRNNConfig.of(net)
         self.save_hyperparameters()
-        self.net = SketchRNN(enc_rnn_size=enc_rnn_size, dec_rnn_size=dec_rnn_size, z_size=z_size,
-                             num_mixture=num_mixture, norm=norm, recurrent_dropout=recurrent_dropout,
-                             conditional=conditional, max_seq_len=max_seq_len)
+        self.net = net.build(max_seq_len=max_seq_len)
         self.register_buffer("scale_factor", torch.tensor(1.0))
 
     def setup(self, stage: str) -> None:
@@ -112,7 +106,7 @@ class SketchRNNTask(ZooModule):
         out = self.net(strokes, batch["lengths"])
         l_s, l_p = reconstruction_loss(self.net.params(out["out"]), strokes[:, 1:], mask_pen=mask_pen)
         result = {"L_s": l_s, "L_p": l_p, "L_R": l_s + l_p}
-        if self.hparams.conditional:
+        if self.net.conditional:
             result["L_KL"] = kl_divergence(out["mu"], out["presig"])
         return result
 
@@ -125,7 +119,7 @@ class SketchRNNTask(ZooModule):
         parts = self.losses(batch, mask_pen=False)
         loss = parts["L_R"]
         B = len(batch["lengths"])
-        if self.hparams.conditional:
+        if self.net.conditional:
             klw = self.kl_weight_now()
             loss = loss + klw * torch.clamp(parts["L_KL"], min=self.hparams.kl_tolerance)
             self.log("train/kl_weight", klw, batch_size=B)
@@ -137,7 +131,7 @@ class SketchRNNTask(ZooModule):
     def _evaluate(self, batch, stage: str):
         parts = self.losses(batch, mask_pen=True)
         loss = parts["L_R"]
-        if self.hparams.conditional:
+        if self.net.conditional:
             loss = loss + self.hparams.kl_weight * torch.clamp(parts["L_KL"], min=self.hparams.kl_tolerance)
         B = len(batch["lengths"])
         for k, v in parts.items():
@@ -184,7 +178,7 @@ class SketchRNNTask(ZooModule):
         g = torch.Generator(device=self.device).manual_seed(0)
         samples = self.generate(k, generator=g)
         self.log_image("val/samples", render_sketches(samples, columns=k))
-        if self.hparams.conditional:
+        if self.net.conditional:
             inputs = stroke5_to_stroke3(batch["strokes"][:k, 1:], batch["lengths"][:k])
             recon = self.reconstruct(batch["strokes"][:k], batch["lengths"][:k], generator=g)
             self.log_image("val/reconstructions",  # inputs in the top row, reconstructions below
@@ -196,7 +190,7 @@ class SketchRNNTask(ZooModule):
         B = len(batch["lengths"])
         out = {"batch_idx": batch_idx, "inputs": stroke5_to_stroke3(batch["strokes"][:, 1:], batch["lengths"]),
                "samples": self.generate(B, generator=g)}
-        if self.hparams.conditional:
+        if self.net.conditional:
             out["reconstructions"] = self.reconstruct(batch["strokes"], batch["lengths"], generator=g)
             if B >= 2:
                 out["interpolation"] = self.interpolate(batch["strokes"], batch["lengths"], generator=g)
