@@ -33,9 +33,10 @@ class ZooModule(L.LightningModule):
     """Base class of zoo tasks.
 
     Subclasses call `self.save_hyperparameters()` with plain-data arguments only (a norm is its
-    name; a network config, `zoo.models.config`, is stored as a dict under its argument `net`), set `self.input_scaler` (a `zoo.scaling.InputScaler`) if their inputs are scaled, and
-    may set `monitor = (metric, "min" | "max")` for the best-checkpoint callback. Defining a
-    subclass registers it, so its checkpoints load (`zoo.checkpoint.task_class`).
+    name; a network config, `zoo.models.config`, is stored as a dict), set `self.input_scaler` (a
+    `zoo.scaling.InputScaler`) if their inputs are scaled, and may set `monitor = (metric, "min" |
+    "max")` for the best-checkpoint callback. Defining a subclass registers it, so its checkpoints load
+    (`zoo.checkpoint.task_class`).
     """
 
     monitor: tuple[str, str] = ("val/loss", "min")
