@@ -39,8 +39,8 @@ import socket
 import subprocess
 import sys
 import threading
-import unittest.mock
 import time
+import unittest.mock
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
