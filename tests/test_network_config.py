@@ -4,7 +4,12 @@ import dataclasses
 import inspect
 
 import pytest
+import torch
 from torch import nn
+
+import zoo
+from tests.conftest import tiny_unet_args
+from zoo.cli import ZooCLI
 
 from zoo.models.config import flat, network_config
 from zoo.models.sketch_rnn import SketchRNN, SketchRNNConfig
@@ -103,3 +108,23 @@ def test_flat_gives_dotted_plain_values_from_any_nested_form():
     assert flat({"net": {"norm": "batch", "depth": 3, "attn": {"qk_norm": True}}, "betas": (0.9, 0.98), "lr": 0.1}) == want
     assert flat(Namespace(net=Namespace(norm="batch", depth=3, attn={"qk_norm": True}), betas=[0.9, 0.98], lr=0.1)) == want
     assert flat({"net": UNetConfig(norm="batch")})["net.norm"] == "batch"
+
+
+def test_checkpoints_with_the_network_arguments_at_the_top_level_still_load(tmp_path, capsys):
+    """Checkpoints written before tasks took `net` (flat network arguments) load, predict and resume."""
+    root = tmp_path / "run"
+    ZooCLI(args=["fit", *tiny_unet_args(root, "--trainer.max_steps=2", "--model.net.norm=group")])
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    hp.update(hp.pop("net"))  # as it was written then
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    new, loaded = zoo.load(root / "checkpoints" / "last.ckpt"), zoo.load(old)
+    assert loaded.hparams == new.hparams and loaded.hparams.net["norm"] == "group"
+    x = torch.rand(1, 1, 68, 68) * 255
+    torch.testing.assert_close(loaded(x), new(x), rtol=0, atol=0)
+    # predict takes the checkpoint's arguments over the config's (norm none there)
+    cli = ZooCLI(args=["predict", *tiny_unet_args(tmp_path / "p"), f"--ckpt_path={old}",
+                       f"--predict_out={tmp_path / 'pred'}"])
+    assert cli.model.hparams.net["norm"] == "group" and list((tmp_path / "pred").glob("*_probs.npy"))
+    assert "net.norm: checkpoint 'group', now 'none'" in capsys.readouterr().err

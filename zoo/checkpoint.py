@@ -13,7 +13,9 @@ module or call anything else with its hyper-parameters.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import pickle
 import pkgutil
 import zipfile
@@ -101,6 +103,18 @@ def inference_hparams(ckpt: dict) -> dict:
             if not k.startswith("_") and k not in ("optimizer", "lr_scheduler")}
 
 
+def upgrade_hparams(cls: type, hparams: dict) -> dict:
+    """A checkpoint's hyper-parameters in the form task `cls` takes now. Until 2026-12-01 tasks held
+    their network's arguments at the top level; a task that takes them as one config, `net`
+    (`zoo.models.config`), gets them nested, so that older checkpoints and exports still load."""
+    net = inspect.signature(cls).parameters.get("net")
+    if net is None or "net" in hparams or not dataclasses.is_dataclass(net.default):
+        return hparams
+    fields = {f.name for f in dataclasses.fields(net.default)}
+    return {**{k: v for k, v in hparams.items() if k not in fields},
+            "net": {k: v for k, v in hparams.items() if k in fields}}
+
+
 def check_expected(cls: type, expected: type | None, path: str | Path) -> None:
     """Refuses a model of another kind than `expected` (None: any task)."""
     if expected is not None and not issubclass(cls, expected):
@@ -133,7 +147,7 @@ def build(ckpt: dict, path: str | Path, expected: type | None = None, strict: bo
     """The eval-mode model of a checkpoint that `read` returned (`path`: for messages)."""
     cls = task_class(ckpt, path)
     check_expected(cls, expected, path)
-    model = cls(**inference_hparams(ckpt))
+    model = cls(**upgrade_hparams(cls, inference_hparams(ckpt)))
     model.on_load_checkpoint(ckpt)
     model.load_state_dict(ckpt["state_dict"], strict=strict)
     return model.eval()

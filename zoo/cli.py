@@ -169,8 +169,9 @@ class ZooCLI(LightningCLI):
             raise checkpoint.CheckpointError(
                 f"checkpoint {path!r} holds a {task_name} model, but the config builds "
                 f"{cfg['model']['class_path']}; use the config it was trained with")
+        hparams = checkpoint.upgrade_hparams(task, ckpt.get("hyper_parameters", {}))
         given = flat(cfg["model"].get("init_args") or {})
-        differ = {k: (v, given[k]) for k, v in flat(ckpt.get("hyper_parameters", {})).items()
+        differ = {k: (v, given[k]) for k, v in flat(hparams).items()
                   if not k.startswith("_") and k in given and v != given[k]}
         if differ:
             what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
@@ -178,7 +179,13 @@ class ZooCLI(LightningCLI):
                 raise ValueError(f"cannot resume {path} with other model arguments ({what}); resume with the "
                                  "checkpoint's arguments, or start a new run in another --trainer.default_root_dir")
             print(f"using the checkpoint's model arguments ({what})", file=sys.stderr)
-        super()._parse_ckpt_path()
+        # then as Lightning's own _parse_ckpt_path, from the upgraded hyper-parameters: the model is
+        # configured with the checkpoint's arguments
+        hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        if hparams:
+            self.config = self.parser.parse_object({stage: {"model": hparams}}, self.config)
 
     def before_fit(self) -> None:
         if type(self.datamodule).__module__.startswith("zoo.data."):

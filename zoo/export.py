@@ -334,7 +334,7 @@ def load_folder(folder: str | Path, expected: type | None = None, strict: bool =
     config = _read_config(folder / CONFIG)
     cls = checkpoint.task_class({"zoo": {"task": config["task"]}}, folder / CONFIG)
     checkpoint.check_expected(cls, expected, folder)
-    model = cls(**config["hyper_parameters"])
+    model = cls(**checkpoint.upgrade_hparams(cls, config["hyper_parameters"]))
     model.on_load_checkpoint(config["task_state"])  # e.g. builds the network from the tokenizers
     prefix = config["weights_prefix"]
     state = {prefix + k: v for k, v in _read_tensors(folder / WEIGHTS).items()}
