@@ -80,24 +80,33 @@ def python():
 class KillAt(Callback):
     """Simulates a crash: SIGKILLs its own process at the start of a training batch, once the
     checkpoint of the step before it is on disk — after `step` optimizer steps, or at the first batch
-    of epoch `epoch`; with `fresh_only`, only in a run that did not resume from a checkpoint. With
-    `parent`, kills the process that started it instead (a compare launcher's worker); with `once`, a
-    file path, only the first process of all to get there (the file marks it)."""
+    of epoch `epoch`; with `end`, when training ends (after the last checkpoint, before the run's
+    summary). With `fresh_only`, only in a run that did not resume from a checkpoint. With `parent`,
+    kills the process that started it instead (a compare launcher's worker); with `once`, a file path,
+    only the first process of all to get there (the file marks it)."""
 
-    def __init__(self, step: int | None = None, epoch: int | None = None, fresh_only: bool = False,
-                 parent: bool = False, once: str | None = None):
-        self.step, self.epoch, self.fresh_only, self.parent, self.once = step, epoch, fresh_only, parent, once
+    def __init__(self, step: int | None = None, epoch: int | None = None, end: bool = False,
+                 fresh_only: bool = False, parent: bool = False, once: str | None = None):
+        self.step, self.epoch, self.end = step, epoch, end
+        self.fresh_only, self.parent, self.once = fresh_only, parent, once
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step or (trainer.current_epoch == self.epoch and batch_idx == 0):
+            self._kill(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.end:
+            self._kill(trainer)
+
+    def _kill(self, trainer):
         if self.fresh_only and trainer.ckpt_path is not None:
             return
-        if trainer.global_step == self.step or (trainer.current_epoch == self.epoch and batch_idx == 0):
-            if self.once is not None:
-                try:
-                    os.close(os.open(self.once, os.O_CREAT | os.O_EXCL))
-                except FileExistsError:
-                    return
-            os.kill(os.getppid() if self.parent else os.getpid(), signal.SIGKILL)
+        if self.once is not None:
+            try:
+                os.close(os.open(self.once, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return
+        os.kill(os.getppid() if self.parent else os.getpid(), signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

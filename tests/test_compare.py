@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT, tiny_unet_args
 from zoo.cli import main as cli_main
-from zoo.compare import parse_baseline, parse_seeds, parse_sweeps, plan_runs, prepare_out
+from zoo.compare import execute, parse_baseline, parse_seeds, parse_sweeps, plan_runs, prepare_out
 
 TINY = [a for a in tiny_unet_args("IGNORED") if not a.startswith("--trainer.default_root_dir")]
 
@@ -264,3 +264,30 @@ def test_each_local_job_gets_its_own_gpus(monkeypatch, tmp_path):
     assert {frozenset(d) for d in seen} == {frozenset({"0", "1"}), frozenset({"2", "3"})}
     with pytest.raises(ValueError, match="needs 6 GPUs; this machine has 4"):
         c.launch_local(runs, specs, 3, 2, 0, lambda run, result: None)
+
+
+def test_an_attempt_waits_for_a_process_of_the_run_still_running(tmp_path):
+    """A launcher that died while its run's training process lives on (a Ray node declared lost that
+    still runs it; a platform where a child does not die with its parent): the retry waits for that
+    process to end rather than writing the same run beside it. The process holds the run's lock itself."""
+    run = tmp_path / "run"
+    first = ("import sys, time\nopen(sys.argv[1] + '-started', 'w').close()\ntime.sleep(1.5)\n"
+             "open(sys.argv[1] + '-ended', 'w').close()\n")
+    launcher = ("import json, sys\nimport zoo.compare as c\n"
+                "c._die_with_parent = lambda: None  # as where a child outlives its parent\n"
+                "c.execute(json.loads(sys.argv[1]), max_retries=0)\n")
+    spec = {"cmd": [sys.executable, "-c", first, str(tmp_path / "first")], "dir": str(run), "env": {},
+            "cwd": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", launcher, json.dumps(spec)], cwd=ROOT, env=ENV)
+    deadline = time.time() + 60
+    while not (tmp_path / "first-started").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()  # the launcher is gone; its attempt still runs
+    second = ("import json, os, sys\n"  # records whether the first attempt had ended when this one started
+              "json.dump({'status': 'ok', 'first_ended': os.path.exists(sys.argv[1])}, open('summary.json', 'w'))\n")
+    spec = {**spec, "cmd": [sys.executable, "-c", second, str(tmp_path / "first-ended")], "cwd": str(run)}
+    result = execute(spec, max_retries=0)
+    assert result["summary"] == {"status": "ok", "first_ended": True}
+    assert "waiting for another process of this run to end" in (run / "run.log").read_text()

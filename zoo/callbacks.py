@@ -41,12 +41,20 @@ class RunSummary(Callback):
     reuses what data setup freed, so "peak during fit minus size at fit start" came out near 0 for some
     runs. A resumed run reports the peak over all its segments (each checkpoint carries the peak so
     far); throughput and wall time are its last segment's.
+
+    Metrics: each checkpoint also carries the metrics logged so far, which a resumed segment updates
+    with what it logs itself. So a run killed after its last checkpoint, and resumed from it with no
+    step left to train, still reports the final metrics rather than none.
     """
 
     def __init__(self, dirpath: str | Path):
         self.path = Path(dirpath) / SUMMARY_FILE
         self.error: str | None = None
         self.earlier_peak_mb: float | None = None  # from the checkpoint a resumed run started from
+        self.earlier_metrics: dict = {}  # likewise
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.trainer = trainer  # for state_dict
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.t0 = time.perf_counter()
@@ -84,11 +92,17 @@ class RunSummary(Callback):
             now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         return max(now, self.earlier_peak_mb or 0.0)
 
+    def _metrics(self, trainer: Trainer) -> dict:
+        """The run's metrics so far, plain data: this segment's over those of the segments before it."""
+        now = {k: _plain(v) for k, v in trainer.callback_metrics.items()}
+        return dict(sorted({**self.earlier_metrics, **now}.items()))
+
     def state_dict(self) -> dict:
-        return {"peak_memory_mb": self._peak_mb()}
+        return {"peak_memory_mb": self._peak_mb(), "metrics": self._metrics(self.trainer)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.earlier_peak_mb = state_dict.get("peak_memory_mb")
+        self.earlier_metrics = dict(state_dict.get("metrics", {}))
 
     def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_rank != 0:
@@ -104,7 +118,7 @@ class RunSummary(Callback):
             "global_step": trainer.global_step,
             "epochs": trainer.current_epoch,
             "device": str(pl_module.device),
-            "metrics": {k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())},
+            "metrics": self._metrics(trainer),
             **mem,
         }
         atomic_write_text(self.path, json.dumps(summary, indent=2))

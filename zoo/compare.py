@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import difflib
+import fcntl
 import hashlib
 import importlib
 import importlib.util
@@ -50,6 +52,7 @@ from zoo.files import atomic_write_text
 
 STATE_FILE = "compare.json"
 RAY_NODES = "ray_nodes.txt"  # in a run dir: the Ray node (IP/node id) of each attempt, one per line
+RUN_LOCK = ".lock"  # in a run dir: held by the process writing the run (see _hold_run)
 RAY_LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's multi-machine switch (see launch_ray)
 
 
@@ -272,16 +275,16 @@ def execute(spec: dict, max_retries: int) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec["env"]}
     retries = 0
     while True:
-        cmd = list(spec["cmd"])
-        if (run_dir / "checkpoints" / "last.ckpt").exists():
-            cmd.append("--ckpt_path=last")
-        (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
-        (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # a stale summary must not speak for this attempt
-        with open(run_dir / "run.log", "a") as log:
+        with open(run_dir / "run.log", "a") as log, _hold_run(run_dir, log) as lock:
+            cmd = list(spec["cmd"])
+            if (run_dir / "checkpoints" / "last.ckpt").exists():
+                cmd.append("--ckpt_path=last")
+            (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
+            (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # a stale summary must not speak for this attempt
             log.write(f"=== attempt {retries + 1}: {' '.join(cmd)}\n")
             log.flush()
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
-                                  cwd=spec["cwd"], preexec_fn=_die_with_parent)
+                                  cwd=spec["cwd"], preexec_fn=_die_with_parent, pass_fds=(lock,))
         summary_path = run_dir / SUMMARY_FILE
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         reason = failure_reason(run_dir / "run.log", proc.returncode)
@@ -293,6 +296,26 @@ def execute(spec: dict, max_retries: int) -> dict:
             summary = {**summary, "status": "failed",
                        "error": reason.removeprefix("error: ") if not died else f"{reason} (after {retries} retries)"}
         return {"summary": summary, "retries": retries, "returncode": proc.returncode}
+
+
+@contextlib.contextmanager
+def _hold_run(run_dir: Path, log):
+    """An exclusive lock on the run's folder (flock on its RUN_LOCK file; yields the descriptor). The
+    run's training process inherits the descriptor, so the lock is held while that process lives, even
+    past the death of the launcher that started it: when Ray declares a worker or node lost whose
+    process still runs, or two `compare`s share an --out, the other waits instead of writing the same
+    run at once. (On a shared filesystem this needs working locks, as NFSv4 has.)"""
+    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.write("=== waiting for another process of this run to end\n")
+            log.flush()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _die_with_parent() -> None:

@@ -1,5 +1,13 @@
 """Networks of the zoo, one module per family. Importing this package registers them with timm
-(`timm.create_model("unet")`)."""
+(`timm.create_model("unet")`); `create_model` builds any timm-registered network by name."""
+import difflib
+import inspect
+import re
+
+import timm
+import torch
+from torch import nn
+
 from zoo.models import mambavision, sketch_rnn, transformer  # noqa: F401  (one module per model family)
 from zoo.models.unet import (
     DoubleConv,
@@ -16,5 +24,29 @@ from zoo.models.unet import (
     whole_image_predict,
 )
 
-__all__ = ["UNet", "DoubleConv", "Down", "Up", "InputSizes", "valid_input_sizes", "check_input_size",
-           "output_size", "input_size_for_output", "tiled_predict", "whole_image_predict", "seam_error"]
+__all__ = ["create_model", "UNet", "DoubleConv", "Down", "Up", "InputSizes", "valid_input_sizes",
+           "check_input_size", "output_size", "input_size_for_output", "tiled_predict", "whole_image_predict", "seam_error"]
+
+
+def create_model(model_name: str, **kwargs) -> nn.Module:
+    """`timm.create_model(model_name, **kwargs)`, with a one-line ValueError for a name timm does not
+    know (naming the closest registered names) or keyword arguments the model does not take (naming
+    them and the ones it takes)."""
+    if not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.5)
+        raise ValueError(f"model_name {model_name!r} is not a registered timm model; closest names: "
+                         f"{', '.join(close) or 'none'} (timm.list_models() lists them all)")
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except TypeError as e:
+        first = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if first is None:
+            raise
+        with torch.device("meta"):  # only its class is wanted: no weights allocated
+            cls = type(timm.create_model(model_name))
+        params = inspect.signature(cls).parameters
+        takes = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        factory = inspect.signature(timm.create_model).parameters
+        rejected = [k for k in kwargs if k not in params and k not in factory] or [first[1]]
+        raise ValueError(f"model_kwargs {rejected} are not arguments of {model_name} (timm class "
+                         f"{cls.__name__}); it takes: {', '.join(takes)}") from e

@@ -1,20 +1,17 @@
 """What every zoo LightningModule shares: the fitted input scaler, the optimizer (zoo's parameter
-groups into the task's paper preset or an injected optimizer and schedule), sample images for the
-dashboards and the tag that lets `zoo.load` recognise its checkpoints."""
+groups into the task's paper preset or an injected optimizer and schedule) and the tag that lets
+`zoo.load` recognise its checkpoints. (Sample images and texts for the dashboards: `zoo.samples`.)"""
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import re
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from PIL import Image
 
 from zoo import checkpoint
 from zoo.data.contract import DataInfo, ZooDataModule
@@ -141,41 +138,6 @@ class ZooModule(L.LightningModule):
     def load(cls, path, map_location="cpu"):
         """`zoo.load` restricted to this task: a checkpoint of another model kind is refused."""
         return checkpoint.load(path, expected=cls, map_location=map_location)
-
-    def _sample_path(self, key: str, suffix: str) -> Path | None:
-        """`<run dir>/samples/<key>_epoch<N><suffix>`, or None where samples are not written
-        (no trainer, sanity check, not rank zero)."""
-        if self._trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return None
-        stem = re.sub(r"[^\w.=-]+", "_", key).strip("_")  # a plain file name: it is linked from report.md
-        path = Path(self.trainer.default_root_dir) / "samples" / f"{stem}_epoch{self.current_epoch:03d}{suffix}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def log_image(self, key: str, image: np.ndarray) -> Path | None:
-        """Saves an (H, W, 3) uint8 image as `<run dir>/samples/<key>_epoch<N>.png` and logs it to
-        image-capable loggers (wandb). Rank zero only."""
-        path = self._sample_path(key, ".png")
-        if path is None:
-            return None
-        Image.fromarray(image).save(path)
-        for logger in self.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key=key, images=[image], step=self.global_step)
-        return path
-
-    def log_text(self, key: str, columns: list[str], rows: list[list[str]]) -> Path | None:
-        """Saves text samples (e.g. prompt / continuation) as `<run dir>/samples/<key>_epoch<N>.txt`
-        (one block per row) and logs them as a table to text-capable loggers (wandb). Rank zero only."""
-        path = self._sample_path(key, ".txt")
-        if path is None:
-            return None
-        blocks = ["\n".join(f"{c}: {v}" for c, v in zip(columns, row)) for row in rows]
-        path.write_text("\n\n".join(blocks) + "\n")
-        for logger in self.loggers:
-            if hasattr(logger, "log_text"):
-                logger.log_text(key=key, columns=columns, data=rows, step=self.global_step)
-        return path
 
     def write_predictions(self, outputs, batch, out_dir: Path) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not write predictions")

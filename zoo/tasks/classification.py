@@ -17,72 +17,23 @@ top-k class names and probabilities). Class names travel in the checkpoint.
 from __future__ import annotations
 
 import csv
-import difflib
-import inspect
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from PIL import Image, ImageDraw
 from timm.models import get_arch_name
-from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 import zoo.models.mambavision as mambavision
+from zoo.models import create_model
 from zoo.norm import NORM_KINDS, replace_norms
 from zoo.optim import check_schedule
+from zoo.samples import image_grid, log_image
 from zoo.scaling import InputScaler
 from zoo.tasks.base import ZooModule
-
-__all__ = ["ImageClassification", "create_model", "image_grid"]
-
-
-def create_model(model_name: str, **kwargs) -> nn.Module:
-    """`timm.create_model(model_name, **kwargs)`, with a one-line ValueError for a name timm does not
-    know (naming the closest registered names) or keyword arguments the model does not take (naming
-    them and the ones it takes)."""
-    if not timm.is_model(model_name):
-        close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.5)
-        raise ValueError(f"model_name {model_name!r} is not a registered timm model; closest names: "
-                         f"{', '.join(close) or 'none'} (timm.list_models() lists them all)")
-    try:
-        return timm.create_model(model_name, **kwargs)
-    except TypeError as e:
-        first = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-        if first is None:
-            raise
-        with torch.device("meta"):  # only its class is wanted: no weights allocated
-            cls = type(timm.create_model(model_name))
-        params = inspect.signature(cls).parameters
-        takes = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        factory = inspect.signature(timm.create_model).parameters
-        rejected = [k for k in kwargs if k not in params and k not in factory] or [first[1]]
-        raise ValueError(f"model_kwargs {rejected} are not arguments of {model_name} (timm class "
-                         f"{cls.__name__}); it takes: {', '.join(takes)}") from e
-
-
-def image_grid(images: torch.Tensor, captions: list[str], correct: list[bool], columns: int = 8) -> np.ndarray:
-    """Raw images (N, 3, H, W) (min-max stretched per image) -> (rows * (H + 12), columns * W, 3) uint8,
-    each tile framed green (correct) or red (wrong) with its caption below."""
-    n, _, h, w = images.shape
-    rows = -(-n // columns)
-    canvas = Image.new("RGB", (columns * w, rows * (h + 12)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for i in range(n):
-        x = images[i].float()
-        x = ((x - x.min()) / (x.max() - x.min()).clamp_min(1e-8) * 255).round().byte()
-        r, c = divmod(i, columns)
-        left, top = c * w, r * (h + 12)
-        canvas.paste(Image.fromarray(x.permute(1, 2, 0).cpu().numpy()), (left, top))
-        draw.rectangle([left, top, left + w - 1, top + h - 1], outline=(0, 170, 0) if correct[i] else (220, 0, 0))
-        draw.text((left + 1, top + h), captions[i][: max(1, w // 6)], fill=(0, 0, 0))
-    return np.asarray(canvas)
 
 
 class ImageClassification(ZooModule):
@@ -246,8 +197,8 @@ class ImageClassification(ZooModule):
             pred = logits[:n].argmax(1).tolist()
             true = labels[:n].tolist()
             captions = [self.class_names[p] for p in pred]
-            self.log_image("val/samples (predicted; green = right)",
-                           image_grid(batch["image"][:n], captions, [p == t for p, t in zip(pred, true)]))
+            grid = image_grid(batch["image"][:n], captions, [p == t for p, t in zip(pred, true)])
+            log_image(self, "val/samples (predicted; green = right)", grid)
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/top1", self.val_top1.compute(), prog_bar=True)

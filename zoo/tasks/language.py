@@ -30,6 +30,7 @@ from zoo.data.contract import DataInfo
 from zoo.data.text import Tokenizer
 from zoo.models.transformer import TransformerLM, TransformerLMConfig, check_args
 from zoo.optim import check_schedule
+from zoo.samples import log_text
 from zoo.tasks.base import ZooModule
 
 SCHEDULERS = ("noam", "cosine", "none")
@@ -171,7 +172,7 @@ class LanguageModel(TransformerTask):
         out = self.net.generate(self._prompts, n_new, temperature=hp.temperature, top_k=hp.top_k, generator=g)
         rows = [[self.tokenizer.decode(p), self.tokenizer.decode(o[p.shape[0]:])]
                 for p, o in zip(self._prompts, out)]
-        self.log_text("samples/val", ["prompt", "continuation"], rows)
+        log_text(self, "samples/val", ["prompt", "continuation"], rows)
 
     # -- inference -------------------------------------------------------------------------------------
     def continue_text(self, prompt: str, max_new_tokens: int = 200, greedy: bool = False,

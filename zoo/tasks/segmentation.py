@@ -21,25 +21,9 @@ from torchmetrics.segmentation import DiceScore
 
 from zoo.models.unet import UNetConfig, seam_error, tiled_predict
 from zoo.optim import check_schedule
+from zoo.samples import colorize, log_image, to_rgb
 from zoo.scaling import InputScaler
 from zoo.tasks.base import ZooModule
-
-# Colors for class ids 0..7 in mask PNGs and sample panels (background black).
-PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
-                    [245, 130, 48], [145, 30, 180], [70, 240, 240]], dtype=np.uint8)
-
-
-def colorize(mask: np.ndarray) -> np.ndarray:
-    """(H, W) class ids -> (H, W, 3) uint8."""
-    return PALETTE[mask % len(PALETTE)]
-
-
-def to_gray_rgb(image: torch.Tensor) -> np.ndarray:
-    """(C, H, W) raw image -> (H, W, 3) uint8, min-max stretched for display."""
-    x = image.float().mean(0) if image.shape[0] != 3 else image.float().permute(1, 2, 0)
-    x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
-    x = (x * 255).round().byte().cpu().numpy()
-    return np.repeat(x[..., None], 3, axis=-1) if x.ndim == 2 else x
 
 
 class UNetSegmentation(ZooModule):
@@ -150,9 +134,9 @@ class UNetSegmentation(ZooModule):
         probs = self._evaluate(batch, self.val_metrics, "val")
         if batch_idx == 0:
             image, mask, pred = batch["image"][0], batch["mask"][0], probs[0].argmax(0)
-            panel = np.concatenate([to_gray_rgb(image), colorize(mask.cpu().numpy()),
+            panel = np.concatenate([to_rgb(image), colorize(mask.cpu().numpy()),
                                     colorize(pred.cpu().numpy())], axis=1)
-            self.log_image("val/image_truth_prediction", panel)
+            log_image(self, "val/image_truth_prediction", panel)
             if self.hparams.seam_tile:
                 self.log("val/seam_error", seam_error(self, batch["image"][:1], self.hparams.seam_tile))
 

@@ -22,10 +22,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.nn.utils.rnn import pad_sequence
 from torchmetrics.text import WordErrorRate
 
-from zoo.data.text import BOS, EOS, PAD, UNK, Tokenizer
 from zoo.data.contract import DataInfo
+from zoo.data.text import BOS, EOS, PAD, UNK, Tokenizer
 from zoo.models.transformer import Transformer, TransformerConfig, check_args
 from zoo.optim import check_schedule
+from zoo.samples import log_text
 from zoo.tasks.language import SCHEDULERS, TransformerTask
 
 
@@ -140,7 +141,7 @@ class Seq2Seq(TransformerTask):
         if batch_idx == 0 and self.hparams.num_samples:
             k = self.hparams.num_samples
             rows = [[s, p, t] for s, p, t in zip(self._strings(batch["src"][:k], "src"), preds[:k], targets[:k])]
-            self.log_text("samples/val", ["input", "prediction", "target"], rows)
+            log_text(self, "samples/val", ["input", "prediction", "target"], rows)
 
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, "test", beam_size=self.hparams.beam_size)

@@ -27,6 +27,7 @@ from PIL import Image
 
 from zoo.data.sketches import render_sketches, sketches_to_svg, stroke5_to_stroke3
 from zoo.models.sketch_rnn import SketchRNNConfig, kl_divergence, kl_weight_schedule, reconstruction_loss
+from zoo.samples import log_image
 from zoo.tasks.base import ZooModule
 
 
@@ -147,29 +148,24 @@ class SketchRNNTask(ZooModule):
         self._evaluate(batch, "test")
 
     # ---- generation (raw units in and out)
-    def generate(self, num: int, temperature: Optional[float] = None, z: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None, **kw) -> list[np.ndarray]:
-        """Unconditional samples (z ~ N(0, I) for the VAE) -> raw stroke-3 sketches."""
+    def _decode(self, decode, *args, temperature: Optional[float] = None, **kw) -> list[np.ndarray]:
+        """A decoding method of the network at the task's sampling settings -> raw stroke-3 sketches."""
         t = self.hparams.temperature if temperature is None else temperature
-        strokes, lengths = self.net.sample(z=z, num=num, temperature=t, generator=generator,
-                                           sigma_temperature=self.hparams.sigma_temperature, **kw)
-        return stroke5_to_stroke3(self.denormalize(strokes), lengths)
+        out, n = decode(*args, temperature=t, sigma_temperature=self.hparams.sigma_temperature, **kw)
+        return stroke5_to_stroke3(self.denormalize(out), n)
 
-    def reconstruct(self, strokes: torch.Tensor, lengths: torch.Tensor, temperature: Optional[float] = None,
-                    generator: Optional[torch.Generator] = None, **kw) -> list[np.ndarray]:
+    def generate(self, num: int, **kw) -> list[np.ndarray]:
+        """Unconditional samples (z ~ N(0, I) for the VAE; or given `z`) -> raw stroke-3 sketches;
+        `temperature`, `generator` and the network's other sampling arguments as keywords."""
+        return self._decode(self.net.sample, num=num, **kw)
+
+    def reconstruct(self, strokes: torch.Tensor, lengths: torch.Tensor, **kw) -> list[np.ndarray]:
         """Conditional reconstructions of a raw stroke-5 batch -> raw stroke-3 sketches."""
-        t = self.hparams.temperature if temperature is None else temperature
-        out, n = self.net.reconstruct(self.normalize(strokes), lengths, temperature=t, generator=generator,
-                                      sigma_temperature=self.hparams.sigma_temperature, **kw)
-        return stroke5_to_stroke3(self.denormalize(out), n)
+        return self._decode(self.net.reconstruct, self.normalize(strokes), lengths, **kw)
 
-    def interpolate(self, strokes: torch.Tensor, lengths: torch.Tensor, steps: int = 8,
-                    temperature: Optional[float] = None, **kw) -> list[np.ndarray]:
+    def interpolate(self, strokes: torch.Tensor, lengths: torch.Tensor, steps: int = 8, **kw) -> list[np.ndarray]:
         """Sketches decoded along the latent path between the first two sketches of a raw batch."""
-        t = self.hparams.temperature if temperature is None else temperature
-        out, n = self.net.interpolate(self.normalize(strokes), lengths, steps, temperature=t,
-                                      sigma_temperature=self.hparams.sigma_temperature, **kw)
-        return stroke5_to_stroke3(self.denormalize(out), n)
+        return self._decode(self.net.interpolate, self.normalize(strokes), lengths, steps, **kw)
 
     def _log_images(self, batch) -> None:
         if self._trainer is None or self.trainer.sanity_checking:
@@ -177,11 +173,11 @@ class SketchRNNTask(ZooModule):
         k = min(self.hparams.num_images, len(batch["lengths"]))
         g = torch.Generator(device=self.device).manual_seed(0)
         samples = self.generate(k, generator=g)
-        self.log_image("val/samples", render_sketches(samples, columns=k))
+        log_image(self, "val/samples", render_sketches(samples, columns=k))
         if self.net.conditional:
             inputs = stroke5_to_stroke3(batch["strokes"][:k, 1:], batch["lengths"][:k])
             recon = self.reconstruct(batch["strokes"][:k], batch["lengths"][:k], generator=g)
-            self.log_image("val/reconstructions",  # inputs in the top row, reconstructions below
+            log_image(self, "val/reconstructions",  # inputs in the top row, reconstructions below
                            render_sketches(inputs + recon, columns=k))
 
     # ---- predict
