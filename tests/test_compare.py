@@ -115,7 +115,7 @@ def test_other_settings_in_the_same_out_are_refused_and_fresh_starts_over(tmp_pa
 def test_compare_writes_report_and_reports_failures(tmp_path):
     out = tmp_path / "report"
     # 'bogus' passes --sweep unchecked, so that run fails inside its own process.
-    proc = compare(out, "--sweep", "model.net.norm=none,batch,bogus")
+    proc = compare(out, "--sweep", "model.net.norm=none,batch,bogus", "--jobs", "2")  # (sequential: the reference)
     assert "report:" in proc.stdout
     assert "warning: model.net.norm value(s) ['bogus'] are not registered norms" in proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -148,20 +148,19 @@ def test_launchers_and_jobs_give_the_same_metrics_and_retries_resume(tmp_path, s
     # the other launchers on half the sweep (two runs at once is what they have to get right)
     half = ["--sweep", "model.net.norm=batch", "--seeds", "0,3"]
     subset = {k: v for k, v in reference.items() if k.startswith("norm=batch,")}
-    compare(tmp_path / "two", *half, "--jobs", "2")
     ray = compare(tmp_path / "ray", *half, "--launcher", "ray", "--max-retries", "0")
-    assert val_metrics(tmp_path / "two") == subset, "--jobs 2 differs from --jobs 1"
     assert val_metrics(tmp_path / "ray") == subset, "the Ray launcher differs from the local one" + ray.stderr[-500:]
     nodes = {r["node"] for r in json.loads((tmp_path / "ray" / "results.json").read_text())["runs"].values()}
     assert len(nodes) == 1 and nodes.pop().startswith("127.0.0.1/")  # the local instance stays on loopback
     cmd = (sweep_reference / "runs" / "norm=none,seed=3" / "command.txt").read_text()
     assert "--seed_everything=3" in cmd
-    # every run's process is SIGKILLed once (at step 2): retried from its last.ckpt, same metrics
+    # --jobs 2, with every run's process SIGKILLed once (at step 2): retried from its last.ckpt, and the
+    # metrics still those of one run after another, uninterrupted
     kill = json.dumps({"class_path": "tests.conftest.KillAt", "init_args": {"step": 2, "fresh_only": True}})
-    compare(tmp_path / "retried", *half, f"--trainer.callbacks+={kill}", "--max-retries", "1", "--jobs", "2")
-    results = json.loads((tmp_path / "retried" / "results.json").read_text())["runs"]
+    compare(tmp_path / "two", *half, f"--trainer.callbacks+={kill}", "--max-retries", "1", "--jobs", "2")
+    results = json.loads((tmp_path / "two" / "results.json").read_text())["runs"]
     assert len(results) == 2 and all(r["retries"] == 1 and r["status"] == "ok" for r in results.values())
-    assert val_metrics(tmp_path / "retried") == subset
+    assert val_metrics(tmp_path / "two") == subset, "--jobs 2 with retries differs from --jobs 1"
     stats = json.loads((sweep_reference / "results.json").read_text())
     assert [p["n"] for p in stats["paired"]] == [2]
     assert {(a["point"], a["n"]) for a in stats["aggregate"] if a["metric"] == "val/loss"} == {

@@ -1,6 +1,6 @@
 """Exact resume after a crash, for every model: a `train.py fit` process SIGKILLed right after a
 mid-epoch checkpoint, resumed with `--ckpt_path last`, killed again at an epoch end, resumed to the
-end and killed there before writing its summary, and resumed once more finishes with the
+end (the U-Net: killed there before writing its summary, and resumed once more) finishes with the
 uninterrupted run's weights and metrics, bit for bit. Also: checkpoints
 survive kills at any moment of their writing."""
 import json
@@ -75,11 +75,12 @@ def test_killed_twice_and_resumed_equals_uninterrupted(tmp_path, model):
     assert end.returncode == -9, end.stderr[-3000:]
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == STEPS_PER_EPOCH
-    last = fit(run, "--ckpt_path=last", kill={"end": True})  # after the final checkpoint, before the summary
-    assert last.returncode == -9, last.stderr[-3000:]
-    done = fit(run, "--ckpt_path=last")  # nothing left to train: the summary's metrics come from the checkpoint
+    if model == "unet":  # the summary is every model's (RunSummary): one model checks a kill at the very end
+        last = fit(run, "--ckpt_path=last", kill={"end": True})  # after the final checkpoint, before the summary
+        assert last.returncode == -9, last.stderr[-3000:]
+    done = fit(run, "--ckpt_path=last")  # (U-Net: nothing left to train; the metrics come from the checkpoint)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "not resumable" not in done.stderr + last.stderr + end.stderr
+    assert "not resumable" not in done.stderr + end.stderr
 
     (a, sa), (b, sb) = final(tmp_path / "straight"), final(tmp_path / "resumed")
     assert a["global_step"] == b["global_step"] == MAX_STEPS
