@@ -85,6 +85,12 @@ def test_bad_input_gets_one_line_before_any_run(tmp_path, capsys, monkeypatch):
         ("--norms", "batch", "--metric", "val/iou_fg"): "error: --metric 'val/iou_fg': expected NAME:min or NAME:max",
         ("--compare.sweep=[]",): "error: nothing to compare; give --norms a,b,... or --sweep KEY=v1,v2, or set "
                                  "compare.sweep in the config",
+        ("--norms", "batch", "--slurm", "timeout_min=5"): "error: --slurm 'timeout_min=5' is for --launcher slurm, "
+                                                          "not local",
+        ("--norms", "batch", "--launcher", "slurm", "--slurm", "partition"): "error: --slurm 'partition': expected "
+                                                                           "KEY=VALUE",
+        ("--norms", "batch", "--launcher", "slurm", "--slurm", "bogus=1"): "error: --slurm: Parameter 'bogus' need "
+                                                                         "to be prefixed by an executor name",
     }
     for extra, message in cases.items():
         assert run_main(capsys, *base, *extra).startswith(message)
@@ -95,6 +101,10 @@ def test_bad_input_gets_one_line_before_any_run(tmp_path, capsys, monkeypatch):
     assert run_main(capsys, *base, "--norms", "batch", "--launcher", "ray") == (
         "error: --launcher ray needs Ray: pip install 'zoo[ray]' (or pip install ray)")
     monkeypatch.delitem(sys.modules, "ray")
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    assert run_main(capsys, *base, "--norms", "batch", "--launcher", "slurm") == (
+        "error: --launcher slurm needs submitit: pip install 'zoo[slurm]' (or pip install submitit)")
+    monkeypatch.delitem(sys.modules, "submitit")
     line = run_main(capsys, *base, "--norms", "batch", "--launcher", "ray", "--ray-address", "127.0.0.1:1")
     assert line.startswith("error: --ray-address 127.0.0.1:1: cannot reach it")
     assert not (out / "runs").exists()
@@ -165,6 +175,28 @@ def test_launchers_and_jobs_give_the_same_metrics_and_retries_resume(tmp_path, s
     assert [p["n"] for p in stats["paired"]] == [2]
     assert {(a["point"], a["n"]) for a in stats["aggregate"] if a["metric"] == "val/loss"} == {
         ("norm=none", 2), ("norm=batch", 2)}
+
+
+def test_slurm_launcher_runs_jobs_and_a_rerun_resumes_a_lost_one(tmp_path, sweep_reference):
+    """--launcher slurm through submitit (here, without SLURM, its local processes): same metrics as the
+    local launcher; a job whose process is killed (a node lost, a job cancelled) leaves its run failed,
+    and the same command run again resumes that run from its last.ckpt and keeps the finished one."""
+    subset = {k: v for k, v in val_metrics(sweep_reference).items() if k.startswith("norm=none,")}
+    kill = json.dumps({"class_path": "tests.conftest.KillAt",  # the job process of the first run at step 2
+                       "init_args": {"step": 2, "parent": True, "once": str(tmp_path / "killed")}})
+    args = ["--sweep", "model.net.norm=none", "--seeds", "0,3", "--launcher", "slurm", "--slurm", "timeout_min=10",
+            f"--trainer.callbacks+={kill}"]
+    first = compare(tmp_path / "out", *args, check=False)
+    assert "submitit runs the jobs on local" in first.stdout
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    (lost,) = [name for name, r in runs.items() if r["status"] == "failed"]
+    assert "without finishing the run; log: " in runs[lost]["error"]
+    (kept,) = set(runs) - {lost}
+    before = (tmp_path / "out" / "runs" / kept / "summary.json").read_bytes()
+    compare(tmp_path / "out", *args)
+    assert "--ckpt_path=last" in (tmp_path / "out" / "runs" / lost / "run.log").read_text().split("=== attempt")[-1]
+    assert (tmp_path / "out" / "runs" / kept / "summary.json").read_bytes() == before
+    assert val_metrics(tmp_path / "out") == subset
 
 
 def test_killed_compare_reruns_to_the_same_report_and_keeps_finished_runs(tmp_path, sweep_reference):

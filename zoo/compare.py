@@ -8,7 +8,8 @@ then says which differences are real.
 Each run is its own `train.py fit` process (one run's failure, memory or wandb state cannot touch the
 others) in `DIR/runs/<name>/`: checkpoints, CSV and TensorBoard logs, `command.txt`, `run.log`,
 `summary.json`. Runs with the same seed share data order and initialisation; the split is the same for
-all. Runs execute `--jobs` at a time on this machine, or as Ray tasks on a cluster (`--launcher ray`).
+all. Runs execute `--jobs` at a time on this machine, as Ray tasks on a cluster (`--launcher ray`), or as
+SLURM jobs through submitit (`--launcher slurm`).
 
 Re-running the same command into the same DIR keeps finished runs untouched, resumes interrupted ones
 from their `last.ckpt` and re-runs failed ones; a run whose process dies is retried from its last
@@ -52,6 +53,7 @@ from zoo.files import atomic_write_text
 
 STATE_FILE = "compare.json"
 RAY_NODES = "ray_nodes.txt"  # in a run dir: the Ray node (IP/node id) of each attempt, one per line
+JOB_RESULT = "job_result.json"  # in a run dir: what a submitit job's `execute` returned (see launch_slurm)
 RUN_LOCK = ".lock"  # in a run dir: held by the process writing the run (see _hold_run)
 RAY_LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's multi-machine switch (see launch_ray)
 
@@ -472,6 +474,64 @@ def ray_nodes(run_dir: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
+def launch_slurm(runs: list[Run], specs: list[dict], folder: Path, cpus_per_run: int, params: dict,
+                 max_retries: int, on_done) -> None:
+    """Every run is a submitit job (`submitit.AutoExecutor`): a SLURM job where SLURM is installed,
+    else a local process, as submitit decides. `params` are submitit's parameters (`slurm_partition`,
+    `timeout_min`, `gpus_per_node`, `mem_gb`, ...); submitit's files and job logs go to `folder`. A job
+    preempted or out of time is requeued by submitit and resumes from last.ckpt; a training process that
+    dies inside a job is retried by `execute`. Runs write to the shared --out directory, as with Ray.
+    (submitit hands each job its function as a pickle in `folder`, written here just before; what comes
+    back is read from the run's own JSON, never from a pickle.)"""
+    try:
+        import submitit
+    except ImportError:
+        raise ValueError("--launcher slurm needs submitit: pip install 'zoo[slurm]' (or pip install submitit)") \
+            from None
+
+    class Job(submitit.helpers.Checkpointable):  # requeued on preemption and time-out rather than failed
+        def __call__(self, spec: dict, max_retries: int) -> None:
+            result = execute(spec, max_retries)
+            atomic_write_text(Path(spec["dir"]) / JOB_RESULT, json.dumps(result))
+
+    executor = submitit.AutoExecutor(folder=folder)
+    try:
+        executor.update_parameters(**{"cpus_per_task": cpus_per_run, **params})
+    except Exception as e:  # noqa: BLE001  (submitit says NameError / AssertionError for bad parameters)
+        raise ValueError(f"--slurm: {' '.join(str(e).split())}") from None
+    print(f"compare: submitit runs the jobs on {executor.cluster}; their logs: {folder}", flush=True)
+    jobs = {}
+    for run, spec in zip(runs, specs):
+        (run.dir / JOB_RESULT).unlink(missing_ok=True)  # an earlier compare's
+        executor.update_parameters(name=f"zoo-{run.name}")
+        run.status = "running"
+        jobs[executor.submit(Job(), spec, max_retries)] = run
+    for job in submitit.helpers.as_completed(list(jobs), poll_frequency=1):
+        run = jobs[job]
+        path = run.dir / JOB_RESULT
+        if path.exists():
+            result = json.loads(path.read_text())
+        else:  # the job itself ended (node lost, cancelled, out of requeues): its log says why
+            result = {"summary": {"status": "failed", "error": f"job {job.job_id} ended {job.state} without "
+                                  f"finishing the run; log: {job.paths.stderr}"}, "retries": 0, "returncode": None}
+        on_done(run, result)
+
+
+def parse_slurm(items: list[str]) -> dict:
+    """`--slurm KEY=VALUE` items -> submitit parameters; values are JSON where they parse (numbers,
+    booleans, lists), else strings."""
+    params = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--slurm {item!r}: expected KEY=VALUE, e.g. slurm_partition=gpu or timeout_min=240")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
 # ------------------------------------------------------------------------------------------------
 # results
 
@@ -768,9 +828,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine (CPU cores are split)")
     p.add_argument("--devices-per-run", type=int, default=1, help="GPUs per run (CUDA_VISIBLE_DEVICES)")
-    p.add_argument("--launcher", choices=("local", "ray"), default="local")
+    p.add_argument("--launcher", choices=("local", "ray", "slurm"), default="local",
+                   help="local: --jobs at once here; ray: Ray tasks; slurm: submitit jobs (SLURM where installed)")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local instance)")
-    p.add_argument("--cpus-per-run", type=int, default=1, help="Ray: CPUs per run")
+    p.add_argument("--cpus-per-run", type=int, default=1, help="Ray, slurm: CPUs per run")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="submitit parameter of every job (repeatable), e.g. slurm_partition=gpu, timeout_min=240, "
+                   "gpus_per_node=1, mem_gb=32")
     p.add_argument("--max-retries", type=int, default=1, help="retries of a run whose process dies")
     p.add_argument("--fresh", action="store_true", help="delete the comparison in --out and start over")
     args, overrides = p.parse_known_args(argv)
@@ -784,6 +848,9 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--max-retries must be >= 0 and --alpha in (0, 1); got {args.max_retries}, {args.alpha}")
     sweeps, metric, mode = check_arguments(args.config, overrides, args.norms, args.sweep)
     seeds = parse_seeds(args.seeds)
+    slurm = parse_slurm(args.slurm)
+    if slurm and args.launcher != "slurm":
+        raise ValueError(f"--slurm {args.slurm[0]!r} is for --launcher slurm, not {args.launcher}")
     also = parse_metrics(args.metric)
     baseline = parse_baseline(args.baseline, sweeps)
     if args.norms:
@@ -828,6 +895,8 @@ def main(argv: list[str]) -> int:
         if args.launcher == "ray":
             launch_ray(todo, specs, args.ray_address, args.cpus_per_run, args.devices_per_run if _cuda_devices() else 0,
                        args.max_retries, on_done)
+        elif args.launcher == "slurm":
+            launch_slurm(todo, specs, out / "slurm", args.cpus_per_run, slurm, args.max_retries, on_done)
         else:
             launch_local(todo, specs, args.jobs, args.devices_per_run, args.max_retries, on_done)
     report = write_report(runs, out, args.config, overrides, sweeps, **report_kw)
