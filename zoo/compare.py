@@ -306,7 +306,7 @@ def _hold_run(run_dir: Path, log):
     run's training process inherits the descriptor, so the lock is held while that process lives, even
     past the death of the launcher that started it: when Ray declares a worker or node lost whose
     process still runs, or two `compare`s share an --out, the other waits instead of writing the same
-    run at once. (On a shared filesystem this needs working locks, as NFSv4 has.)"""
+    run at once. (On a shared filesystem this needs working locks, as NFSv4 has; without, it goes on.)"""
     fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -315,6 +315,8 @@ def _hold_run(run_dir: Path, log):
             log.write("=== waiting for another process of this run to end\n")
             log.flush()
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without locks (some NFS mounts): the run goes on unguarded
+            log.write(f"=== the run folder cannot be locked ({e}); going on without\n")
         yield fd
     finally:
         os.close(fd)
