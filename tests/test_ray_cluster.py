@@ -54,4 +54,4 @@ def test_a_sweep_spreads_over_two_nodes_and_a_killed_worker_is_retried(cluster, 
     killed = next(name for name, r in runs.items() if r["retries"])
     log = (out / "runs" / killed / "run.log").read_text()
     assert "--ckpt_path=last" in log.split("=== attempt")[-1]  # the retry resumed from the checkpoint
-    assert val_metrics(out) == val_metrics(sweep_reference)
+    assert val_metrics(out) == val_metrics(sweep_reference), f"the retried run {killed}'s log:\n{log[-4000:]}"
