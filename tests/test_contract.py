@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import ROOT, cli_args
 from zoo.cli import ZooCLI
@@ -65,6 +66,15 @@ def test_model_follows_its_data(tmp_path):
     # a model value equal to the data's is fine
     c = cli("transformer_lm", tmp_path, "--data.block_size=16", "--model.block_size=16")
     assert c.model.hparams.block_size == 16
+
+
+def test_print_config_shows_the_values_the_run_uses(tmp_path, capsys):
+    """--print_config (whose output is a config to rerun) shows model values after they followed the data."""
+    with pytest.raises(SystemExit) as done:
+        ZooCLI(args=["fit", *cli_args("transformer_lm", tmp_path, "--data.block_size=16"), "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["block_size"] == printed["data"]["init_args"]["block_size"] == 16
 
 
 def test_a_model_value_that_disagrees_with_the_data_is_one_line(tmp_path):

@@ -21,6 +21,7 @@ from typing import Literal, Optional
 
 import lightning as L
 import torch
+from jsonargparse._actions import _ActionPrintConfig  # jsonargparse's own --print_config step
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -105,9 +106,12 @@ class ZooCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        # --print_config is printed after the links, so it shows (and saves) the values the run uses
+        with _ActionPrintConfig.skip_print_config():
+            super().parse_arguments(parser, args)
         stage = self.config.get("subcommand")
         link_data_to_model(self.config[stage] if stage else self.config)
+        _ActionPrintConfig.print_config_if_requested(parser, self.config)
 
     def _loggers(self, cfg, root: Path, model, stage: str) -> list:
         loggers = [CSVLogger(save_dir=str(root), name="csv")]
