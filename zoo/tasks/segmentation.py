@@ -74,26 +74,18 @@ class UNetSegmentation(ZooModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
-    # What tiled_predict needs to know about the network.
     @property
-    def input_context(self) -> int:
+    def input_context(self) -> int:  # the datamodule pads training crops by it (`zoo.data.contract`)
         return self.net.input_context
-
-    @property
-    def stride(self) -> int:
-        return self.net.stride
-
-    @property
-    def padding(self) -> str:
-        return self.net.padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) raw images -> (N, num_classes, H - 2c, W - 2c) logits (c = input_context)."""
         return self.net(self.input_scaler(x))
 
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) raw images of any size -> (N, num_classes, H, W) probabilities (overlap-tile)."""
-        return tiled_predict(self, images, tile=self.hparams.tile)
+        """(N, C, H, W) raw images of any size -> (N, num_classes, H, W) probabilities (overlap-tile; the
+        scaler acts per pixel, so scaling first gives every tile what it would see scaled alone)."""
+        return tiled_predict(self.net, self.input_scaler(images), tile=self.hparams.tile)
 
     @staticmethod
     def weighted_nll(log_probs: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -138,7 +130,8 @@ class UNetSegmentation(ZooModule):
                                     colorize(pred.cpu().numpy())], axis=1)
             log_image(self, "val/image_truth_prediction", panel)
             if self.hparams.seam_tile:
-                self.log("val/seam_error", seam_error(self, batch["image"][:1], self.hparams.seam_tile))
+                first = self.input_scaler(batch["image"][:1])
+                self.log("val/seam_error", seam_error(self.net, first, self.hparams.seam_tile))
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
