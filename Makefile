@@ -37,8 +37,11 @@ train: setup
 kernels: setup
 	$(BIN)/python -c 'import sys, zoo.cpu_kernels as k; sys.exit(k.build_ahead())'
 
+# Two pytest-xdist workers (TEST_WORKERS=0: one process), handed one test at a time; tests/conftest.py
+# orders the slow tests first.
+TEST_WORKERS ?= 2
 test: $(VENV)/.dev
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 tests
 
 clean:
 	rm -rf runs reports wandb

@@ -1,4 +1,6 @@
+import fcntl
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -11,6 +13,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 from zoo import cpu_kernels  # noqa: E402
 from zoo.cli import ZooCLI  # noqa: E402  (after the wandb mode is set)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one core per worker: two threads each would oversubscribe the machine
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -111,10 +116,44 @@ class KillAt(Callback):
 
 @pytest.fixture(scope="session")
 def sweep_reference(tmp_path_factory):
-    """`compare` of the tiny U-Net over norm none, batch x seeds 0, 3, one run after another: the output
-    folder every other launcher (--jobs 2, Ray on one or two nodes, retried runs) must reproduce."""
+    """A function returning the folder of `compare` of the tiny U-Net over norm none, batch x seeds 0, 3,
+    one run after another: the output every other launcher (--jobs 2, Ray on one or two nodes, retried
+    runs) must reproduce. Made once per session by the first test to ask, across pytest-xdist workers
+    too (a lock file in the session's shared temporary folder), so tests ask only once they need it."""
     from tests.test_compare import SWEEP, compare
 
-    out = tmp_path_factory.mktemp("sweep_reference")
-    compare(out, *SWEEP)
-    return out
+    shared = _session_shared(tmp_path_factory)
+
+    def reference() -> Path:
+        out = shared / "sweep_reference"
+        with open(shared / "sweep_reference.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (out / "done").exists():
+                shutil.rmtree(out, ignore_errors=True)  # a try that failed half-way
+                compare(out, *SWEEP)
+                (out / "done").touch()
+        return out
+
+    return reference
+
+
+def _session_shared(tmp_path_factory) -> Path:
+    """A folder of this test session shared by its pytest-xdist workers (each has its own basetemp in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture
+def one_ray_at_a_time(tmp_path_factory):
+    """Holds a lock for the test's duration, so that two pytest-xdist workers never start Ray together."""
+    with open(_session_shared(tmp_path_factory) / "ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: two workers, handed one test at a time), tests marked `slow` (15 s
+    or more, mostly processes started and killed) first, so that they spread over the workers instead
+    of ending the run on one."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise

@@ -82,6 +82,7 @@ def test_other_timm_families(model_name, model_kwargs, kind, size, built):
     assert all(math.isfinite(x) for x in losses), losses
 
 
+@pytest.mark.slow
 def test_mambavision_keeps_its_own_norm_arguments():
     tiny = dict(dim=8, in_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2], window_size=[8, 8, 2, 1])
     model = ImageClassification("mambavision_t", num_classes=4, conv_norm="group", token_norm="rms",
@@ -121,22 +122,17 @@ ERRORS = {
 }
 
 
-@pytest.fixture(scope="module")
-def error_runs(tmp_path_factory):
-    """`train.py fit` once per ERRORS case, all at once (each is mostly imports): name -> (exit, output)."""
+@pytest.mark.slow
+def test_bad_input_is_one_error_line(tmp_path):
+    # `train.py fit` once per ERRORS case, all at once (each is mostly imports)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     procs = {name: subprocess.Popen(
-        [sys.executable, "train.py", "fit", *cli_args("resnet", tmp_path_factory.mktemp("run"), *extra)],
+        [sys.executable, "train.py", "fit", *cli_args("resnet", tmp_path / f"run{i}", *extra)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for name, (extra, _) in ERRORS.items()}
-    outputs = {name: p.communicate()[0] for name, p in procs.items()}
-    return {name: (procs[name].returncode, out) for name, out in outputs.items()}
-
-
-@pytest.mark.parametrize("name", ERRORS)
-def test_bad_input_is_one_error_line(error_runs, name):
-    code, output = error_runs[name]
-    lines = [line for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and lines[-1] == errors[0], output
-    assert errors[0].startswith(ERRORS[name][1]) and "Traceback" not in output, errors[0]
+        for i, (name, (extra, _)) in enumerate(ERRORS.items())}
+    for name, proc in procs.items():
+        output = proc.communicate()[0]
+        lines = [line for line in output.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and lines[-1] == errors[0], f"{name}: {output}"
+        assert errors[0].startswith(ERRORS[name][1]) and "Traceback" not in output, f"{name}: {errors[0]}"

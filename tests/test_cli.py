@@ -117,6 +117,7 @@ def test_predict_writes_probability_maps_and_masks(tmp_path):
     assert Image.open(out / "b_prob.png").size == (40, 64)
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "fit", *tiny_unet_args(tmp_path),

@@ -122,6 +122,7 @@ def test_other_settings_in_the_same_out_are_refused_and_fresh_starts_over(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_compare_writes_report_and_reports_failures(tmp_path):
     out = tmp_path / "report"
     # 'bogus' passes --sweep unchecked, so that run fails inside its own process.
@@ -151,37 +152,40 @@ def test_compare_writes_report_and_reports_failures(tmp_path):
         assert "--seed_everything" not in cmd and "--model.net.norm " + name.split("=")[1] in cmd
 
 
-def test_launchers_and_jobs_give_the_same_metrics_and_retries_resume(tmp_path, sweep_reference):
-    reference = val_metrics(sweep_reference)
-    assert len(reference) == 4 and all(reference.values())
-    assert reference["norm=none,seed=0"] != reference["norm=none,seed=3"]  # the seed changes the run
+@pytest.mark.slow
+def test_launchers_and_jobs_give_the_same_metrics_and_retries_resume(tmp_path, sweep_reference, one_ray_at_a_time):
     # the other launchers on half the sweep (two runs at once is what they have to get right)
     half = ["--sweep", "model.net.norm=batch", "--seeds", "0,3"]
-    subset = {k: v for k, v in reference.items() if k.startswith("norm=batch,")}
     ray = compare(tmp_path / "ray", *half, "--launcher", "ray", "--max-retries", "0")
-    assert val_metrics(tmp_path / "ray") == subset, "the Ray launcher differs from the local one" + ray.stderr[-500:]
     nodes = {r["node"] for r in json.loads((tmp_path / "ray" / "results.json").read_text())["runs"].values()}
     assert len(nodes) == 1 and nodes.pop().startswith("127.0.0.1/")  # the local instance stays on loopback
-    cmd = (sweep_reference / "runs" / "norm=none,seed=3" / "command.txt").read_text()
-    assert "--seed_everything=3" in cmd
     # --jobs 2, with every run's process SIGKILLed once (at step 2): retried from its last.ckpt, and the
     # metrics still those of one run after another, uninterrupted
     kill = json.dumps({"class_path": "tests.conftest.KillAt", "init_args": {"step": 2, "fresh_only": True}})
     compare(tmp_path / "two", *half, f"--trainer.callbacks+={kill}", "--max-retries", "1", "--jobs", "2")
     results = json.loads((tmp_path / "two" / "results.json").read_text())["runs"]
     assert len(results) == 2 and all(r["retries"] == 1 and r["status"] == "ok" for r in results.values())
+
+    reference_dir = sweep_reference()
+    reference = val_metrics(reference_dir)
+    assert len(reference) == 4 and all(reference.values())
+    assert reference["norm=none,seed=0"] != reference["norm=none,seed=3"]  # the seed changes the run
+    subset = {k: v for k, v in reference.items() if k.startswith("norm=batch,")}
+    assert val_metrics(tmp_path / "ray") == subset, "the Ray launcher differs from the local one" + ray.stderr[-500:]
     assert val_metrics(tmp_path / "two") == subset, "--jobs 2 with retries differs from --jobs 1"
-    stats = json.loads((sweep_reference / "results.json").read_text())
+    cmd = (reference_dir / "runs" / "norm=none,seed=3" / "command.txt").read_text()
+    assert "--seed_everything=3" in cmd
+    stats = json.loads((reference_dir / "results.json").read_text())
     assert [p["n"] for p in stats["paired"]] == [2]
     assert {(a["point"], a["n"]) for a in stats["aggregate"] if a["metric"] == "val/loss"} == {
         ("norm=none", 2), ("norm=batch", 2)}
 
 
+@pytest.mark.slow
 def test_slurm_launcher_runs_jobs_and_a_rerun_resumes_a_lost_one(tmp_path, sweep_reference):
     """--launcher slurm through submitit (here, without SLURM, its local processes): same metrics as the
     local launcher; a job whose process is killed (a node lost, a job cancelled) leaves its run failed,
     and the same command run again resumes that run from its last.ckpt and keeps the finished one."""
-    subset = {k: v for k, v in val_metrics(sweep_reference).items() if k.startswith("norm=none,")}
     kill = json.dumps({"class_path": "tests.conftest.KillAt",  # the job process of the first run at step 2
                        "init_args": {"step": 2, "parent": True, "once": str(tmp_path / "killed")}})
     args = ["--sweep", "model.net.norm=none", "--seeds", "0,3", "--launcher", "slurm", "--slurm", "timeout_min=10",
@@ -196,9 +200,11 @@ def test_slurm_launcher_runs_jobs_and_a_rerun_resumes_a_lost_one(tmp_path, sweep
     compare(tmp_path / "out", *args)
     assert "--ckpt_path=last" in (tmp_path / "out" / "runs" / lost / "run.log").read_text().split("=== attempt")[-1]
     assert (tmp_path / "out" / "runs" / kept / "summary.json").read_bytes() == before
+    subset = {k: v for k, v in val_metrics(sweep_reference()).items() if k.startswith("norm=none,")}
     assert val_metrics(tmp_path / "out") == subset
 
 
+@pytest.mark.slow
 def test_killed_compare_reruns_to_the_same_report_and_keeps_finished_runs(tmp_path, sweep_reference):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "compare", *TINY, *SWEEP, "--out", str(out)],
@@ -216,7 +222,7 @@ def test_killed_compare_reruns_to_the_same_report_and_keeps_finished_runs(tmp_pa
     rerun = compare(out, *SWEEP)
     assert "2 finished before, kept as they are" in rerun.stdout
     assert {p: p.read_bytes() for p in kept} == kept and {p: p.stat().st_mtime_ns for p in kept} == mtimes
-    assert val_metrics(out) == val_metrics(sweep_reference)
+    assert val_metrics(out) == val_metrics(sweep_reference())
     refused = compare(out, *SWEEP, "--trainer.max_steps=7", check=False)
     assert refused.returncode == 2 and "holds a comparison with other settings" in refused.stderr
 

@@ -4,12 +4,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from zoo.cli import BUNDLED_CONFIGS, with_bundled_configs
 
 ZOO = Path(sys.executable).parent / "zoo"  # installed by `pip install -e .` ([project.scripts])
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_console_script_takes_bundled_configs_by_name_from_any_directory(tmp_path):
     assert ZOO.is_file(), "the zoo console script is not installed: pip install -e ."
     proc = subprocess.run([str(ZOO), "fit", "--config", "sketch_rnn", "--data.max_seq_len=120", "--print_config"],

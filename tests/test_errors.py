@@ -31,6 +31,7 @@ def unet_ckpt(tmp_path_factory):
     return root / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_bad_norm_is_one_line_from_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "fit", *tiny_unet_args(tmp_path, "--model.net.norm=bogus")],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})

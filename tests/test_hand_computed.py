@@ -1,7 +1,7 @@
 """Numbers computed by hand (or by an obvious formula written here), fed through zoo's own code: the
-U-Net loss and segmentation metrics, Sketch-RNN's KL floor and weight schedule and its slerp, the
-GNMT length penalty and the beam search it steers, seq2seq exact match and phoneme error rate. Each
-test names the wrong implementation it catches."""
+U-Net loss and segmentation metrics, classification accuracy over an epoch, Sketch-RNN's KL floor and
+weight schedule and its slerp, the GNMT length penalty and the beam search it steers, seq2seq exact
+match and phoneme error rate. Each test names the wrong implementation it catches."""
 import math
 
 import pytest
@@ -10,6 +10,8 @@ import torch
 from zoo.data.text import BOS, EOS, PAD, Tokenizer
 from zoo.models.sketch_rnn import interpolate_latents, kl_weight_schedule
 from zoo.models.transformer import Transformer, length_penalty
+from zoo.tasks import sketch as sketch_task
+from zoo.tasks.classification import ImageClassification
 from zoo.tasks.segmentation import UNetSegmentation
 from zoo.tasks.seq2seq import Seq2Seq
 from zoo.tasks.sketch import SketchRNNTask
@@ -76,6 +78,30 @@ def test_segmentation_metrics_hand_computed(monkeypatch):
     assert {k: got[k] for k in want} == pytest.approx(want)
 
 
+# ----------------------------------------------------------------------------------------- classification
+
+def test_classification_accuracy_is_over_the_epoch_hand_computed(monkeypatch):
+    # 3 classes, validated by a real Trainer in two batches of 3 and 1 images. Top-1 right: 2 of the
+    # first batch, 0 of the second -> 2 / 4 (an unweighted mean of the batch accuracies would be 1 / 3).
+    # Top-2 right: 3 and 0 -> 3 / 4 (unweighted 1 / 2). Then a second validation of the second batch
+    # alone: 0 / 1 for both (without a reset between validations, 2 / 5 and 3 / 5). Catches a missing
+    # reset (checked: it fails so), an unweighted batch mean and the last batch's value alone.
+    from lightning import Trainer
+    from torch.utils.data import DataLoader
+
+    logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [2.0, 1.0, 3.0], [3.0, 2.0, 1.0]])
+    labels = torch.tensor([0, 2, 2, 2])  # right, second best, right, last
+    model = ImageClassification(num_classes=3, top_k=2, sample_images=0, model_name="resnet10t",
+                                model_kwargs=dict(stem_width=8, channels=[8, 8, 8, 8]))
+    monkeypatch.setattr(model, "forward", lambda x: logits[x[:, 0, 0, 0].long()])  # image i -> row i
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8)
+    batches = [{"image": images[:3], "label": labels[:3]}, {"image": images[3:], "label": labels[3:]}]
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    for data, want in ((batches, (2 / 4, 3 / 4)), (batches[1:], (0.0, 0.0))):
+        metrics = trainer.validate(model, DataLoader(data, batch_size=None), verbose=False)[0]
+        assert (metrics["val/top1"], metrics["val/top2"]) == pytest.approx(want)
+
+
 # ----------------------------------------------------------------------------------------- Sketch-RNN
 
 def test_kl_weight_schedule_hand_computed():
@@ -102,9 +128,14 @@ def test_kl_tolerance_floor_in_the_training_loss(kl, floored, monkeypatch):
     logged = capture_logs(task, monkeypatch)
     monkeypatch.setattr(SketchRNNTask, "global_step", property(lambda self: 1))
     l_kl = torch.tensor(kl, requires_grad=True)
-    parts = {"L_s": torch.tensor(0.75), "L_p": torch.tensor(0.25), "L_R": torch.tensor(1.0), "L_KL": l_kl}
-    monkeypatch.setattr(task, "losses", lambda batch, mask_pen: parts)
-    loss = task.training_step({"lengths": torch.tensor([3])}, 0)
+    # the network's outputs and the two loss terms replaced by these numbers (L_s 0.75 + L_p 0.25 = L_R)
+    outputs = {"out": None, "mu": None, "presig": None}
+    monkeypatch.setattr(type(task.net), "forward", lambda self, strokes, lengths: outputs)
+    monkeypatch.setattr(type(task.net), "params", lambda self, out: None)
+    monkeypatch.setattr(sketch_task, "reconstruction_loss", lambda *a, **kw: (torch.tensor(0.75), torch.tensor(0.25)))
+    monkeypatch.setattr(sketch_task, "kl_divergence", lambda mu, presig: l_kl)
+    batch = {"strokes": torch.zeros(1, 4, 5), "lengths": torch.tensor([3])}
+    loss = task.training_step(batch, 0)
     want = 1 + 0.275 * (0.2 if floored else kl)
     assert loss.item() == pytest.approx(want)
     assert logged["train/kl_weight"][0] == pytest.approx(0.275)
@@ -112,7 +143,7 @@ def test_kl_tolerance_floor_in_the_training_loss(kl, floored, monkeypatch):
     (grad,) = torch.autograd.grad(loss, l_kl)
     assert grad.item() == pytest.approx(0.0 if floored else 0.275)
     # validation: the final weight 0.5 with the same floor
-    task._evaluate({"lengths": torch.tensor([3])}, "val")
+    task._evaluate(batch, "val")
     assert logged["val/loss"][0].item() == pytest.approx(1 + 0.5 * max(kl, 0.2))
 
 

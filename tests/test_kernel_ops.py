@@ -144,6 +144,7 @@ def small_mambavision():
                              num_heads=[1, 2, 2, 4], window_size=[8, 8, 4, 2]).double()
 
 
+@pytest.mark.slow
 def test_compiled_mambavision_keeps_the_scan_in_its_graph_and_equals_eager(monkeypatch):
     # aot_eager: inductor takes ~90 s to compile this model on a shared 2-core CPU (the scan op itself
     # runs under inductor in test_compiled_selective_scan_with_inductor; bench_compile.py compiles it all)
@@ -215,6 +216,7 @@ print(repr(y.sum().item()), repr(h.sum().item()))
 """
 
 
+@pytest.mark.slow
 def test_concurrent_first_uses_build_once_and_load_the_same_kernels(tmp_path):
     # three processes started at once against an empty extension directory, as DDP ranks would be
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "ZOO_CPU_KERNELS": "1"}

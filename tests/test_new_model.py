@@ -95,6 +95,7 @@ data:
 '''
 
 
+@pytest.mark.slow
 def test_a_model_defined_outside_zoo_fits_loads_and_compares(tmp_path, monkeypatch):
     (tmp_path / "tiny_ext.py").write_text(MODULE)
     (tmp_path / "tiny.yaml").write_text(CONFIG)

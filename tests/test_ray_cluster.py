@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.fixture
-def cluster(monkeypatch):
+def cluster(monkeypatch, one_ray_at_a_time):
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
@@ -31,6 +31,7 @@ def cluster(monkeypatch):
         c.shutdown()
 
 
+@pytest.mark.slow
 def test_a_sweep_spreads_over_two_nodes_and_a_killed_worker_is_retried(cluster, tmp_path, sweep_reference):
     assert cluster.address.startswith("127.0.0.1:")
     # the first run to reach step 2 SIGKILLs the Ray worker running it (and so its training process)
@@ -54,4 +55,4 @@ def test_a_sweep_spreads_over_two_nodes_and_a_killed_worker_is_retried(cluster, 
     killed = next(name for name, r in runs.items() if r["retries"])
     log = (out / "runs" / killed / "run.log").read_text()
     assert "--ckpt_path=last" in log.split("=== attempt")[-1]  # the retry resumed from the checkpoint
-    assert val_metrics(out) == val_metrics(sweep_reference), f"the retried run {killed}'s log:\n{log[-4000:]}"
+    assert val_metrics(out) == val_metrics(sweep_reference()), f"the retried run {killed}'s log:\n{log[-4000:]}"

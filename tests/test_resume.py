@@ -59,6 +59,7 @@ def final(root) -> tuple[dict, dict]:
     return ckpt, json.loads((root / "summary.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_killed_twice_and_resumed_equals_uninterrupted(tmp_path, model):
     make, extra = MODELS[model]
@@ -119,6 +120,7 @@ def test_checkpoint_writes_survive_kills_at_random_moments(tmp_path):
     assert max(versions) > 1  # the kills did land during rewrites
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_during_checkpointing(tmp_path):
     """A real run killed at a random moment (checkpoints written every 2 steps) resumes and finishes."""
     args = tiny_unet_args(tmp_path / "run", "--trainer.max_steps=8", "--trainer.val_check_interval=2",

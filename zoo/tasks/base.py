@@ -65,10 +65,6 @@ class ZooModule(L.LightningModule):
         if stage == "fit" and scaler is not None and hasattr(self, "input_scaler"):
             self.input_scaler.copy_from(scaler)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Parameter groups with norm weights, biases and embeddings excluded from weight decay."""
-        return param_groups(self, weight_decay)
-
     def save_hyperparameters(self, *args, ignore=(), frame=None, logger: bool = True) -> None:
         """Lightning's, minus the injected optimizer and schedule, with network configs as dicts (so
         checkpoints load with weights_only), and refusing preset settings that an injected optimizer
@@ -96,12 +92,12 @@ class ZooModule(L.LightningModule):
         hp = self.hparams
         if self._optimizer_fn is None:
             names = [k for k in PRESET_KEYS[2:] if k in hp]
-            opt = OPTIMIZERS[self.optimizer_preset](self.param_groups(hp.get("weight_decay", 0.0)), lr=hp.lr,
+            opt = OPTIMIZERS[self.optimizer_preset](param_groups(self, hp.get("weight_decay", 0.0)), lr=hp.lr,
                                                     **{k: tuple(hp[k]) if k == "betas" else hp[k] for k in names})
         else:
             # the decayed group (marked by decay 1) takes the optimizer's own weight_decay
             opt = self._optimizer_fn([{k: v for k, v in g.items() if k != "weight_decay"} if g["weight_decay"] else g
-                                      for g in self.param_groups(1.0)])
+                                      for g in param_groups(self, 1.0)])
         if self._scheduler_fn is not None:
             sched = self._scheduler_fn(opt)
             if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -190,8 +190,10 @@ class ImageClassification(ZooModule):
         logits = self(batch["image"])
         labels = batch["label"]
         self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True, batch_size=len(logits))
-        self.val_top1.update(logits, labels)
+        self.val_top1.update(logits, labels)  # logged as metrics: Lightning computes and resets them per epoch
         self.val_topk.update(logits, labels)
+        self.log("val/top1", self.val_top1, prog_bar=True)
+        self.log(f"val/top{self.val_topk.top_k}", self.val_topk)
         n = self.hparams.sample_images
         if batch_idx == 0 and n:
             pred = logits[:n].argmax(1).tolist()
@@ -199,12 +201,6 @@ class ImageClassification(ZooModule):
             captions = [self.class_names[p] for p in pred]
             grid = image_grid(batch["image"][:n], captions, [p == t for p, t in zip(pred, true)])
             log_image(self, "val/samples (predicted; green = right)", grid)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("val/top1", self.val_top1.compute(), prog_bar=True)
-        self.log(f"val/top{self.val_topk.top_k}", self.val_topk.compute())
-        self.val_top1.reset()
-        self.val_topk.reset()
 
     def predict_step(self, batch, batch_idx):
         return {"probs": self(batch["image"]).float().softmax(-1), "name": batch["name"]}

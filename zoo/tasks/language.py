@@ -183,7 +183,6 @@ class LanguageModel(TransformerTask):
         the context is cut to its last tokens, with a warning."""
         self._require_net()
         hp = self.hparams
-        n_new = max_new_tokens
         self.tokenizer.unknown = 0
         ids = self.tokenizer.encode(prompt)
         if self.tokenizer.unknown:
@@ -191,14 +190,14 @@ class LanguageModel(TransformerTask):
                           "were mapped to <unk>")
         if not ids:
             raise ValueError(f"prompt {prompt!r} has no tokens after preprocessing")
-        keep = hp.block_size - n_new if n_new < hp.block_size else 1
+        keep = hp.block_size - max_new_tokens if max_new_tokens < hp.block_size else 1
         if len(ids) > keep:
-            warnings.warn(f"prompt of {len(ids)} tokens cut to its last {keep} to leave room for {n_new} new "
+            warnings.warn(f"prompt of {len(ids)} tokens cut to its last {keep} to leave room for {max_new_tokens} new "
                           f"tokens in the context of {hp.block_size}")
             ids = ids[-keep:]
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        use_cache = len(ids) + n_new <= hp.block_size  # beyond the context: a sliding window, uncached
-        out = self.net.generate(x, n_new, greedy=greedy, temperature=hp.temperature, top_k=hp.top_k,
+        use_cache = len(ids) + max_new_tokens <= hp.block_size  # beyond the context: a sliding window, uncached
+        out = self.net.generate(x, max_new_tokens, greedy=greedy, temperature=hp.temperature, top_k=hp.top_k,
                                 use_cache=use_cache, generator=generator)
         return self.tokenizer.decode(out[0, len(ids):])
 

@@ -87,57 +87,45 @@ class SketchRNNTask(ZooModule):
 
     # ---- units
     def normalize(self, strokes: torch.Tensor) -> torch.Tensor:
-        """Raw stroke-5 offsets -> model units (dx, dy divided by the scale factor)."""
-        out = strokes.clone()
-        out[..., :2] = out[..., :2] / self.scale_factor
-        return out
+        """Raw stroke-5 offsets -> model units (dx, dy divided by the scale factor); `denormalize` inverts."""
+        return torch.cat([strokes[..., :2] / self.scale_factor, strokes[..., 2:]], -1)
 
     def denormalize(self, strokes: torch.Tensor) -> torch.Tensor:
-        out = strokes.clone()
-        out[..., :2] = out[..., :2] * self.scale_factor
-        return out
+        return torch.cat([strokes[..., :2] * self.scale_factor, strokes[..., 2:]], -1)
 
     def forward(self, strokes: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """Raw stroke-5 batch (B, N + 1, 5), lengths (B,) -> SketchRNN outputs (model units)."""
         return self.net(self.normalize(strokes), lengths)
 
     # ---- losses
-    def losses(self, batch, mask_pen: bool) -> dict[str, torch.Tensor]:
+    def losses(self, batch, mask_pen: bool, kl_weight: float) -> dict[str, torch.Tensor]:
+        """L_s, L_p, L_R, L_KL (VAE only) and loss = L_R + kl_weight * max(L_KL, kl_tolerance)."""
         strokes = self.normalize(batch["strokes"])
         out = self.net(strokes, batch["lengths"])
         l_s, l_p = reconstruction_loss(self.net.params(out["out"]), strokes[:, 1:], mask_pen=mask_pen)
-        result = {"L_s": l_s, "L_p": l_p, "L_R": l_s + l_p}
+        result = {"L_s": l_s, "L_p": l_p, "L_R": l_s + l_p, "loss": l_s + l_p}
         if self.net.conditional:
             result["L_KL"] = kl_divergence(out["mu"], out["presig"])
+            result["loss"] = result["L_R"] + kl_weight * torch.clamp(result["L_KL"], min=self.hparams.kl_tolerance)
         return result
 
-    def kl_weight_now(self) -> float:
-        hp = self.hparams
-        return kl_weight_schedule(self.global_step, hp.kl_weight, hp.kl_weight_start, hp.kl_decay_rate)
+    def _log_losses(self, parts: dict[str, torch.Tensor], stage: str, batch_size: int) -> None:
+        for k, v in parts.items():
+            self.log(f"{stage}/{k}", v, batch_size=batch_size, prog_bar=k == "L_R" or (stage, k) == ("train", "L_KL"))
 
     def training_step(self, batch, batch_idx):
         # Recurrent dropout and the draw of z: the CLI's StepSeed seeds them per batch for exact resume.
-        parts = self.losses(batch, mask_pen=False)
-        loss = parts["L_R"]
-        B = len(batch["lengths"])
+        hp = self.hparams
+        klw = kl_weight_schedule(self.global_step, hp.kl_weight, hp.kl_weight_start, hp.kl_decay_rate)
+        parts = self.losses(batch, mask_pen=False, kl_weight=klw)
         if self.net.conditional:
-            klw = self.kl_weight_now()
-            loss = loss + klw * torch.clamp(parts["L_KL"], min=self.hparams.kl_tolerance)
-            self.log("train/kl_weight", klw, batch_size=B)
-        for k, v in parts.items():
-            self.log(f"train/{k}", v, batch_size=B, prog_bar=k in ("L_R", "L_KL"))
-        self.log("train/loss", loss, batch_size=B)
-        return loss
+            self.log("train/kl_weight", klw, batch_size=len(batch["lengths"]))
+        self._log_losses(parts, "train", len(batch["lengths"]))
+        return parts["loss"]
 
     def _evaluate(self, batch, stage: str):
-        parts = self.losses(batch, mask_pen=True)
-        loss = parts["L_R"]
-        if self.net.conditional:
-            loss = loss + self.hparams.kl_weight * torch.clamp(parts["L_KL"], min=self.hparams.kl_tolerance)
-        B = len(batch["lengths"])
-        for k, v in parts.items():
-            self.log(f"{stage}/{k}", v, batch_size=B, prog_bar=stage == "val" and k == "L_R")
-        self.log(f"{stage}/loss", loss, batch_size=B)
+        parts = self.losses(batch, mask_pen=True, kl_weight=self.hparams.kl_weight)  # the final weight: epochs compare
+        self._log_losses(parts, stage, len(batch["lengths"]))
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")
