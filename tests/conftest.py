@@ -16,6 +16,7 @@ from zoo.cli import ZooCLI  # noqa: E402  (after the wandb mode is set)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one core per worker: two threads each would oversubscribe the machine
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
