@@ -251,10 +251,10 @@ def test_seq2seq_fit_load_test_and_predict(tmp_path, monkeypatch):
                  f"--ckpt_path={ckpt}"])
     lines = (out / "predictions.tsv").read_text().splitlines()
     assert [ln.split("\t")[0] for ln in lines] == ["abcd", "ba"]
-    monkeypatch.setattr("sys.stdin", io.StringIO("abcd\ncab\n"))  # the same from stdin
-    ZooCLI(args=["predict", *s2s_args(tmp_path / "run"), "--data.predict_path=-", f"--predict_out={tmp_path / 'p2'}",
+    monkeypatch.setattr("sys.stdin", io.StringIO("abcd\ncab\n"))  # the same from stdin, into the same folder:
+    ZooCLI(args=["predict", *s2s_args(tmp_path / "run"), "--data.predict_path=-", f"--predict_out={out}",
                  f"--ckpt_path={ckpt}"])
-    stdin_lines = (tmp_path / "p2" / "predictions.tsv").read_text().splitlines()
+    stdin_lines = (out / "predictions.tsv").read_text().splitlines()  # this run's predictions only
     assert [ln.split("\t")[0] for ln in stdin_lines] == ["abcd", "cab"] and stdin_lines[0] == lines[0]
 
 

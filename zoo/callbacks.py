@@ -141,11 +141,16 @@ class RunSummary(Callback):
 
 
 class WritePredictions(BasePredictionWriter):
-    """Hands each predicted batch to the task's `write_predictions(outputs, batch, out_dir)`."""
+    """Hands each predicted batch to the task's `write_predictions(outputs, batch, out_dir)`; the
+    files the task appends to (`prediction_files`) are started afresh, so they hold this run's only."""
 
     def __init__(self, out_dir: str | Path):
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        for name in getattr(pl_module, "prediction_files", ()):
+            (self.out_dir / name).unlink(missing_ok=True)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         self.out_dir.mkdir(parents=True, exist_ok=True)

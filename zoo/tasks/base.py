@@ -135,6 +135,9 @@ class ZooModule(L.LightningModule):
         """`zoo.load` restricted to this task: a checkpoint of another model kind is refused."""
         return checkpoint.load(path, expected=cls, map_location=map_location)
 
+    # The files `write_predictions` appends to: each predict run starts them afresh (`WritePredictions`).
+    prediction_files: tuple[str, ...] = ()
+
     def write_predictions(self, outputs, batch, out_dir: Path) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not write predictions")
 

@@ -66,6 +66,7 @@ class ImageClassification(ZooModule):
     """
 
     monitor = ("val/top1", "max")
+    prediction_files = ("predictions.csv",)
 
     def __init__(
         self,
@@ -205,17 +206,14 @@ class ImageClassification(ZooModule):
     def predict_step(self, batch, batch_idx):
         return {"probs": self(batch["image"]).float().softmax(-1), "name": batch["name"]}
 
-    def on_predict_start(self) -> None:
-        self._csv_path = None
-
     def write_predictions(self, outputs, batch, out_dir: Path) -> None:
         """Appends to `<out_dir>/predictions.csv`: name, label_1, prob_1, ..., label_k, prob_k (most
-        probable first); the file is started afresh at each predict run."""
+        probable first)."""
         k = min(self.hparams.top_k, self.hparams.num_classes)
         probs, idx = outputs["probs"].topk(k, dim=-1)
-        new = getattr(self, "_csv_path", None) is None
-        self._csv_path = Path(out_dir) / "predictions.csv"
-        with open(self._csv_path, "w" if new else "a", newline="") as f:
+        path = Path(out_dir) / "predictions.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
                 writer.writerow(["name"] + [c for i in range(1, k + 1) for c in (f"label_{i}", f"prob_{i}")])

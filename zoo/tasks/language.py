@@ -108,6 +108,8 @@ class LanguageModel(TransformerTask):
             `DataInfo.max_new_tokens` / `greedy`).
     """
 
+    prediction_files = ("continuations.txt",)
+
     def __init__(self, net: TransformerLMConfig = TransformerLMConfig(d_model=128, n_heads=4, n_layers=4),
                  block_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-9, scheduler: str = "cosine",

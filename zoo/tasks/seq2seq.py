@@ -47,6 +47,7 @@ class Seq2Seq(TransformerTask):
     """
 
     monitor = ("val/exact_match", "max")
+    prediction_files = ("predictions.tsv",)
 
     def __init__(self, net: TransformerConfig = TransformerConfig(d_model=128, n_heads=4, num_encoder_layers=2,
                                                                   num_decoder_layers=2, max_len=128,
