@@ -9,6 +9,7 @@ running); `ZOO_DEBUG=1` shows the traceback instead.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import netrc
@@ -250,6 +251,14 @@ def link_data_to_model(cfg) -> None:
             raise ValueError(f"model.{key}={given} and data.{key}={wanted} disagree; set data.{key} only "
                              f"(model.{key} follows it)")
         model["init_args"][key] = wanted
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for `compare` and `export`: a bad argument raises ValueError, which `main` prints as one
+    `error:` line, instead of argparse's usage block."""
+
+    def error(self, message: str):
+        raise ValueError(f"{self.prog}: {message} (--help lists the arguments)")
 
 
 # Errors that describe bad input; anything else is a failure while running and names its type.

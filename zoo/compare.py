@@ -23,7 +23,6 @@ and its step); per point, the seed-by-seed difference to the baseline with its C
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import csv
@@ -808,7 +807,9 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
 # entry point
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    from zoo.cli import ArgumentParser
+
+    p = ArgumentParser(
         prog="train.py compare",
         description="Train one config once per norm (or per point of --sweep) and per seed, same data, and "
         "write DIR/report.html + report.md. Any other --trainer.*/--model.*/--data.* argument applies to every run.",

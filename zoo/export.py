@@ -38,7 +38,6 @@ Nothing is unpickled: reading takes JSON and safetensors only. Hub downloads go 
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -456,7 +455,9 @@ def check_login() -> None:
 # command line
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    from zoo.cli import ArgumentParser
+
+    p = ArgumentParser(
         prog="train.py export",
         description="Write an inference-only folder (model.safetensors, config.json, README.md) from a "
         "checkpoint; `zoo.load(DIR)` reads it back, and an image classifier's network also "
