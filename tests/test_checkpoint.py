@@ -2,6 +2,7 @@
 import collections
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,8 +66,20 @@ def test_truncated_file(tmp_path, model):
 
 def test_pickled_code_is_refused(tmp_path, model):
     path = write_ckpt(tmp_path / "m.ckpt", model, extra=Payload())
-    with pytest.raises(CheckpointError, match="pickled objects"):
+    with pytest.raises(CheckpointError, match="pickled objects") as caught:
         zoo.load(path)
+    assert "GLOBAL print" in str(caught.value) and "weights_only" not in str(caught.value)  # no unsafe advice
+
+
+def test_files_that_are_not_checkpoints(tmp_path):
+    text, notes, array = tmp_path / "text.ckpt", tmp_path / "notes.ckpt", tmp_path / "array.npy"
+    text.write_text("hello\n")  # torch's fallback loader: KeyError
+    notes.write_text("some notes\nmore\n")  # IndexError
+    np.save(array, np.arange(3))  # not a pickle: refused by the weights-only unpickler
+    for path in (text, notes, array):
+        with pytest.raises(CheckpointError, match="is not a torch checkpoint") as caught:
+            zoo.load(path)
+        assert str(path) in str(caught.value) and "weights_only" not in str(caught.value)
 
 
 def test_foreign_checkpoints(tmp_path, model):

@@ -18,6 +18,7 @@ import importlib
 import inspect
 import pickle
 import pkgutil
+import re
 import zipfile
 from pathlib import Path
 
@@ -45,17 +46,24 @@ def read(path: str | Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} holds pickled objects that are not plain data (tensors, numbers, "
-            f"strings, lists, dicts) and is refused, since loading it could run code. "
-            f"torch said: {first}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is truncated or corrupt ({type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})"
-        ) from None
+        # torch wraps the unpickler's reason in advice to retry without weights_only, which zoo never
+        # does: only the reason is kept
+        text = str(e).split("Check the documentation")[0]
+        if "WeightsUnpickler error:" in text:
+            text = text.rsplit("WeightsUnpickler error:", 1)[1]
+        else:  # the advice, then the reason in a paragraph of its own
+            paragraphs = re.split(r"\n\s*\n", text.strip())
+            text = paragraphs[-1] if len(paragraphs) > 1 else ""
+        reason = " ".join(text.split()).split(" Please use")[0][:300] or "no detail"
+        if "global" in reason.lower():  # the pickle names a function or class
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds pickled objects that are not plain data (tensors, numbers, "
+                f"strings, lists, dicts) and is refused, since loading it could run code ({reason})") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a torch checkpoint, or is corrupt ({reason})") from None
+    except Exception as e:  # noqa: BLE001  (torch's loaders raise KeyError, IndexError, ... on other files)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a torch checkpoint, or is truncated or corrupt "
+                              f"({type(e).__name__}: {detail})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("zoo"), dict) or "state_dict" not in ckpt:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
