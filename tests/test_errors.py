@@ -10,6 +10,8 @@ import torch
 
 from tests.conftest import ROOT, cli_args, tiny_unet_args
 from zoo.cli import ZooCLI, main
+from zoo.data.text import read_lines
+from zoo.tasks.segmentation import UNetSegmentation
 
 
 def run_main(capsys, *argv) -> tuple[int, str]:
@@ -77,6 +79,22 @@ def test_predict_and_test_refuse_untrained_weights(tmp_path, capsys):
             f"{tmp_path / 'checkpoints' / 'last.ckpt'}); without one the model would have untrained weights"]
 
 
+def test_subcommands_stages_and_outputs_a_run_cannot_take_are_one_line(tmp_path, capsys, unet_ckpt, monkeypatch):
+    choices = "give one of fit, validate, test, predict, compare, export (train.py --help, train.py compare --help)"
+    assert run_main(capsys) == (2, f"error: no subcommand; {choices}\n")
+    assert run_main(capsys, "fitt", "--config", "unet") == (2, f"error: unknown subcommand 'fitt'; {choices}\n")
+    monkeypatch.delattr(UNetSegmentation, "test_step")  # a task without a test stage, as the LM and classifier
+    code, err = run_main(capsys, "test", *tiny_unet_args(tmp_path), f"--ckpt_path={unet_ckpt}")
+    assert code == 2 and error_lines(err) == ["error: No `test_step()` method defined to run `Trainer.test`."]
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    code, err = run_main(capsys, "predict", *tiny_unet_args(tmp_path), f"--ckpt_path={unet_ckpt}", f"--predict_out={afile}")
+    assert code == 2 and error_lines(err) == [f"error: --predict_out {str(afile)!r} is a file; give a folder (created if "
+                                              "missing)"]
+    with pytest.raises(FileNotFoundError, match=r"^--data.predict_path '.*nothere.txt': no such file \(a text file"):
+        read_lines(str(tmp_path / "nothere.txt"))  # the prompts / inputs of the LM and seq2seq predict
+
+
 def test_foreign_truncated_and_code_checkpoints_are_refused_naming_the_file(tmp_path, capsys, unet_ckpt):
     ckpt = torch.load(unet_ckpt, weights_only=True)
     lm = tmp_path / "lm.ckpt"
@@ -96,7 +114,7 @@ def test_foreign_truncated_and_code_checkpoints_are_refused_naming_the_file(tmp_
     cases = {lm: "holds a zoo.tasks.language.LanguageModel model, but the config builds "
                  "zoo.tasks.segmentation.UNetSegmentation",
              truncated: "is truncated or corrupt", plain: "is not a zoo checkpoint",
-             evil: "holds pickled objects that are not plain data"}
+             evil: "is refused: it is not plain data"}
     for path, message in cases.items():
         for stage in ("predict", "fit"):
             code, err = run_main(capsys, stage, *tiny_unet_args(tmp_path / "run"), f"--ckpt_path={path}")

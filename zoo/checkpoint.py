@@ -55,11 +55,8 @@ def read(path: str | Path, map_location="cpu") -> dict:
             paragraphs = re.split(r"\n\s*\n", text.strip())
             text = paragraphs[-1] if len(paragraphs) > 1 else ""
         reason = " ".join(text.split()).split(" Please use")[0][:300] or "no detail"
-        if "global" in reason.lower():  # the pickle names a function or class
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} holds pickled objects that are not plain data (tensors, numbers, "
-                f"strings, lists, dicts) and is refused, since loading it could run code ({reason})") from None
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a torch checkpoint, or is corrupt ({reason})") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is refused: it is not plain data (tensors, numbers, strings, "
+                              f"lists, dicts) that loads without running code ({reason})") from None
     except Exception as e:  # noqa: BLE001  (torch's loaders raise KeyError, IndexError, ... on other files)
         detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
         raise CheckpointError(f"checkpoint {str(path)!r} is not a torch checkpoint, or is truncated or corrupt "

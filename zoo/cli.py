@@ -23,6 +23,7 @@ from typing import Literal, Optional
 import lightning as L
 import torch
 from jsonargparse._actions import _ActionPrintConfig  # jsonargparse's own --print_config step
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # Lightning's bad-settings error
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -224,7 +225,10 @@ class ZooCLI(LightningCLI):
             # seed_everything ran before the model was built: torch's initial seed is the run's seed
             callbacks += [RunSummary(root), StepSeed(torch.initial_seed())]
         if stage == "predict":
-            callbacks.append(WritePredictions(cfg["predict_out"] or root / "predictions"))
+            out = Path(cfg["predict_out"] or root / "predictions")
+            if out.exists() and not out.is_dir():
+                raise NotADirectoryError(f"--predict_out {str(out)!r} is a file; give a folder (created if missing)")
+            callbacks.append(WritePredictions(out))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
@@ -263,7 +267,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # Errors that describe bad input; anything else is a failure while running and names its type.
 USER_ERRORS = (ValueError, TypeError, KeyError, LookupError, FileNotFoundError, NotADirectoryError,
-               IsADirectoryError, PermissionError, ImportError)
+               IsADirectoryError, PermissionError, ImportError, MisconfigurationException)
 
 
 def error_line(exc: BaseException) -> str:
@@ -325,6 +329,9 @@ def with_bundled_configs(args: list[str]) -> list[str]:
     return out
 
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "compare", "export")
+
+
 def main(argv: list[str] | None = None) -> None:
     """`train.py` and the `zoo` console script: `zoo fit --config unet ...`."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -332,11 +339,14 @@ def main(argv: list[str] | None = None) -> None:
         args = with_bundled_configs(args)
         if argv is None:  # LightningCLI reads sys.argv itself (given args, it warns that both are set)
             sys.argv[1:] = args
-        if args and args[0] == "compare":
+        if not args or not (args[0].startswith("-") or args[0] in SUBCOMMANDS):
+            raise ValueError(f"{'no subcommand' if not args else f'unknown subcommand {args[0]!r}'}; give one of "
+                             f"{', '.join(SUBCOMMANDS)} (train.py --help, train.py compare --help)")
+        if args[0] == "compare":
             from zoo.compare import main as compare
 
             sys.exit(compare(args[1:]))
-        if args and args[0] == "export":
+        if args[0] == "export":
             from zoo.export import main as export
 
             sys.exit(export(args[1:]))

@@ -243,6 +243,9 @@ def _collate_text(batch: list[str]) -> dict:
 def read_lines(path: str) -> list[str]:
     """Non-empty lines of a UTF-8 text file, or of stdin for "-" (line ends stripped). Empty lines are
     skipped with a warning giving their count."""
+    if path != "-" and not Path(path).is_file():
+        raise FileNotFoundError(f"--data.predict_path {path!r}: no such file (a text file, one input per line, or - "
+                                "for stdin)")
     text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     lines = text.splitlines()
     kept = [ln for ln in lines if ln.strip()]
