@@ -183,6 +183,34 @@ def lm_args(root, *extra):
                     "--model.sample_tokens=8", "--data.block_size=16", "--data.max_chars=20000", *extra)
 
 
+def test_continuation_longer_than_the_context_keeps_the_prompt_and_slides():
+    """Greedy continue_text against an obvious loop: each new token is the argmax of the network over
+    the last block_size tokens, starting from the whole prompt (it used to keep 1 prompt token when
+    max_new_tokens >= block_size)."""
+    torch.manual_seed(1)
+    model = LanguageModel(net={"d_model": 16, "n_heads": 2, "n_layers": 1}, block_size=8)
+    model._set_tokenizers({"text": Tokenizer("char").fit("abcdefgh ")})
+    model.eval()
+    with torch.no_grad():  # large random weights: the argmax depends on the context (an untrained net's hardly does)
+        for p in model.net.parameters():
+            p.normal_()
+
+    def reference(ids: list[int], max_new: int) -> str:
+        with torch.no_grad():
+            for _ in range(max_new):
+                ids = ids + [int(model.net(torch.tensor([ids[-8:]]))[0, -1].argmax())]
+        return model.tokenizer.decode(ids[-max_new:])
+
+    prompt = model.tokenizer.encode("abcdef")
+    assert reference(prompt, 12) != reference(prompt[-1:], 12)  # so a cut prompt would show
+    for max_new in (2, 5, 12):  # within the context (cached), past it, longer than it
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing cut: the prompt fits the context
+            assert model.continue_text("abcdef", max_new_tokens=max_new, greedy=True) == reference(prompt, max_new)
+    with pytest.warns(UserWarning, match="prompt of 10 tokens cut to its last 8, the model's context"):
+        model.continue_text("abcdefghab", max_new_tokens=3, greedy=True)
+
+
 def test_lm_fit_load_and_predict(tmp_path, monkeypatch):
     sample_steps = []
     import zoo.tasks.language as language

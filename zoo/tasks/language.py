@@ -182,7 +182,8 @@ class LanguageModel(TransformerTask):
         """Continue a prompt (str) with the model's sampling settings; returns the new text only.
 
         Characters outside the vocabulary become <unk> (a warning gives the count); a prompt longer than
-        the context is cut to its last tokens, with a warning."""
+        the context (block_size) is cut to its last block_size tokens, with a warning. Past the context,
+        each new token sees the last block_size tokens (a sliding window, uncached)."""
         self._require_net()
         hp = self.hparams
         self.tokenizer.unknown = 0
@@ -192,13 +193,11 @@ class LanguageModel(TransformerTask):
                           "were mapped to <unk>")
         if not ids:
             raise ValueError(f"prompt {prompt!r} has no tokens after preprocessing")
-        keep = hp.block_size - max_new_tokens if max_new_tokens < hp.block_size else 1
-        if len(ids) > keep:
-            warnings.warn(f"prompt of {len(ids)} tokens cut to its last {keep} to leave room for {max_new_tokens} new "
-                          f"tokens in the context of {hp.block_size}")
-            ids = ids[-keep:]
+        if len(ids) > hp.block_size:
+            warnings.warn(f"prompt of {len(ids)} tokens cut to its last {hp.block_size}, the model's context")
+            ids = ids[-hp.block_size:]
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        use_cache = len(ids) + max_new_tokens <= hp.block_size  # beyond the context: a sliding window, uncached
+        use_cache = len(ids) + max_new_tokens <= hp.block_size
         out = self.net.generate(x, max_new_tokens, greedy=greedy, temperature=hp.temperature, top_k=hp.top_k,
                                 use_cache=use_cache, generator=generator)
         return self.tokenizer.decode(out[0, len(ids):])
