@@ -71,6 +71,8 @@ class ZooCLI(LightningCLI):
     files, sample images and `summary.json`; CSV + wandb loggers; seed 0 unless given."""
 
     def __init__(self, args=None, run: bool = True):
+        # Lightning's own call of a torch API deprecated in torch 2.14, printed by every run: nothing to act on
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         super().__init__(
             L.LightningModule,
             L.LightningDataModule,
@@ -224,6 +226,8 @@ class ZooCLI(LightningCLI):
         if stage == "fit":
             # seed_everything ran before the model was built: torch's initial seed is the run's seed
             callbacks += [RunSummary(root), StepSeed(torch.initial_seed())]
+        if stage != "fit":  # RunSummary (fit only) keeps state in checkpoints, which evaluation does not need
+            warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
         if stage == "predict":
             out = Path(cfg["predict_out"] or root / "predictions")
             if out.exists() and not out.is_dir():

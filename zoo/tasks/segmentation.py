@@ -131,7 +131,7 @@ class UNetSegmentation(ZooModule):
             log_image(self, "val/image_truth_prediction", panel)
             if self.hparams.seam_tile:
                 first = self.input_scaler(batch["image"][:1])
-                self.log("val/seam_error", seam_error(self.net, first, self.hparams.seam_tile))
+                self.log("val/seam_error", seam_error(self.net, first, self.hparams.seam_tile), batch_size=1)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
