@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import ROOT, tiny_unet_args
 from zoo.cli import main as cli_main
-from zoo.compare import execute, parse_baseline, parse_seeds, parse_sweeps, plan_runs, prepare_out
+from zoo.compare import (execute, normalize_overrides, parse_baseline, parse_seeds, parse_sweeps, plan_runs,
+                          prepare_out, read_curves)
 
 TINY = [a for a in tiny_unet_args("IGNORED") if not a.startswith("--trainer.default_root_dir")]
 
@@ -44,6 +45,11 @@ def test_sweeps_are_crossed_and_norms_is_shorthand(tmp_path):
         parse_sweeps("batch", ["model.net.norm=group"])
     with pytest.raises(ValueError, match="KEY=v1,v2"):
         parse_sweeps(None, ["model.net.norm"])
+    # a repeated value would train its point twice
+    with pytest.raises(ValueError, match=r"^model.net.norm=batch,group,batch repeats 'batch'; give each value once$"):
+        parse_sweeps("batch,group,batch", [])
+    with pytest.raises(ValueError, match=r"^data.batch_size=1, 8,1 repeats '1'"):
+        parse_sweeps("batch", ["data.batch_size=1, 8,1"])
 
 
 def test_seeds_baseline_and_plan():
@@ -78,6 +84,7 @@ def test_bad_input_gets_one_line_before_any_run(tmp_path, capsys, monkeypatch):
         ("--sweep", "model.nrom=a,b"): "error: --sweep model.nrom: no such argument; closest: model.net.norm",
         ("--sweep", "model.norm=a,b"): "error: --sweep model.norm: no such argument; closest: model.net.norm",
         ("--norms", "batch,bogus"): "error: unknown norm(s) ['bogus']; valid kinds: batch",
+        ("--norms", "batch,batch"): "error: model.net.norm=batch,batch repeats 'batch'; give each value once",
         ("--norms", "batch", "--seeds", "two"): "error: --seeds 'two' is not a count",
         ("--norms", "batch", "--jobs", "0"): "error: --jobs 0: must be at least 1",
         ("--norms", "batch", "--trainer.max_stepz=3"): "error: unrecognized arguments: --trainer.max_stepz=3",
@@ -122,6 +129,59 @@ def test_other_settings_in_the_same_out_are_refused_and_fresh_starts_over(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_an_override_spelled_either_way_is_the_same_override(tmp_path):
+    assert normalize_overrides(["--a", "1", "--b=2", "--flag", "--c", "-1", "x"]) == [
+        "--a=1", "--b=2", "--flag", "--c", "-1", "x"]
+    config = tmp_path / "c.yaml"
+    config.write_text("seed_everything: 0\n")
+    out = tmp_path / "out"
+    prepare_out(out, [str(config)], ["--trainer.max_steps=2", "--model.net.norm", "batch"], fresh=False)
+    (out / "runs" / "kept").mkdir(parents=True)
+    prepare_out(out, [str(config)], ["--trainer.max_steps", "2", "--model.net.norm=batch"], fresh=False)
+    assert json.loads((out / "compare.json").read_text())["overrides"] == ["--trainer.max_steps=2",
+                                                                          "--model.net.norm=batch"]
+    # a compare.json written before overrides were normalized holds them as given
+    state = json.loads((out / "compare.json").read_text())
+    (out / "compare.json").write_text(json.dumps({**state, "overrides": ["--trainer.max_steps", "2",
+                                                                         "--model.net.norm=batch"]}))
+    prepare_out(out, [str(config)], ["--trainer.max_steps=2", "--model.net.norm", "batch"], fresh=False)
+    with pytest.raises(ValueError, match=r"before \['--trainer.max_steps=2', '--model.net.norm=batch'\], now "
+                                         r"\['--trainer.max_steps=3', '--model.net.norm=batch'\]"):
+        prepare_out(out, [str(config)], ["--trainer.max_steps", "3", "--model.net.norm", "batch"], fresh=False)
+    assert (out / "runs" / "kept").exists()
+
+
+def test_curve_steps_are_optimizer_steps(tmp_path):
+    """Lightning's metrics.csv of 6 steps, validation every 3, interrupted after step 3 and resumed (a
+    second version): Lightning writes each row at global_step - 1; the curves are at global_step."""
+    csv_dir = tmp_path / "csv"
+    (csv_dir / "version_0").mkdir(parents=True)
+    (csv_dir / "version_1").mkdir()
+    (csv_dir / "version_0" / "metrics.csv").write_text(
+        "epoch,step,train/loss,val/loss\n0,0,1.9,\n0,1,1.7,\n0,2,1.1,\n0,2,,1.7\n")
+    (csv_dir / "version_1" / "metrics.csv").write_text(
+        "epoch,step,train/loss,val/loss\n0,3,1.4,\n1,4,1.3,\n1,5,1.2,\n1,5,,1.4\n")
+    assert read_curves(tmp_path) == {"train/loss": [(1, 1.9), (2, 1.7), (3, 1.1), (4, 1.4), (5, 1.3), (6, 1.2)],
+                                     "val/loss": [(3, 1.7), (6, 1.4)]}
+
+
+def test_a_metric_no_run_logs_is_refused_after_the_report(tmp_path, capsys, monkeypatch):
+    """--metric val/nope:min: the runs and the report without it are kept, and the error names the
+    metrics the runs do log, instead of a verdict that reads as if every seed failed."""
+    import zoo.compare as c
+
+    metrics = {"val/loss": 0.5, "val/dice_fg": 0.8, "train/loss": 0.4}
+    monkeypatch.setattr(c, "execute", lambda spec, max_retries: {
+        "summary": {"status": "ok", "metrics": metrics}, "retries": 0})  # a finished run, without training
+    out = tmp_path / "out"
+    line = run_main(capsys, *TINY, "--norms", "none,batch", "--seeds", "0,1", "--metric", "val/nope:min",
+                    "--metric", "val/dice_fg:max", "--out", str(out))
+    assert line == "error: --metric 'val/nope': no run logged it; the runs log val/dice_fg, val/loss"
+    results = json.loads((out / "results.json").read_text())
+    assert {p["metric"] for p in results["paired"]} == {"val/loss", "val/dice_fg"}
+    assert not any("nope" in v for v in results["verdicts"]) and (out / "report.md").is_file()
+
+
 @pytest.mark.slow
 def test_compare_writes_report_and_reports_failures(tmp_path):
     out = tmp_path / "report"
@@ -146,6 +206,14 @@ def test_compare_writes_report_and_reports_failures(tmp_path):
     assert (out / "plots" / "train_loss.png").is_file() and (out / "plots" / "val_loss.png").is_file()
     assert len(list((out / "samples").glob("norm=none__*.png"))) == 1
     assert (out / "report.html").is_file() and (out / "runs" / "norm=none" / "tb").is_dir()
+    # steps are optimizer steps (global_step), as in the checkpoints' names and summary.json
+    for name in ("norm=none", "norm=batch"):
+        (best,) = (out / "runs" / name / "checkpoints").glob("best-*.ckpt")
+        agg = next(a for a in results["aggregate"] if a["point"] == name and a["metric"] == "val/loss")
+        assert agg["best_step"]["mean"] == int(best.stem.rsplit("step=", 1)[1])
+        curves = read_curves(out / "runs" / name)  # 4 steps, validation every 2
+        assert [s for s, _ in curves["train/loss"]] == [1, 2, 3, 4] and runs[name]["global_step"] == 4
+        assert [s for s, _ in curves["val/loss"]] == [2, 4]
     # Same seed, same data: the two runs differ only by the norm.
     for name in ("norm=none", "norm=batch"):
         cmd = (out / "runs" / name / "command.txt").read_text()

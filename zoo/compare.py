@@ -94,6 +94,9 @@ def parse_sweeps(norms: str | None, sweeps: list[str], norm_key: str = "model.ne
             raise ValueError(f"bad sweep {spec!r}; expected KEY=v1,v2 (e.g. model.net.norm=batch,group)")
         if key in out:
             raise ValueError(f"{key!r} is swept twice (by --norms and --sweep, or two --sweep)")
+        repeated = [v for i, v in enumerate(vals) if v in vals[:i]]
+        if repeated:  # its runs would be the same runs twice
+            raise ValueError(f"{key}={values.strip()} repeats {repeated[0]!r}; give each value once")
         out[key] = vals
     if not out:
         raise ValueError("nothing to compare; give --norms a,b,... or --sweep KEY=v1,v2, or set compare.sweep "
@@ -221,11 +224,29 @@ def _import(class_path: str):
     return getattr(importlib.import_module(module), name)
 
 
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """`--key value` -> `--key=value` (a `--` token without `=` and a next token not starting with `-`),
+    as the CLI reads both: the same override, however it is spelled."""
+    out, i = [], 0
+    while i < len(overrides):
+        token = overrides[i]
+        if token.startswith("--") and "=" not in token and i + 1 < len(overrides) \
+                and not overrides[i + 1].startswith("-"):
+            out.append(f"{token}={overrides[i + 1]}")
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
 def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool) -> None:
     """Refuses a DIR that holds a comparison of other configs or overrides (results of different
-    settings must not mix); `fresh` deletes the previous comparison first."""
+    settings must not mix); `fresh` deletes the previous comparison first. Overrides are compared
+    normalized (`normalize_overrides`), also those of a compare.json written before they were."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a directory (it is created if missing)")
+    overrides = normalize_overrides(overrides)
     state = {"configs": [{"path": str(Path(c).resolve()), "sha256": hashlib.sha256(Path(c).read_bytes()).hexdigest()}
                          for c in configs], "overrides": overrides}
     path = out / STATE_FILE
@@ -239,8 +260,9 @@ def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool
             differ.append(f"configs: before {[c['path'] for c in before['configs']]}, now {[c['path'] for c in state['configs']]}")
         elif before["configs"] != state["configs"]:
             differ.append("the config files' contents changed")
-        if before["overrides"] != overrides:
-            differ.append(f"overrides: before {before['overrides']}, now {overrides}")
+        was = normalize_overrides(before["overrides"])
+        if was != overrides:
+            differ.append(f"overrides: before {was}, now {overrides}")
         if differ:
             raise ValueError(f"--out {out} holds a comparison with other settings ({'; '.join(differ)}); "
                              "use another --out, or --fresh to delete it and start over")
@@ -538,16 +560,23 @@ def parse_slurm(items: list[str]) -> dict:
 
 def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} from the run's CSV logs: a resumed run writes a new version, whose
-    steps replace those logged again by it."""
+    steps replace those logged again by it. A step is the number of optimizer steps taken when the
+    value was measured (trainer.global_step, as in checkpoint names and summary.json): a value
+    logged in training_step of the first batch, or by a validation right after it, is at step 1."""
     versions = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
     curves: dict[str, dict[int, float]] = {}
     for path in versions:
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
+                # Lightning's CSV `step` counts the batches that stepped, raised only after a batch's
+                # training_step metrics and its validation are logged (epoch-end ones are logged with it
+                # lowered by one): training and validation rows alike are at global_step - 1. (Not so a
+                # validation in the middle of a gradient accumulation window: it shows one step late.)
+                step = int(row["step"]) + 1
                 for key, value in row.items():
                     if key in ("epoch", "step") or value in ("", None):
                         continue
-                    curves.setdefault(key, {})[int(row["step"])] = float(value)
+                    curves.setdefault(key, {})[step] = float(value)
     return {k: sorted(v.items()) for k, v in curves.items()}
 
 
@@ -880,7 +909,7 @@ def main(argv: list[str]) -> int:
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(threads),
            **{k: os.environ[k] for k in ("WANDB_MODE", "ZOO_CPU_KERNELS", "PYTHONPATH") if k in os.environ}}
     specs = [run_spec(r, args.config, overrides, group, env) for r in todo]
-    report_kw = dict(metric=metric, mode=mode, baseline=baseline, alpha=args.alpha, also=also)
+    report_kw = dict(metric=metric, mode=mode, baseline=baseline, alpha=args.alpha)
 
     def on_done(run: Run, result: dict) -> None:
         run.summary, run.retries = result["summary"], result["retries"]
@@ -890,7 +919,8 @@ def main(argv: list[str]) -> int:
         print(f"[{done}/{len(runs)}] {run.name}: {state}" + (f" ({run.retries} retries)" if run.retries else ""),
               flush=True)
         try:
-            write_report(runs, out, args.config, overrides, sweeps, final=False, **report_kw)
+            write_report(runs, out, args.config, overrides, sweeps, final=False, also=logged_only(runs, also)[0],
+                         **report_kw)
         except Exception as e:  # noqa: BLE001  (the runs must go on; the final report raises it again)
             print(f"compare: warning: the dashboard could not be updated: {type(e).__name__}: {e}", file=sys.stderr)
 
@@ -902,10 +932,23 @@ def main(argv: list[str]) -> int:
             launch_slurm(todo, specs, out / "slurm", args.cpus_per_run, slurm, args.max_retries, on_done)
         else:
             launch_local(todo, specs, args.jobs, args.devices_per_run, args.max_retries, on_done)
-    report = write_report(runs, out, args.config, overrides, sweeps, **report_kw)
+    logged, unlogged = logged_only(runs, also)
+    report = write_report(runs, out, args.config, overrides, sweeps, also=logged, **report_kw)
     print(f"checkpoints: {(out / 'runs').resolve()}/<run>/checkpoints/last.ckpt")
     print(f"report: {(out / 'report.html').resolve()}\n        {report.resolve()}")
+    if unlogged and any(r.ok for r in runs):  # (with no run ok, the runs' failures are what to report)
+        names = sorted({m for r in runs if r.ok for m in r.summary.get("metrics", {}) if m.startswith("val/")})
+        raise ValueError(f"--metric {', '.join(map(repr, unlogged))}: no run logged "
+                         f"{'it' if len(unlogged) == 1 else 'them'}; the runs log "
+                         f"{', '.join(names) or 'no val/ metric'}")
     return 0 if any(r.ok for r in runs) else 1
+
+
+def logged_only(runs: list[Run], also: tuple[tuple[str, str], ...]) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+    """`also` split into the (metric, mode)s some finished run logged (in its summary) and the names of
+    the others: a name no run logs is a mistake to report, not a comparison whose every seed failed."""
+    logged = {m for r in runs if r.ok for m in r.summary.get("metrics", {})}
+    return tuple(a for a in also if a[0] in logged), [name for name, _ in also if name not in logged]
 
 
 def warn_unregistered_norms(key: str, values: list[str]) -> None:
