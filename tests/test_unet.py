@@ -271,6 +271,22 @@ def test_tiled_predict_takes_a_wrapping_module():
         tiled_predict(nn.Conv2d(1, 2, 3), x)
 
 
+def test_segmentation_task_takes_any_raw_batch():
+    """The task itself goes to tiled_predict / seam_error (its forward scales); float64 images (numpy's
+    default) give float32's result; an empty batch gives an empty result; an empty image is refused."""
+    from zoo.tasks.segmentation import UNetSegmentation
+
+    torch.manual_seed(0)
+    task = UNetSegmentation(net={"base_channels": 4, "depth": 3, "norm": "layer"}).eval()
+    x = torch.randn(2, 1, 37, 53) * 2 + 3
+    task.input_scaler.fit(x)
+    assert seam_error(task, x, 16) == seam_error(task.net, task.input_scaler(x), 16) < 1e-5
+    torch.testing.assert_close(task.predict_proba(x.double()), task.predict_proba(x))
+    assert task.predict_proba(x[:0]).shape == (0, 2, 37, 53)
+    with pytest.raises(ValueError, match=r"with H, W >= 1, got shape \(1, 1, 0, 53\)"):
+        tiled_predict(task, x[:1, :, :0])
+
+
 class PaperStub(nn.Module):
     """No compute: the paper net's geometry (context 92, stride 16), counting tiles."""
     input_context, stride, padding = 92, 16, "valid"

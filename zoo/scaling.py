@@ -73,13 +73,12 @@ class InputScaler(nn.Module):
     # ---------------------------------------------------------------- apply
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: any rank, C at `channel_dim` -> `(x - shift) / scale`, same shape.
-
-        Integer inputs (e.g. uint8 images) come out float32; float64 stays float64 (type promotion).
-        """
+        """x: any rank, C at `channel_dim` -> `(x - shift) / scale`, same shape, in the scaler's dtype
+        (the model's: float32 unless it was converted), whatever the input's: uint8 images and float64
+        arrays (numpy's default) go into a float32 network as they are."""
         self._check_usable()
         shift, scale = self._broadcast(x)
-        return (x - shift) / scale
+        return ((x - shift) / scale).to(self.shift.dtype)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """y: any rank, C at `channel_dim` -> `y * scale + shift`, same shape (undoes `forward`)."""

@@ -562,11 +562,14 @@ def tiled_predict(model: nn.Module, images: Tensor, tile: Optional[Size] = None,
     image match `whole_image_predict` (the net's own conv padding at the image border is replaced by
     the mirrored image, so near the border they differ).
     """
-    if images.dim() != 4:
-        raise ValueError(f"tiled_predict expects images of shape (N, C, H, W), got shape {tuple(images.shape)}")
+    if images.dim() != 4 or min(images.shape[-2:]) < 1:
+        raise ValueError(f"tiled_predict expects images of shape (N, C, H, W) with H, W >= 1, got shape "
+                         f"{tuple(images.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     c, s, padding = _arch(model)
+    if len(images) == 0:  # no tiles to learn the class count from: the empty result of one whole pass
+        return whole_image_predict(model, images)
     n, _, height, width = images.shape
     th, tw = _tile_sizes(tile, model)
     if padding == "same":

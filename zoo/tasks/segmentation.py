@@ -74,9 +74,11 @@ class UNetSegmentation(ZooModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
-    @property
-    def input_context(self) -> int:  # the datamodule pads training crops by it (`zoo.data.contract`)
-        return self.net.input_context
+    # The network's geometry: the datamodule pads training crops by input_context (`zoo.data.contract`),
+    # and `tiled_predict` / `seam_error` take the task itself, whose forward scales raw images.
+    input_context = property(lambda self: self.net.input_context)
+    stride = property(lambda self: self.net.stride)
+    padding = property(lambda self: self.net.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) raw images -> (N, num_classes, H - 2c, W - 2c) logits (c = input_context)."""
