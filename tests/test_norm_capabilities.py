@@ -1,5 +1,6 @@
 """Norm declarations (zoo.norm.NormSpec): the built-ins' flags against what they compute, a user norm
 registered with declarations and trained in every model that accepts it, and the one-line refusals."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -9,8 +10,8 @@ from zoo.models.mambavision import MambaVision
 from zoo.models.sketch_rnn import BatchNormScan, FusedScan, LSTMLayer, SketchRNN, kl_divergence, reconstruction_loss
 from zoo.models.transformer import Transformer, TransformerLM
 from zoo.models.unet import UNet
-from zoo.norm import (LAYOUTS, NORM_KINDS, LayerNorm, NormSpec, accepted_kinds, build_norm, norm_spec, register_norm,
-                      unregister_norm)
+from zoo.norm import (LAYOUTS, NORM_KINDS, LayerNorm, NormSpec, accepted_kinds, build_norm, check_norm, norm_spec,
+                      register_norm, unregister_norm)
 
 BUILT_IN = ("batch", "layer", "instance", "group", "rms", "none")
 C = 8
@@ -265,6 +266,11 @@ def test_layouts_are_checked_by_the_models_and_build_norm():
         build_norm("maps_only", C, "nlc")
     assert accepted_kinds(layouts=("nlc",)) == ("batch", "layer", "instance", "group", "rms", "none")
     assert "maps_only" in accepted_kinds(layouts=("nchw",))
+    assert accepted_kinds(layouts="nc") == accepted_kinds(layouts=("nc",))  # a str is one layout, as in NormSpec
+    for bad in (lambda: check_norm("group", "X", layouts=("nhwc",)), lambda: accepted_kinds(layouts=("nhwc",)),
+                lambda: build_norm("batch", C, "nhwc")):
+        with pytest.raises(ValueError, match=r"^unknown layout 'nhwc'; valid layouts: 'nchw' \(N, C, H, W\)"):
+            bad()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,6 +290,18 @@ def test_register_and_unregister():
         with pytest.raises(ValueError, match="'layer'.*built.in"):
             bad()
     assert isinstance(build_norm("layer", C), LayerNorm)
+
+
+def test_factories_and_sizes_are_checked_when_given():
+    with pytest.raises(TypeError, match=r"must take \(num_features, layout, \*\*kwargs\), got one with signature \(n\)"):
+        register_norm("one_arg", lambda n: nn.Identity())
+    assert "one_arg" not in NORM_KINDS
+    layer = build_norm("batch", np.int64(8))  # numpy's ints, as torch's own norm layers take them
+    assert layer.num_features == 8 and type(layer.num_features) is int
+    with pytest.raises(ValueError, match="num_groups=1 and num_features=1 .* use 'rms' or 'batch' for 1 channel$"):
+        build_norm("group", 1, "nc")
+    for kind in ("rms", "batch"):  # what the message offers works
+        build_norm(kind, 1, "nc")(torch.randn(4, 1))
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -60,6 +60,7 @@ rank, built "nlc" inside `ChannelsLastNorm`. timm's norm+act layers become `Norm
 eps and affine carry over, affine weight and bias are copied, running stats too within a kind.
 """
 import inspect
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -324,9 +325,10 @@ def _group(num_features, layout, *, num_groups=None, eps=1e-5, affine=True, devi
         raise ValueError(f"group norm: num_groups={num_groups!r} does not divide num_features="
                          f"{num_features}; valid num_groups: {_divisors(num_features)}")
     if layout == "nc" and num_groups == num_features:
+        fix = (f"pass num_groups as one of {_divisors(num_features, below=num_features)}, or use 'layer'"
+               if num_features > 1 else "use 'rms' or 'batch' for 1 channel")
         raise ValueError(f"group norm on layout 'nc' with num_groups={num_groups} and num_features="
-                         f"{num_features} normalizes groups of 1 value (the output would be constant); pass "
-                         f"num_groups as one of {_divisors(num_features, below=num_features)}, or use 'layer'")
+                         f"{num_features} normalizes groups of 1 value (the output would be constant); {fix}")
     return GroupNorm(num_groups, num_features, layout, eps=eps, affine=affine, device=device, dtype=dtype)
 
 
@@ -443,6 +445,13 @@ def register_norm(name: str, factory: Optional[Callable[..., nn.Module]] = None,
         raise ValueError(f"register_norm: name must be a non-empty str, got {name!r}")
     if not callable(factory):
         raise TypeError(f"register_norm({name!r}): factory must be callable, got {factory!r}")
+    try:
+        inspect.signature(factory).bind(1, LAYOUTS[0])
+    except TypeError:  # found now rather than at the first build_norm
+        raise TypeError(f"register_norm({name!r}): the factory must take (num_features, layout, **kwargs), "
+                        f"got one with signature {inspect.signature(factory)}") from None
+    except ValueError:  # a callable without a signature (some builtins): called as it is
+        pass
     if name in _FACTORIES and (not overwrite or name in _BUILT_IN):
         why = ("it is built in (models pick their fast paths for it by name), so register yours under "
                "another name" if name in _BUILT_IN else "pass overwrite=True to replace it")
@@ -471,9 +480,19 @@ def norm_spec(kind: str) -> NormSpec:
 Refusal = Callable[[str, NormSpec], Optional[str]]
 
 
+def _check_layouts(layouts: Sequence[str] | str) -> tuple[str, ...]:
+    """`layouts` as a tuple (a str is one layout); an unknown layout is a ValueError naming the valid ones."""
+    layouts = (layouts,) if isinstance(layouts, str) else tuple(layouts)
+    for layout in layouts:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; valid layouts: "
+                             + ", ".join(f"{k!r} {v}" for k, v in _SHAPES.items()))
+    return layouts
+
+
 def _refusal(kind: str, layouts: Sequence[str], refuse: Optional[Refusal]) -> Optional[str]:
     spec = _SPECS[kind]
-    missing = [layout for layout in layouts if layout not in spec.layouts]
+    missing = [layout for layout in _check_layouts(layouts) if layout not in spec.layouts]
     if missing:
         return (f"it cannot be built for {' or '.join(f'{m!r} {_SHAPES[m]}' for m in missing)} "
                 f"(it declares layouts {', '.join(spec.layouts)})")
@@ -522,11 +541,10 @@ def build_norm(kind: str, num_features: int, layout: str = "nchw", **kwargs) -> 
     Returns a module mapping a tensor of the layout's shape to one of the same shape.
     """
     _check_kind(kind)
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; valid layouts: "
-                         + ", ".join(f"{k!r} {v}" for k, v in _SHAPES.items()))
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+    _check_layouts([layout])
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
         raise ValueError(f"{kind} norm: num_features must be a positive int, got {num_features!r}")
+    num_features = int(num_features)  # numpy's ints too, as torch's norm layers take them
     factory = _FACTORIES[kind]
     accepted = _accepted_kwargs(factory)
     if accepted is not None:
