@@ -76,8 +76,11 @@ def test_files_that_are_not_checkpoints(tmp_path):
     text.write_text("hello\n")  # torch's fallback loader: KeyError
     notes.write_text("some notes\nmore\n")  # IndexError
     np.save(array, np.arange(3))  # not a pickle: refused by the weights-only unpickler
+    weights = tmp_path / "export" / "model.safetensors"  # inside a `train.py export` folder
+    weights.parent.mkdir()
+    weights.write_bytes(b"")
     for path, message in ((text, "is not a torch checkpoint"), (notes, "is not a torch checkpoint"),
-                          (array, "is not plain data")):
+                          (array, "is not plain data"), (weights, "zoo.load takes the folder that holds it")):
         with pytest.raises(CheckpointError, match=message) as caught:
             zoo.load(path)
         assert str(path) in str(caught.value) and "weights_only" not in str(caught.value)

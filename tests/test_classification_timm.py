@@ -136,3 +136,11 @@ def test_bad_input_is_one_error_line(tmp_path):
         errors = [line for line in lines if line.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1 and lines[-1] == errors[0], f"{name}: {output}"
         assert errors[0].startswith(ERRORS[name][1]) and "Traceback" not in output, f"{name}: {errors[0]}"
+
+
+def test_hub_and_folder_model_names_are_refused_saying_what_to_give():
+    # timm would read their config from the Hub or the folder each time the task is rebuilt (zoo.load)
+    for name in ("hf-hub:timm/resnet10t.c3_in1k", "local-dir:/tmp/export"):
+        with pytest.raises(ValueError, match=f"^model_name '{name}': give a timm architecture name; for published "
+                                             r"weights add their tag and pretrained=True \(e.g. model_name"):
+            ImageClassification(model_name=name, num_classes=5)

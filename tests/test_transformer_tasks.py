@@ -209,6 +209,17 @@ def test_continuation_longer_than_the_context_keeps_the_prompt_and_slides():
             assert model.continue_text("abcdef", max_new_tokens=max_new, greedy=True) == reference(prompt, max_new)
     with pytest.warns(UserWarning, match="prompt of 10 tokens cut to its last 8, the model's context"):
         model.continue_text("abcdefghab", max_new_tokens=3, greedy=True)
+    with pytest.raises(TypeError, match="^continue_text takes one prompt, a str, got list$"):
+        model.continue_text(["abc"])
+
+
+def test_transform_takes_a_list_of_inputs():
+    model = Seq2Seq(net={"d_model": 16, "n_heads": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "max_len": 16})
+    tok = Tokenizer("char").fit("abc")
+    model._set_tokenizers({"src": tok, "tgt": tok})
+    assert model.transform([]) == []
+    with pytest.raises(TypeError, match=r"^transform takes a list of inputs, got the str 'abc'; pass \['abc'\]$"):
+        model.transform("abc")  # would be three inputs, one per character
 
 
 def test_lm_fit_load_and_predict(tmp_path, monkeypatch):

@@ -43,6 +43,9 @@ def read(path: str | Path, map_location="cpu") -> dict:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} is not a file")
+    if path.suffix == ".safetensors":
+        raise CheckpointError(f"{str(path)!r} is the weights file of an export; zoo.load takes the folder that "
+                              f"holds it: zoo.load({str(path.parent)!r})")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -32,6 +32,11 @@ def create_model(model_name: str, **kwargs) -> nn.Module:
     """`timm.create_model(model_name, **kwargs)`, with a one-line ValueError for a name timm does not
     know (naming the closest registered names) or keyword arguments the model does not take (naming
     them and the ones it takes)."""
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        # timm reads such a model's config from the Hub or a folder even without its weights, and a
+        # zoo checkpoint must rebuild from its hyper-parameters alone
+        raise ValueError(f"model_name {model_name!r}: give a timm architecture name; for published weights "
+                         "add their tag and pretrained=True (e.g. model_name 'resnet10t.c3_in1k')")
     if not timm.is_model(model_name):
         close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.5)
         raise ValueError(f"model_name {model_name!r} is not a registered timm model; closest names: "

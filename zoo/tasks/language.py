@@ -185,6 +185,8 @@ class LanguageModel(TransformerTask):
         the context (block_size) is cut to its last block_size tokens, with a warning. Past the context,
         each new token sees the last block_size tokens (a sliding window, uncached)."""
         self._require_net()
+        if not isinstance(prompt, str):
+            raise TypeError(f"continue_text takes one prompt, a str, got {type(prompt).__name__}")
         hp = self.hparams
         self.tokenizer.unknown = 0
         ids = self.tokenizer.encode(prompt)

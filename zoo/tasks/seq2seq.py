@@ -111,6 +111,10 @@ class Seq2Seq(TransformerTask):
     def transform(self, lines: list[str], beam_size: int | None = None) -> list[str]:
         """Input strings -> output strings. Tokens outside the source vocabulary become <unk> (warned)."""
         self._require_net()
+        if isinstance(lines, str):  # a str would be taken as one input per character
+            raise TypeError(f"transform takes a list of inputs, got the str {lines[:40]!r}; pass [{lines[:40]!r}]")
+        if not lines:
+            return []
         src_tok = self.tokenizers["src"]
         src_tok.unknown = 0
         ids = [torch.tensor(src_tok.encode(s) or [UNK], dtype=torch.long) for s in lines]  # never all pads
