@@ -1,6 +1,8 @@
 """Sketch-RNN model: cells against independent step loops, the mixture likelihood against
-torch.distributions, masked recurrent batch norm, sampling temperature, schedules, degenerate input."""
+torch.distributions, masked recurrent batch norm, sampling temperature, schedules, degenerate input,
+input validation."""
 import math
+import re
 
 import pytest
 import torch
@@ -392,3 +394,66 @@ def test_bad_arguments_are_clear_errors():
         LSTMLayer(3, 4, "bogus")
     with pytest.raises(ValueError, match="recurrent_dropout"):
         LSTMLayer(3, 4, "layer", recurrent_dropout=1.0)
+
+
+def tiny_sketch_rnn(**kw):
+    torch.manual_seed(7)
+    return SketchRNN(enc_rnn_size=6, dec_rnn_size=8, z_size=3, num_mixture=2, max_seq_len=10, norm="layer", **kw)
+
+
+def stroke_batch(B=2, T=6):
+    strokes = torch.zeros(B, T, 5)
+    strokes[:, 0, 2] = 1  # S0
+    return strokes
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_forward_refuses_a_malformed_batch(conditional):
+    net, strokes, lengths = tiny_sketch_rnn(conditional=conditional), stroke_batch(), torch.tensor([3, 5])
+    assert net(strokes, lengths)["out"].shape == (2, 5, 3 + 6 * 2)
+    for bad in (strokes[..., :4], strokes[0], strokes[:, :1], strokes.double()):
+        want = (f"strokes must be stroke-5 rows of shape (B, T, 5) with T >= 2 (S0 and the points) and the model's "
+                f"dtype torch.float32, got shape {tuple(bad.shape)} and dtype {bad.dtype}")
+        with pytest.raises(ValueError, match=re.escape(want)):
+            net(bad, lengths)
+    for bad in (torch.tensor([3]), lengths.float(), lengths[:, None], lengths.int()):
+        want = (f"lengths must be an int64 tensor of shape (B,) = (2,), got shape {tuple(bad.shape)} and dtype "
+                f"{bad.dtype}")
+        with pytest.raises(ValueError, match=re.escape(want)):
+            net(strokes, bad)
+    with pytest.raises(TypeError, match=re.escape("lengths must be a tensor of shape (B,), got list")):
+        net(strokes, [3, 5])
+
+
+def test_lengths_must_fit_the_points_after_s0():
+    net, strokes = tiny_sketch_rnn(), stroke_batch()  # 6 rows: S0 and 5 points
+    assert net(strokes, torch.tensor([5, 1]))["out"].shape[1] == 5  # a sketch may fill every row (no end row)
+    for bad, lo, hi in (([3, 6], 3, 6), ([0, 5], 0, 5)):
+        with pytest.raises(ValueError, match=re.escape(f"lengths must be in [1, 5], the point rows after S0, got "
+                                                       f"lengths from {lo} to {hi}")):
+            net(strokes, torch.tensor(bad))
+    with pytest.raises(ValueError, match=re.escape("lengths must be in [1, 5]")):
+        net.reconstruct(strokes, torch.tensor([6, 2]))
+
+
+def test_sampling_and_interpolation_arguments_are_checked():
+    net, strokes, lengths = tiny_sketch_rnn(), stroke_batch(), torch.tensor([3, 5])
+    with pytest.raises(ValueError, match=re.escape("z must have shape (B, z_size=3), got (2, 5)")):
+        net.sample(torch.randn(2, 5))
+    with pytest.raises(ValueError, match=re.escape("z must have shape (B, z_size=3), got (3,)")):
+        net.sample(torch.randn(3))
+    with pytest.raises(ValueError, match=re.escape("max_len must be >= 1 (or None for max_seq_len=10), got 0")):
+        net.sample(num=2, max_len=0)
+    g = torch.Generator().manual_seed(0)
+    assert net.sample(num=2, max_len=1, generator=g)[0].shape == (2, 1, 5)  # max_len is honoured, not replaced
+    with pytest.raises(ValueError, match=re.escape("interpolate needs a batch of at least 2 sketches, got 1")):
+        net.interpolate(strokes[:1], lengths[:1])
+    with pytest.raises(ValueError, match=re.escape("strokes must be stroke-5 rows of shape (B, T, 5)")):
+        net.reconstruct(strokes[..., :4], lengths)
+    assert net.interpolate(strokes, lengths, steps=3)[0].shape[0] == 3
+
+
+@pytest.mark.parametrize("name", ["enc_rnn_size", "dec_rnn_size", "z_size", "num_mixture", "max_seq_len"])
+def test_sizes_must_be_positive(name):
+    with pytest.raises(ValueError, match=re.escape(f"{name} must be >= 1, got 0")):
+        SketchRNN(**{name: 0})

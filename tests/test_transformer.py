@@ -1,8 +1,9 @@
 """The Transformer network: torch's nn.Transformer layers as reference, padding and causality of every
 norm (through gradients), the masked / causal batch norm against torch's BatchNorm1d, KV cache, beam
-search against exhaustive search, embeddings."""
+search against exhaustive search, embeddings, input validation."""
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -409,3 +410,80 @@ def test_context_limit_is_a_clear_error():
 def test_causal_batch_norm_of_one_sequence_is_a_clear_error():
     with pytest.raises(ValueError, match="batch size > 1"):
         TokenNorm("batch", 4, causal=True).train()(torch.randn(1, 5, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# input validation: one clear error naming the bad value and what is accepted
+
+@pytest.mark.parametrize("ids", [torch.randint(0, 11, (4,)), torch.randint(0, 11, (2, 4, 1)),
+                                 torch.randint(0, 11, (2, 4)).float(), torch.zeros(2, 0, dtype=torch.long),
+                                 torch.zeros(0, 3, dtype=torch.long)])
+def test_lm_forward_refuses_ids_that_are_not_a_nonempty_n_by_l_int64_tensor(ids):
+    want = (f"ids must be token ids of shape (N, L) with N, L >= 1 and dtype int64, got shape {tuple(ids.shape)} "
+            f"and dtype {ids.dtype}")
+    with pytest.raises(ValueError, match=re.escape(want)):
+        tiny_lm()(ids)
+
+
+def test_lm_generation_arguments_are_checked_up_front():
+    model = tiny_lm()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(ValueError, match=re.escape("top_k must be None (all tokens) or >= 1, got 0")):
+        model.generate(ids, 2, top_k=0)
+    with pytest.raises(ValueError, match=re.escape("max_new_tokens must be >= 0, got -1")):
+        model.generate(ids, -1)
+    with pytest.raises(ValueError, match=re.escape("temperature must be > 0 for sampling, got 0.0")):
+        model.generate(ids, 0, temperature=0.0)  # refused even when no token is drawn
+    with pytest.raises(ValueError, match=re.escape("ids must lie in [0, 11), the vocabulary, got ids from 1 to 11")):
+        model.generate(torch.tensor([[1, 11]]), 2)
+    with pytest.raises(ValueError, match=re.escape("ids must lie in [0, 11), the vocabulary, got ids from -1 to 2")):
+        model.generate(torch.tensor([[-1, 2]]), 2)
+    assert torch.equal(model.generate(ids, 0), ids)
+    assert model.generate(ids, 2, greedy=True, temperature=0.0).shape == (2, 5)  # temperature unused by argmax
+    assert model.generate(ids, 2, top_k=1).shape == (2, 5)
+
+
+def test_vocabulary_sizes_must_be_positive():
+    with pytest.raises(ValueError, match=re.escape("vocab_size must be >= 1, got 0")):
+        TransformerLM(0, d_model=16, n_heads=2, n_layers=1)
+    with pytest.raises(ValueError, match=re.escape("src_vocab_size must be >= 1, got 0")):
+        Transformer(0, 9, d_model=16, n_heads=2, num_encoder_layers=1, num_decoder_layers=1)
+    with pytest.raises(ValueError, match=re.escape("tgt_vocab_size must be >= 1, got 0")):
+        Transformer(7, 0, d_model=16, n_heads=2, num_encoder_layers=1, num_decoder_layers=1)
+
+
+def test_seq2seq_forward_refuses_bad_ids_and_different_batch_sizes():
+    model = tiny_s2s()
+    src, tgt = torch.randint(1, 9, (3, 5)), torch.randint(1, 9, (3, 4))
+    with pytest.raises(ValueError, match=re.escape("src and tgt must have the same batch size, got 3 and 2")):
+        model(src, tgt[:2])
+    with pytest.raises(ValueError, match=re.escape("tgt must be token ids of shape (N, L) with N, L >= 1 and dtype "
+                                                   "int64, got shape (3, 4) and dtype torch.float32")):
+        model(src, tgt.float())
+    with pytest.raises(ValueError, match=re.escape("src must be token ids of shape (N, L) with N, L >= 1 and dtype "
+                                                   "int64, got shape (3, 0) and dtype torch.int64")):
+        model(src[:, :0], tgt)
+
+
+def test_seq2seq_decoding_arguments_are_checked_up_front():
+    torch.manual_seed(0)
+    model = Transformer(7, 9, d_model=16, n_heads=2, num_encoder_layers=1, num_decoder_layers=2, max_len=10)
+    src = torch.randint(1, 7, (3, 5))
+    for decode in (model.greedy_decode, model.beam_search):
+        for max_out in (11, -1):
+            with pytest.raises(ValueError, match=re.escape(f"max_len must be in [0, 10], the model's max_len "
+                                                           f"(decoding feeds bos and every output but the last), "
+                                                           f"got {max_out}")):
+                decode(src, 1, 2, max_out)
+        # the last output is never fed back: max_len outputs use positions 0..max_len-1 and fit
+        assert decode(src, 1, 2, 10).shape[1] <= 10
+        assert decode(src, 1, 2, 0).shape == (3, 0)
+        with pytest.raises(ValueError, match=re.escape("bos_id must lie in [0, 9), the target vocabulary, got 9")):
+            decode(src, 9, 2, 5)
+        with pytest.raises(ValueError, match=re.escape("eos_id must lie in [0, 9), the target vocabulary, got -1")):
+            decode(src, 1, -1, 5)
+        with pytest.raises(ValueError, match=re.escape("src must lie in [0, 7), the vocabulary, got ids from 1 to 7")):
+            decode(torch.tensor([[1, 7]]), 1, 2, 5)
+    assert model.greedy_decode(src, 1, 2, 10, use_cache=False).shape[1] <= 10
+    with pytest.raises(ValueError, match=re.escape("beam_size must be >= 1, got 0")):
+        model.beam_search(src, 1, 2, 6, beam_size=0)

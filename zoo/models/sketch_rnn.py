@@ -698,6 +698,10 @@ class SketchRNN(nn.Module):
                  conditional: bool = True, max_seq_len: int = 250):
         super().__init__()
         _check_cell_norm(norm, type(self).__name__)
+        for name, size in (("enc_rnn_size", enc_rnn_size), ("dec_rnn_size", dec_rnn_size), ("z_size", z_size),
+                           ("num_mixture", num_mixture), ("max_seq_len", max_seq_len)):
+            if size < 1:
+                raise ValueError(f"{name} must be >= 1, got {size!r}")
         self.z_size, self.num_mixture, self.conditional, self.max_seq_len = z_size, num_mixture, conditional, max_seq_len
         self.norm = norm
         if conditional:
@@ -712,15 +716,32 @@ class SketchRNN(nn.Module):
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    def _check_batch(self, strokes: Tensor, lengths: Tensor) -> None:
+        """strokes (B, T, 5), T >= 2 (S0 and a point), of the model's dtype; lengths an int64 tensor (B,).
+        Shape and dtype only (free); `encode` checks the values of lengths."""
+        dtype = self.head.weight.dtype
+        if strokes.dim() != 3 or strokes.shape[1] < 2 or strokes.shape[2] != 5 or strokes.dtype != dtype:
+            raise ValueError(f"strokes must be stroke-5 rows of shape (B, T, 5) with T >= 2 (S0 and the points) and "
+                             f"the model's dtype {dtype}, got shape {tuple(strokes.shape)} and dtype {strokes.dtype}")
+        if not isinstance(lengths, Tensor):
+            raise TypeError(f"lengths must be a tensor of shape (B,), got {type(lengths).__name__}")
+        if lengths.shape != strokes.shape[:1] or lengths.dtype != torch.long:
+            raise ValueError(f"lengths must be an int64 tensor of shape (B,) = ({strokes.shape[0]},), got shape "
+                             f"{tuple(lengths.shape)} and dtype {lengths.dtype}")
+
     def encode(self, points: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """points (B, T, 5) stroke-5 rows of the sketches (padding after `lengths`) -> mu, presig (B, Nz).
+        """points (B, T, 5) stroke-5 rows of the sketches (padding after `lengths`), lengths (B,) int64 in
+        [1, T] -> mu, presig (B, Nz).
 
         The bidirectional encoder reads real points only: the backward direction runs over each sketch
         reversed within its length, and both final states are taken at the last real point."""
         if not self.conditional:
             raise RuntimeError("an unconditional SketchRNN has no encoder")
-        if int(lengths.min()) < 1:
-            raise ValueError(f"every sketch needs at least one point, got lengths {lengths.tolist()}")
+        # min and max in one read-back: the single device sync that the former min check cost
+        lo, hi = torch.stack(torch.aminmax(lengths)).tolist()
+        if lo < 1 or hi > points.shape[1]:
+            raise ValueError(f"lengths must be in [1, {points.shape[1]}], the point rows after S0, got lengths "
+                             f"from {lo} to {hi}")
         last = (lengths - 1)[:, None, None].expand(-1, 1, self.encoder_fwd.hidden_size)
         fwd, _ = self.encoder_fwd(points, lengths=lengths)
         bwd, _ = self.encoder_bwd(_reverse_within_length(points, lengths), lengths=lengths)
@@ -755,8 +776,10 @@ class SketchRNN(nn.Module):
         return self.head(h), state
 
     def forward(self, strokes: Tensor, lengths: Tensor) -> dict[str, Tensor]:
-        """strokes (B, N + 1, 5), lengths (B,) -> {"out": (B, N, 3 + 6M) head outputs for targets
-        strokes[:, 1:], "mu", "presig", "z": (B, Nz) (absent for the unconditional model)}."""
+        """strokes (B, N + 1, 5) of the model's dtype, lengths (B,) int64 in [1, N] -> {"out": (B, N, 3 + 6M)
+        head outputs for targets strokes[:, 1:], "mu", "presig", "z": (B, Nz) (absent for the
+        unconditional model)}."""
+        self._check_batch(strokes, lengths)
         if strokes.shape[1] - 1 > self.max_seq_len + 1:
             raise ValueError(f"batch of {strokes.shape[1] - 1} decoder steps is longer than max_seq_len + 1 = "
                              f"{self.max_seq_len + 1}; raise the model's max_seq_len")
@@ -780,7 +803,8 @@ class SketchRNN(nn.Module):
 
         z (B, Nz) conditions the decoder (conditional model; drawn from N(0, I) when None, with `num`
         sketches); the unconditional model takes `num`. Stops when every sketch has drawn its end token
-        or after `max_len` (default max_seq_len) steps.
+        or after `max_len` >= 1 (default max_seq_len) steps; longer is allowed (`batch` then reuses its
+        last step's running statistics).
         Returns strokes (B, L, 5) stroke-5 offsets in the model's (normalized) units and lengths (B,)
         (points before the end token; rows from there on are end-of-sketch padding).
         """
@@ -789,10 +813,14 @@ class SketchRNN(nn.Module):
             if num is None:
                 raise ValueError("sample needs z or num")
             z = torch.randn(num, self.z_size, generator=generator, device=param.device, dtype=param.dtype)
+        if z is not None and (z.dim() != 2 or z.shape[1] != self.z_size):
+            raise ValueError(f"z must have shape (B, z_size={self.z_size}), got {tuple(z.shape)}")
         B = z.shape[0] if z is not None else num
         if B is None:
             raise ValueError("sample needs num for an unconditional model")
-        max_len = max_len or self.max_seq_len
+        max_len = self.max_seq_len if max_len is None else max_len
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1 (or None for max_seq_len={self.max_seq_len}), got {max_len}")
         state = self.initial_decoder_state(z, B, param)
         x = param.new_zeros(B, 1, 5)
         x[:, 0, 2] = 1  # S0
@@ -818,6 +846,7 @@ class SketchRNN(nn.Module):
                     **kw) -> tuple[Tensor, Tensor]:
         """Conditional reconstruction: encode strokes (B, N + 1, 5) and decode from z (mu, or a draw
         from q(z|x) when use_mean=False) -> sample()'s (strokes, lengths)."""
+        self._check_batch(strokes, lengths)
         mu, presig = self.encode(strokes[:, 1:], lengths)
         if not use_mean:
             mu = mu + torch.exp(presig / 2) * torch.randn(mu.shape, generator=generator, dtype=mu.dtype,
@@ -827,7 +856,11 @@ class SketchRNN(nn.Module):
     @inference
     def interpolate(self, strokes: Tensor, lengths: Tensor, steps: int = 8, method: str = "slerp",
                     **kw) -> tuple[Tensor, Tensor]:
-        """Decode `steps` latents between the encodings (mu) of the first two sketches of the batch."""
+        """Decode `steps` latents between the encodings (mu) of the first two sketches of the batch
+        (strokes (B, N + 1, 5), lengths (B,), B >= 2)."""
+        self._check_batch(strokes, lengths)
+        if strokes.shape[0] < 2:
+            raise ValueError(f"interpolate needs a batch of at least 2 sketches, got {strokes.shape[0]}")
         mu, _ = self.encode(strokes[:2, 1:], lengths[:2])
         return self.sample(interpolate_latents(mu[0], mu[1], steps, method), **kw)
 

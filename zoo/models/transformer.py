@@ -73,6 +73,11 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+def _check_size(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+
+
 def check_args(cfg) -> None:
     """The choices of a `TransformerLMConfig` / `TransformerConfig`, checked without building the network:
     a task checks them before any data is read, and builds the network once the vocabulary is fitted."""
@@ -391,10 +396,17 @@ def _self_attn_mask(pad_mask: Tensor | None, causal: bool, q_len: int, offset: i
     return mask, False
 
 
-def _check_prompt(ids: Tensor) -> None:
-    if ids.dim() != 2 or ids.dtype != torch.long:
-        raise ValueError(f"expected token ids of shape (N, L) and dtype int64, got shape {tuple(ids.shape)} "
-                         f"and dtype {ids.dtype}")
+def _check_prompt(ids: Tensor, name: str = "ids", vocab_size: int | None = None) -> None:
+    """Token ids must be a non-empty (N, L) int64 tensor (free: shape and dtype only). With `vocab_size`
+    they must also lie in [0, vocab_size): that reads the values back (a device sync), so only the
+    generation entry points pass it, never the training forward."""
+    if ids.dim() != 2 or ids.numel() == 0 or ids.dtype != torch.long:
+        raise ValueError(f"{name} must be token ids of shape (N, L) with N, L >= 1 and dtype int64, got shape "
+                         f"{tuple(ids.shape)} and dtype {ids.dtype}")
+    if vocab_size is not None:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} must lie in [0, {vocab_size}), the vocabulary, got ids from {lo} to {hi}")
 
 
 def _next_token(logits: Tensor, greedy: bool, temperature: float, top_k: int | None,
@@ -402,8 +414,6 @@ def _next_token(logits: Tensor, greedy: bool, temperature: float, top_k: int | N
     """(N, V) logits -> (N, 1) next ids: argmax, or a sample at `temperature` from the top_k."""
     if greedy:
         return logits.argmax(-1, keepdim=True)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}; use greedy=True for argmax")
     logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
@@ -436,9 +446,10 @@ class TransformerLM(nn.Module):
                  max_len: int = 1024, pos_encoding: str = "sinusoidal", tie_embeddings: bool = True,
                  activation: str = "relu", bias: bool = True):
         super().__init__()
+        _check_size("vocab_size", vocab_size)
         _check_choice("norm_position", norm_position, NORM_POSITIONS)
         _check_token_norm(norm, type(self).__name__)
-        self.max_len, self.n_layers = max_len, n_layers
+        self.vocab_size, self.max_len, self.n_layers = vocab_size, max_len, n_layers
         d_ff = d_ff or 4 * d_model
         self.embed = Embeddings(vocab_size, d_model, max_len, dropout, pos_encoding, pad_id=None)
         self.blocks = nn.ModuleList([
@@ -461,14 +472,15 @@ class TransformerLM(nn.Module):
         return self.final_norm(x) if self.final_norm is not None else x
 
     def forward_features(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """(N, L) ids -> (N, L, C) features."""
+        """(N, L) int64 ids, N, L >= 1 (ValueError otherwise) -> (N, L, C) features."""
+        _check_prompt(ids)
         return self.forward_blocks(self.embed(ids, cache.length if cache is not None else 0), cache)
 
     def forward_head(self, h: Tensor) -> Tensor:
         return self.head(h)
 
     def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """(N, L) ids -> (N, L, V) logits; with a cache, ids continue the cached positions."""
+        """(N, L) int64 ids -> (N, L, V) logits; with a cache, ids continue the cached positions."""
         return self.forward_head(self.forward_features(ids, cache))
 
     @inference
@@ -479,9 +491,17 @@ class TransformerLM(nn.Module):
         from the `top_k` most likely tokens. Runs in eval mode (restored afterwards).
 
         With the cache the whole sequence must fit in max_len (ValueError otherwise); without it the
-        context is cropped to the last max_len tokens (as nanoGPT).
+        context is cropped to the last max_len tokens (as nanoGPT). ids must lie in [0, V);
+        max_new_tokens >= 0 (0 returns the prompt); top_k None (all tokens) or >= 1; temperature > 0
+        unless greedy.
         """
-        _check_prompt(ids)
+        _check_prompt(ids, vocab_size=self.vocab_size)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be None (all tokens) or >= 1, got {top_k}")
+        if not greedy and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}; use greedy=True for argmax")
         if use_cache and ids.shape[1] + max_new_tokens > self.max_len:
             raise ValueError(f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
                              f"max_len={self.max_len}; generate fewer tokens or use use_cache=False (slides "
@@ -529,12 +549,15 @@ class Transformer(nn.Module):
                  pos_encoding: str = "sinusoidal", activation: str = "relu", bias: bool = True,
                  share_embeddings: bool = False, tie_embeddings: bool = True, pad_id: int = 0):
         super().__init__()
+        _check_size("src_vocab_size", src_vocab_size)
+        _check_size("tgt_vocab_size", tgt_vocab_size)
         _check_choice("norm_position", norm_position, NORM_POSITIONS)
         _check_token_norm(norm, type(self).__name__)
         if share_embeddings and src_vocab_size != tgt_vocab_size:
             raise ValueError(f"share_embeddings needs one vocabulary, got src_vocab_size={src_vocab_size} "
                              f"and tgt_vocab_size={tgt_vocab_size}")
-        self.pad_id, self.num_decoder_layers = pad_id, num_decoder_layers
+        self.pad_id, self.num_decoder_layers, self.max_len = pad_id, num_decoder_layers, max_len
+        self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
         d_ff = d_ff or 4 * d_model
         self.src_embed = Embeddings(src_vocab_size, d_model, max_len, dropout, pos_encoding, pad_id)
         self.tgt_embed = Embeddings(tgt_vocab_size, d_model, max_len, dropout, pos_encoding, pad_id)
@@ -581,15 +604,31 @@ class Transformer(nn.Module):
         return self.head(x)
 
     def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
-        """Teacher forcing: (N, S) source, (N, L) target input (bos + target[:-1]) -> (N, L, V_tgt)."""
+        """Teacher forcing: (N, S) source, (N, L) target input (bos + target[:-1]), both int64 with the
+        same N -> (N, L, V_tgt)."""
+        _check_prompt(src, "src")
+        _check_prompt(tgt, "tgt")
+        if src.shape[0] != tgt.shape[0]:
+            raise ValueError(f"src and tgt must have the same batch size, got {src.shape[0]} and {tgt.shape[0]}")
         memory, memory_pad = self.encode(src)
         return self.decode(tgt, memory, memory_pad)
+
+    def _check_decoding(self, src: Tensor, bos_id: int, eos_id: int, max_len: int) -> None:
+        """The arguments of `greedy_decode` and `beam_search`, checked before any decoding."""
+        _check_prompt(src, "src", self.src_vocab_size)
+        for name, token in (("bos_id", bos_id), ("eos_id", eos_id)):
+            if not 0 <= token < self.tgt_vocab_size:
+                raise ValueError(f"{name} must lie in [0, {self.tgt_vocab_size}), the target vocabulary, got {token}")
+        if not 0 <= max_len <= self.max_len:  # the last output is never fed back, so max_len itself fits
+            raise ValueError(f"max_len must be in [0, {self.max_len}], the model's max_len (decoding feeds bos and "
+                             f"every output but the last), got {max_len}")
 
     @inference
     def greedy_decode(self, src: Tensor, bos_id: int, eos_id: int, max_len: int,
                       use_cache: bool = True) -> Tensor:
-        """(N, S) source -> (N, <= max_len) output ids without bos, eos included, pads after eos."""
-        _check_prompt(src)
+        """(N, S) source (int64, ids in [0, V_src)) -> (N, <= max_len) output ids without bos, eos
+        included, pads after eos; 0 <= max_len <= the model's max_len."""
+        self._check_decoding(src, bos_id, eos_id, max_len)
         memory, memory_pad = self.encode(src)
         n = src.shape[0]
         out = torch.full((n, 1), bos_id, dtype=torch.long, device=src.device)
@@ -612,9 +651,10 @@ class Transformer(nn.Module):
 
         Finished hypotheses stay in the beam (extended by pads at no cost); the output is the beam
         with the best log-probability / length_penalty(length incl. eos, alpha).
-        (N, S) source -> (N, <= max_len) ids, as `greedy_decode`.
+        (N, S) source -> (N, <= max_len) ids, as `greedy_decode`; beam_size >= 1.
         """
-        _check_prompt(src)
+        self._check_decoding(src, bos_id, eos_id, max_len)
+        _check_size("beam_size", beam_size)
         n, k, dev = src.shape[0], beam_size, src.device
         memory, memory_pad = self.encode(src)
         memory = memory.repeat_interleave(k, 0)
