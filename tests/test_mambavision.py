@@ -1,5 +1,6 @@
 """MambaVision network: parameter counts of the official variants, equality with the official NVlabs
 model (skipped without the `mambavision` package), timm conventions, norms, loader, ONNX."""
+import re
 import sys
 import types
 import warnings
@@ -184,6 +185,9 @@ def test_any_input_size_and_pretrained_cfg():
     model = timm.create_model("mambavision_t", num_classes=5, **TINY).eval()
     for size in (32, 40, 100):
         assert model(torch.randn(1, 3, size, size)).shape == (1, 5)
+    for bad in ((3, 64, 64), (1, 1, 64, 64)):  # an unbatched image, a gray one: named as the user gave them
+        with pytest.raises(ValueError, match=rf"^MambaVision expects images of shape \(B, 3, H, W\), got {re.escape(str(bad))}$"):
+            model(torch.randn(bad))
     cfg = model.pretrained_cfg
     assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["interpolation"] == "bicubic"
     assert timm.create_model("mambavision_s", pretrained=False, **TINY).pretrained_cfg["crop_pct"] == 0.93

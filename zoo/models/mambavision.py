@@ -110,6 +110,9 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        in_chans = self.conv_down[0].in_channels
+        if x.dim() != 4 or x.shape[1] != in_chans:  # torch's conv would take 3-D input as one unbatched image
+            raise ValueError(f"MambaVision expects images of shape (B, {in_chans}, H, W), got {tuple(x.shape)}")
         return self.conv_down(x)
 
 
