@@ -83,6 +83,10 @@ def test_subcommands_stages_and_outputs_a_run_cannot_take_are_one_line(tmp_path,
     choices = "give one of fit, validate, test, predict, compare, export (train.py --help, train.py compare --help)"
     assert run_main(capsys) == (2, f"error: no subcommand; {choices}\n")
     assert run_main(capsys, "fitt", "--config", "unet") == (2, f"error: unknown subcommand 'fitt'; {choices}\n")
+    code, err = run_main(capsys, "predict", f"--ckpt_path={unet_ckpt}")
+    assert code == 2 and error_lines(err) == ["error: train.py predict needs --config: a config file, or a bundled one "
+                                              "by name (mambavision, resnet, sketch_rnn, transformer_lm, "
+                                              "transformer_seq2seq, unet, unet_paper)"]
     monkeypatch.delattr(UNetSegmentation, "test_step")  # a task without a test stage, as the LM and classifier
     code, err = run_main(capsys, "test", *tiny_unet_args(tmp_path), f"--ckpt_path={unet_ckpt}")
     assert code == 2 and error_lines(err) == ["error: No `test_step()` method defined to run `Trainer.test`."]

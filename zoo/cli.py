@@ -346,6 +346,10 @@ def main(argv: list[str] | None = None) -> None:
         if not args or not (args[0].startswith("-") or args[0] in SUBCOMMANDS):
             raise ValueError(f"{'no subcommand' if not args else f'unknown subcommand {args[0]!r}'}; give one of "
                              f"{', '.join(SUBCOMMANDS)} (train.py --help, train.py compare --help)")
+        if args[0] in SUBCOMMANDS[:4] and not any(a.startswith(("--config", "-c", "--model", "--help", "-h"))
+                                                  for a in args[1:]):
+            names = ", ".join(sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.yaml")))
+            raise ValueError(f"train.py {args[0]} needs --config: a config file, or a bundled one by name ({names})")
         if args[0] == "compare":
             from zoo.compare import main as compare
 
