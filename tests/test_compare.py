@@ -87,6 +87,8 @@ def test_bad_input_gets_one_line_before_any_run(tmp_path, capsys, monkeypatch):
         ("--norms", "batch,batch"): "error: model.net.norm=batch,batch repeats 'batch'; give each value once",
         ("--norms", "batch", "--seeds", "two"): "error: --seeds 'two' is not a count",
         ("--norms", "batch", "--jobs", "0"): "error: --jobs 0: must be at least 1",
+        ("--norms", "batch", "--launcher", "foo"): "error: train.py compare: argument --launcher: invalid choice: "
+                                                   "'foo' (choose from ",  # argparse, not its usage block
         ("--norms", "batch", "--trainer.max_stepz=3"): "error: unrecognized arguments: --trainer.max_stepz=3",
         ("--norms", "batch", "--baseline", "model.net.norm=group"): "error: --baseline 'model.net.norm=group' must be",
         ("--norms", "batch", "--metric", "val/iou_fg"): "error: --metric 'val/iou_fg': expected NAME:min or NAME:max",
