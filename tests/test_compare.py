@@ -137,9 +137,10 @@ def test_an_override_spelled_either_way_is_the_same_override(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("seed_everything: 0\n")
     out = tmp_path / "out"
-    prepare_out(out, [str(config)], ["--trainer.max_steps=2", "--model.net.norm", "batch"], fresh=False)
+    group = prepare_out(out, [str(config)], ["--trainer.max_steps=2", "--model.net.norm", "batch"], fresh=False)
     (out / "runs" / "kept").mkdir(parents=True)
-    prepare_out(out, [str(config)], ["--trainer.max_steps", "2", "--model.net.norm=batch"], fresh=False)
+    time.sleep(1)  # the group is named by the time the comparison started: a re-run keeps it
+    assert prepare_out(out, [str(config)], ["--trainer.max_steps", "2", "--model.net.norm=batch"], fresh=False) == group
     assert json.loads((out / "compare.json").read_text())["overrides"] == ["--trainer.max_steps=2",
                                                                           "--model.net.norm=batch"]
     # a compare.json written before overrides were normalized holds them as given

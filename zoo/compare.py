@@ -240,15 +240,17 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
-def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool) -> None:
+def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool) -> str:
     """Refuses a DIR that holds a comparison of other configs or overrides (results of different
     settings must not mix); `fresh` deletes the previous comparison first. Overrides are compared
-    normalized (`normalize_overrides`), also those of a compare.json written before they were."""
+    normalized (`normalize_overrides`), also those of a compare.json written before they were.
+    Returns the comparison's wandb group: made when it starts and kept by every re-run into DIR."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a directory (it is created if missing)")
     overrides = normalize_overrides(overrides)
     state = {"configs": [{"path": str(Path(c).resolve()), "sha256": hashlib.sha256(Path(c).read_bytes()).hexdigest()}
-                         for c in configs], "overrides": overrides}
+                         for c in configs], "overrides": overrides,
+             "group": f"{Path(configs[-1]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"}
     path = out / STATE_FILE
     if fresh:
         for name in ("runs", "plots", "samples"):
@@ -266,8 +268,10 @@ def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool
         if differ:
             raise ValueError(f"--out {out} holds a comparison with other settings ({'; '.join(differ)}); "
                              "use another --out, or --fresh to delete it and start over")
+        state["group"] = before.get("group", state["group"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(state, indent=2))
+    return state["group"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,6 +469,7 @@ def _ray_launch(ray, runs, specs, cpus_per_run, gpus_per_run, max_retries, on_do
                                             retry_exceptions=False)
     pending = {}
     for run, spec in zip(runs, specs):
+        (run.dir / RAY_NODES).unlink(missing_ok=True)  # an earlier compare's attempts are not this one's retries
         run.status = "running"
         pending[task.remote(spec, max_retries)] = run
     while pending:
@@ -788,6 +793,7 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
     write_dashboard(dashboard_data(runs, out, f"Comparison: {', '.join(configs)}", description, metric, mode, st), out)
     atomic_write_text(out / "results.json", json.dumps({
         "runs": {r.name: {"point": r.point, "seed": r.seed, "values": r.values, "retries": r.retries, "node": r.node,
+                          "status": r.status,
                           **r.summary} for r in runs},
         "aggregate": st["aggregate"], "paired": st["paired"], "verdicts": st["verdicts"]}, indent=2, default=str))
     if not final:
@@ -896,13 +902,12 @@ def main(argv: list[str]) -> int:
     for key, values in sweeps.items():
         warn_unregistered_norms(key, values)
     out = Path(args.out)
-    prepare_out(out, args.config, overrides, args.fresh)
+    group = prepare_out(out, args.config, overrides, args.fresh)
 
     runs = plan_runs(sweeps, out, seeds)
     todo = [r for r in runs if not load_finished(r)]
     kept = len(runs) - len(todo)
     print(f"{len(runs)} runs" + (f"; {kept} finished before, kept as they are" if kept else ""), flush=True)
-    group = f"{Path(args.config[-1]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Threads per run: the user's OMP_NUM_THREADS, else the cores split between runs. Sent with every
     # run (also to other Ray nodes), with the settings that change what a run does.
     threads = cpu_threads(args.jobs) if args.launcher == "local" else args.cpus_per_run
