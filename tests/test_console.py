@@ -22,6 +22,10 @@ def test_console_script_takes_bundled_configs_by_name_from_any_directory(tmp_pat
     bad = subprocess.run([str(ZOO), "fit", "--config", "unt"], cwd=tmp_path, capture_output=True, text=True, env=ENV)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
         "error: --config 'unt': no such file, and not a bundled config (mambavision, resnet, ")
+    bad = subprocess.run([str(ZOO), "compare", "--norms", "batch"], cwd=tmp_path, capture_output=True, text=True,
+                         env=ENV)  # the messages name the command as it was run
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "error: zoo compare: the following arguments are required: --config, --out")
 
 
 def test_names_resolve_and_paths_stay_as_given(tmp_path, monkeypatch):

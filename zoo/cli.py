@@ -339,25 +339,26 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict", "compare", "export")
 def main(argv: list[str] | None = None) -> None:
     """`train.py` and the `zoo` console script: `zoo fit --config unet ...`."""
     args = sys.argv[1:] if argv is None else list(argv)
+    prog = Path(sys.argv[0]).name if argv is None else "train.py"  # `zoo` when run as the console script
     try:
         args = with_bundled_configs(args)
         if argv is None:  # LightningCLI reads sys.argv itself (given args, it warns that both are set)
             sys.argv[1:] = args
         if not args or not (args[0].startswith("-") or args[0] in SUBCOMMANDS):
             raise ValueError(f"{'no subcommand' if not args else f'unknown subcommand {args[0]!r}'}; give one of "
-                             f"{', '.join(SUBCOMMANDS)} (train.py --help, train.py compare --help)")
+                             f"{', '.join(SUBCOMMANDS)} ({prog} --help, {prog} compare --help)")
         if args[0] in SUBCOMMANDS[:4] and not any(a.startswith(("--config", "-c", "--model", "--help", "-h"))
                                                   for a in args[1:]):
             names = ", ".join(sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.yaml")))
-            raise ValueError(f"train.py {args[0]} needs --config: a config file, or a bundled one by name ({names})")
+            raise ValueError(f"{prog} {args[0]} needs --config: a config file, or a bundled one by name ({names})")
         if args[0] == "compare":
             from zoo.compare import main as compare
 
-            sys.exit(compare(args[1:]))
+            sys.exit(compare(args[1:], f"{prog} compare"))
         if args[0] == "export":
             from zoo.export import main as export
 
-            sys.exit(export(args[1:]))
+            sys.exit(export(args[1:], f"{prog} export"))
         ZooCLI(args=None if argv is None else args)
     except (SystemExit, KeyboardInterrupt):
         raise

@@ -841,11 +841,11 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
 # ------------------------------------------------------------------------------------------------
 # entry point
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], prog: str = "train.py compare") -> int:
     from zoo.cli import ArgumentParser
 
     p = ArgumentParser(
-        prog="train.py compare",
+        prog=prog,
         description="Train one config once per norm (or per point of --sweep) and per seed, same data, and "
         "write DIR/report.html + report.md. Any other --trainer.*/--model.*/--data.* argument applies to every run.",
     )

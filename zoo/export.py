@@ -454,11 +454,11 @@ def check_login() -> None:
 # ------------------------------------------------------------------------------------------------
 # command line
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], prog: str = "train.py export") -> int:
     from zoo.cli import ArgumentParser
 
     p = ArgumentParser(
-        prog="train.py export",
+        prog=prog,
         description="Write an inference-only folder (model.safetensors, config.json, README.md) from a "
         "checkpoint; `zoo.load(DIR)` reads it back, and an image classifier's network also "
         '`timm.create_model("local-dir:DIR", pretrained=True)`. Optionally upload it to the Hugging Face Hub.',
