@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import zoo
+from lightning.pytorch.loggers import WandbLogger
 from zoo.models.config import flat
 from zoo.cli import ZooCLI, error_line, run_tags, wandb_mode
 from zoo.scaling import InputScaler
@@ -174,6 +175,28 @@ def test_wandb_run_carries_job_type_resolved_config_and_tags(tmp_path, monkeypat
     config = init["config"]  # the full resolved config, plain data
     assert config["model"]["init_args"]["net"]["norm"] == "group" and config["seed_everything"] == 3
     assert config["data"]["init_args"]["crop_size"] == 28
+
+
+def test_resumed_fit_continues_its_wandb_run(tmp_path, monkeypatch):
+    # wandb offline (files only): the run id travels in the checkpoint, so the resumed segment logs to
+    # the same wandb run, as a wandb user expects of a resumed job; a new run gets a new id.
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+    def wandb_ids(cli):
+        wandb.finish()  # as `train.py` does at exit: the next run is a new process's
+        return [lg.version for lg in cli.trainer.loggers if isinstance(lg, WandbLogger)]
+
+    first = fit(tmp_path / "run", "--trainer.max_steps=2")
+    (run_id,) = wandb_ids(first)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["callbacks"]["RunSummary"]["wandb_id"] == run_id
+    resumed = fit(tmp_path / "run", "--ckpt_path=last")
+    assert wandb_ids(resumed) == [run_id] and resumed.trainer.global_step == 4
+    # wandb wrote both segments under that id
+    assert {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")} == {run_id}
+    assert wandb_ids(fit(tmp_path / "other")) != [run_id]
 
 
 def test_tensorboard_gets_hparams_with_final_metrics(tmp_path):

@@ -26,6 +26,8 @@ def test_console_script_takes_bundled_configs_by_name_from_any_directory(tmp_pat
                          env=ENV)  # the messages name the command as it was run
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
         "error: zoo compare: the following arguments are required: --config, --out")
+    usage = subprocess.run([str(ZOO), "--help"], cwd=tmp_path, capture_output=True, text=True, env=ENV).stdout
+    assert "`zoo compare` trains a config" in " ".join(usage.split()) and "train.py" not in usage
 
 
 def test_names_resolve_and_paths_stay_as_given(tmp_path, monkeypatch):

@@ -59,6 +59,24 @@ def test_bad_arguments_name_the_value(tmp_path, capsys, extra, message):
     assert code == 2 and len(error_lines(err)) == 1 and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("typo, hint", [
+    ("--model.net.nrom=group", "unrecognized arguments: --net.nrom=group; did you mean --model.net.norm?"),
+    ("--data.batchsize=3", "Option 'batchsize' is not accepted; did you mean --data.batch_size?"),
+    ("--trainer.max_stesp=3", "unrecognized arguments: --trainer.max_stesp=3; did you mean --trainer.max_steps?"),
+    ("--trainr.max_steps=3", "; did you mean --trainer.max_steps?"),
+    ("--model.optimizer.llr=0.1", "Option 'llr' is not accepted. Got value: Namespace(class_path='torch.optim.SGD', "
+                                  "init_args=Namespace(llr='0.1')); did you mean --model.optimizer.lr?"),
+])
+def test_a_mistyped_option_gets_the_closest_name(tmp_path, capsys, typo, hint):
+    code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, "--model.optimizer=SGD", typo))
+    assert code == 2 and len(error_lines(err)) == 1 and error_lines(err)[0].endswith(hint)
+
+
+def test_an_unknown_option_far_from_any_gets_no_guess(tmp_path, capsys):
+    code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, "--trainer.xyzzy=3"))
+    assert code == 2 and error_lines(err) == ["error: unrecognized arguments: --trainer.xyzzy=3"]
+
+
 def test_language_model_data_errors_name_value_split_and_file(tmp_path, capsys):
     code, err = run_main(capsys, "fit", *cli_args("transformer_lm", tmp_path, "--data.batch_size=-1"))
     assert code == 2 and error_lines(err) == ["error: batch_size=-1 must be >= 1"]

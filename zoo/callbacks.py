@@ -15,6 +15,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.data import extract_batch_size
 
 from zoo.data.sampling import _seed_int
@@ -45,6 +46,9 @@ class RunSummary(Callback):
     Metrics: each checkpoint also carries the metrics logged so far, which a resumed segment updates
     with what it logs itself. So a run killed after its last checkpoint, and resumed from it with no
     step left to train, still reports the final metrics rather than none.
+
+    Each checkpoint also carries the run's wandb run id (`wandb_id`), so a resumed fit continues that
+    wandb run (`ZooCLI`) instead of starting another.
     """
 
     def __init__(self, dirpath: str | Path):
@@ -98,7 +102,9 @@ class RunSummary(Callback):
         return dict(sorted({**self.earlier_metrics, **now}.items()))
 
     def state_dict(self) -> dict:
-        return {"peak_memory_mb": self._peak_mb(), "metrics": self._metrics(self.trainer)}
+        wandb_ids = [lg.version for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
+        return {"peak_memory_mb": self._peak_mb(), "metrics": self._metrics(self.trainer),
+                "wandb_id": wandb_ids[0] if wandb_ids else None}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.earlier_peak_mb = state_dict.get("peak_memory_mb")
@@ -128,8 +134,6 @@ class RunSummary(Callback):
     @staticmethod
     def _log_hparams(trainer: Trainer, pl_module: LightningModule, metrics: dict) -> None:
         """The run's hyper-parameters with its final metrics, for TensorBoard's HParams view."""
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         params = {f"model/{k}": v for k, v in pl_module.hparams.items()}
         if trainer.datamodule is not None:
             params.update({f"data/{k}": v for k, v in trainer.datamodule.hparams.items()})

@@ -10,6 +10,7 @@ running); `ZOO_DEBUG=1` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import inspect
 import netrc
@@ -20,13 +21,14 @@ import warnings
 from pathlib import Path
 from typing import Literal, Optional
 
+import jsonargparse
 import lightning as L
 import torch
 from jsonargparse._actions import _ActionPrintConfig  # jsonargparse's own --print_config step
 from lightning.fabric.utilities.exceptions import MisconfigurationException  # Lightning's bad-settings error
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from zoo import checkpoint
 from zoo.callbacks import AtomicCheckpointIO, RunSummary, StepSeed, WritePredictions
@@ -70,7 +72,8 @@ class ZooCLI(LightningCLI):
     holding `checkpoints/` (best + `last.ckpt`, so `--ckpt_path last` resumes), `csv/` logs, wandb
     files, sample images and `summary.json`; CSV + wandb loggers; seed 0 unless given."""
 
-    def __init__(self, args=None, run: bool = True):
+    def __init__(self, args=None, run: bool = True, prog: str = "train.py"):
+        self._wandb_id = None  # the wandb run a resumed fit continues (from its checkpoint's RunSummary)
         # Lightning's own call of a torch API deprecated in torch 2.14, printed by every run: nothing to act on
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         super().__init__(
@@ -82,9 +85,9 @@ class ZooCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             # parse errors raise (main prints them as one line) instead of printing usage and exiting
-            parser_kwargs={"description": "zoo: train.py {fit,validate,test,predict} as LightningCLI; "
-                           "`train.py compare --help` runs one config over several norms; "
-                           "`train.py export --help` writes an inference-only folder.",
+            parser_kwargs={"description": f"zoo: `{prog} fit|validate|test|predict` are LightningCLI's (below); "
+                           f"`{prog} compare` trains a config over several norms and seeds and reports the "
+                           f"comparison; `{prog} export` writes an inference-only folder (each: --help).",
                            "exit_on_error": False},
             args=args,
             run=run,
@@ -112,7 +115,11 @@ class ZooCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # --print_config is printed after the links, so it shows (and saves) the values the run uses
         with _ActionPrintConfig.skip_print_config():
-            super().parse_arguments(parser, args)
+            try:
+                super().parse_arguments(parser, args)
+            except Exception as e:
+                e.add_note(closest_option(e, parser))  # error_line ends its line with it
+                raise
         stage = self.config.get("subcommand")
         link_data_to_model(self.config[stage] if stage else self.config)
         _ActionPrintConfig.print_config_if_requested(parser, self.config)
@@ -126,12 +133,11 @@ class ZooCLI(LightningCLI):
         mode = wandb_mode(cfg["wandb"]["mode"])
         os.environ["WANDB_MODE"] = mode  # decided once, before any wandb.init
         if mode != "disabled" and stage != "predict":
-            from lightning.pytorch.loggers import WandbLogger
-
             w = cfg["wandb"]
             self._dump_config()  # the full resolved config, as plain data
             loggers.append(WandbLogger(
                 project=w["project"], name=w["name"] or root.name, group=w["group"], job_type=w["job_type"],
+                id=self._wandb_id if stage == "fit" else None,
                 tags=run_tags(model, self.datamodule) + list(w["tags"]), config=self.config_dump,
                 save_dir=str(root), offline=mode == "offline",
             ))
@@ -171,6 +177,8 @@ class ZooCLI(LightningCLI):
                 return
             cfg.ckpt_path = path = str(last)
         ckpt = checkpoint.read(path)
+        if stage == "fit":
+            self._wandb_id = ckpt.get("callbacks", {}).get(RunSummary.__qualname__, {}).get("wandb_id")
         task = checkpoint.task_class(ckpt, path)
         task_name = f"{task.__module__}.{task.__qualname__}"
         if task_name != cfg["model"]["class_path"]:
@@ -261,6 +269,37 @@ def link_data_to_model(cfg) -> None:
         model["init_args"][key] = wanted
 
 
+def closest_option(exc: BaseException, parser) -> str:
+    """'did you mean --model.net.norm?' for an option jsonargparse refused as unknown (it names none)
+    with a known one close to it; '' otherwise. The known options of an option nested in a class
+    (--model.net.*, --data.*, --model.optimizer.*) are that class's arguments."""
+    messages, keys = [], []
+    while exc is not None:
+        messages.append(str(exc))
+        keys += [k for k in re.findall(r'^Parser key "([^"]+)":', str(exc)) if k not in keys]
+        exc = exc.__cause__
+    bad = re.search(r"unrecognized arguments: --([^\s=]+)|Option '([^']+)' is not accepted", messages[-1])
+    if bad is None:
+        return ""
+    classes = [c for m in messages for c in re.findall(r"class_path ?=? ?'([\w.]+)'", m)]
+    if classes:  # the innermost class named
+        module, _, name = classes[-1].rpartition(".")
+        parser = jsonargparse.ArgumentParser()
+        parser.add_class_arguments(getattr(importlib.import_module(module), name))
+    known = {o.lstrip("-") for p in [parser, *(parser._subcommands_action.choices.values()
+                                                if parser._subcommands_action else [])]
+             for a in p._actions for o in a.option_strings if o.startswith("--")}
+    prefix = ".".join(keys) + "." if classes else ""
+    parent, _, leaf = (bad[1] or bad[2]).rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+    if siblings:  # --trainer.max_stesp: compared with trainer's options only
+        prefix += parent + "." if parent else ""
+        near = difflib.get_close_matches(leaf, siblings, n=1)
+    else:  # --trainr.max_steps
+        near = difflib.get_close_matches(bad[1] or bad[2], [k for k in known if k.count(".") == parent.count(".") + 1], n=1)
+    return f"did you mean --{prefix}{near[0]}?" if near else ""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for `compare` and `export`: a bad argument raises ValueError, which `main` prints as one
     `error:` line, instead of argparse's usage block."""
@@ -278,7 +317,7 @@ def error_line(exc: BaseException) -> str:
     """One line for an exception: jsonargparse wraps errors raised while building the model or data
     (`Does not validate against any of the Union subtypes ... Given value: Namespace(...)`); the
     message is the error it wraps, after the option it concerns (`--data: ...`)."""
-    keys = []  # the options it is nested in: --model, then --optimizer inside it
+    keys, top = [], exc  # the options it is nested in: --model, then --optimizer inside it
     while exc.__cause__ is not None and _raised_in(exc, "jsonargparse") and "Union subtypes" in str(exc):
         found = re.match(r'Parser key "([^"]+)":', str(exc))
         if found and found[1] not in keys:
@@ -289,7 +328,7 @@ def error_line(exc: BaseException) -> str:
     if own:
         keys += [own[1]] if own[1] not in keys else []
         message = message[own.end():].strip()
-    message = message or type(exc).__name__
+    message = "; ".join([message or type(exc).__name__, *(n for n in getattr(top, "__notes__", ()) if n)])
     key = ".".join(keys)
     if key:
         message = f"--{key}: {message}"
@@ -359,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
             from zoo.export import main as export
 
             sys.exit(export(args[1:], f"{prog} export"))
-        ZooCLI(args=None if argv is None else args)
+        ZooCLI(args=None if argv is None else args, prog=prog)
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as e:
