@@ -290,13 +290,14 @@ def closest_option(exc: BaseException, parser) -> str:
                                                 if parser._subcommands_action else [])]
              for a in p._actions for o in a.option_strings if o.startswith("--")}
     prefix = ".".join(keys) + "." if classes else ""
-    parent, _, leaf = (bad[1] or bad[2]).rpartition(".")
+    bad = bad[1] or bad[2]
+    parent, _, leaf = bad.rpartition(".")
     siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
     if siblings:  # --trainer.max_stesp: compared with trainer's options only
         prefix += parent + "." if parent else ""
         near = difflib.get_close_matches(leaf, siblings, n=1)
     else:  # --trainr.max_steps
-        near = difflib.get_close_matches(bad[1] or bad[2], [k for k in known if k.count(".") == parent.count(".") + 1], n=1)
+        near = difflib.get_close_matches(bad, [k for k in known if k.count(".") == bad.count(".")], n=1)
     return f"did you mean --{prefix}{near[0]}?" if near else ""
 
 
