@@ -1,10 +1,12 @@
 """`zoo.load`: plain-data checkpoints load with weights_only=True; everything else is refused clearly."""
 import collections
 import dataclasses
+import pickle
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import zoo
 from zoo.checkpoint import CheckpointError
@@ -71,16 +73,26 @@ def test_pickled_code_is_refused(tmp_path, model):
     assert "GLOBAL print" in str(caught.value) and "weights_only" not in str(caught.value)  # no unsafe advice
 
 
+def test_a_bare_pickle_of_code_is_refused_as_code(tmp_path):
+    path = tmp_path / "legacy.ckpt"  # torch's legacy (non-zip) format is a pickle: it still reaches the unpickler
+    path.write_bytes(pickle.dumps(Payload(), protocol=2))
+    with pytest.raises(CheckpointError, match="is not plain data.*GLOBAL print"):
+        zoo.load(path)
+
+
 def test_files_that_are_not_checkpoints(tmp_path):
     text, notes, array = tmp_path / "text.ckpt", tmp_path / "notes.ckpt", tmp_path / "array.npy"
     text.write_text("hello\n")  # torch's fallback loader: KeyError
     notes.write_text("some notes\nmore\n")  # IndexError
-    np.save(array, np.arange(3))  # not a pickle: refused by the weights-only unpickler
+    np.save(array, np.arange(3))  # not a pickle either (it once read as refused code)
+    image = tmp_path / "a.png"
+    Image.new("L", (4, 4)).save(image)
     weights = tmp_path / "export" / "model.safetensors"  # inside a `train.py export` folder
     weights.parent.mkdir()
     weights.write_bytes(b"")
     for path, message in ((text, "is not a torch checkpoint"), (notes, "is not a torch checkpoint"),
-                          (array, "is not plain data"), (weights, "zoo.load takes the folder that holds it")):
+                          (array, "is not a torch checkpoint"), (image, r"is not a torch checkpoint.*b'\\x89PNG'"),
+                          (weights, "zoo.load takes the folder that holds it")):
         with pytest.raises(CheckpointError, match=message) as caught:
             zoo.load(path)
         assert str(path) in str(caught.value) and "weights_only" not in str(caught.value)

@@ -5,6 +5,7 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,15 @@ def test_a_mistyped_option_gets_the_closest_name(tmp_path, capsys, typo, hint):
 def test_an_unknown_option_far_from_any_gets_no_guess(tmp_path, capsys):
     code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, "--trainer.xyzzy=3"))
     assert code == 2 and error_lines(err) == ["error: unrecognized arguments: --trainer.xyzzy=3"]
+
+
+def test_images_with_other_channels_than_the_model_name_the_argument(tmp_path, capsys):
+    from tests.test_segmentation_data import make_root
+
+    root = make_root(tmp_path / "rgb", rgb=True)  # RGB images for a U-Net left at in_channels=1
+    code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, f"--data.root={root}", "--data.crop_size=12"))
+    assert code == 2 and error_lines(err) == [
+        "error: the training images have 3 channel(s), the model takes 1; set --model.in_channels 3"]
 
 
 def test_language_model_data_errors_name_value_split_and_file(tmp_path, capsys):
@@ -155,10 +165,13 @@ def test_resume_with_other_model_arguments_is_refused(tmp_path, capsys, unet_ckp
 
 
 def test_predict_uses_the_checkpoints_model_arguments_and_says_so(tmp_path, capsys, unet_ckpt):
-    ZooCLI(args=["predict", *tiny_unet_args(tmp_path, "--model.net.norm=batch"), f"--ckpt_path={unet_ckpt}",
-                 f"--predict_out={tmp_path / 'pred'}"])
-    assert "using the checkpoint's model arguments (net.norm: checkpoint 'none', now 'batch')" in capsys.readouterr().err
-    assert list((tmp_path / "pred").glob("*_probs.npy"))
+    cli = ZooCLI(args=["predict", *tiny_unet_args(tmp_path, "--model.net.norm=batch", "--data.num_classes=3"),
+                       f"--ckpt_path={unet_ckpt}", f"--predict_out={tmp_path / 'pred'}"])
+    assert ("using the checkpoint's model arguments (net.norm: checkpoint 'none', now 'batch', "
+            "num_classes: checkpoint 2, now 3 (data.num_classes follows))") in capsys.readouterr().err
+    # a value the model and the data share (LINKED) follows the checkpoint in both
+    assert cli.model.hparams.num_classes == cli.datamodule.hparams.num_classes == 2
+    assert [np.load(p).shape[0] for p in (tmp_path / "pred").glob("*_probs.npy")] == [2, 2]
 
 
 def test_ckpt_path_last_without_a_checkpoint_starts_a_new_run(tmp_path, capsys):

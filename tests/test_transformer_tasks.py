@@ -1,5 +1,6 @@
 """Transformer text data, tasks and the entry point end to end: tokenizers, built-in corpus and
 seq2seq tasks, label smoothing, optimizer groups and the noam schedule, fit -> zoo.load -> predict."""
+import csv
 import io
 import json
 import math
@@ -213,6 +214,17 @@ def test_continuation_longer_than_the_context_keeps_the_prompt_and_slides():
         model.continue_text(["abc"])
 
 
+def test_word_level_continuation_starts_after_a_space():
+    torch.manual_seed(0)
+    model = LanguageModel(net={"d_model": 16, "n_heads": 2, "n_layers": 1}, block_size=8).eval()
+    model._set_tokenizers({"text": Tokenizer("word").fit("the cat sat on the mat")})
+    prompt = "the cat"
+    with torch.no_grad():
+        ids = model.net.generate(torch.tensor([model.tokenizer.encode(prompt)]), 3, greedy=True)
+    words = model.tokenizer.decode(ids[0, 2:])  # "sat on mat"-like: words joined by spaces
+    assert words and model.continue_text(prompt, max_new_tokens=3, greedy=True) == " " + words  # not "the catsat"
+
+
 def test_transform_takes_a_list_of_inputs():
     model = Seq2Seq(net={"d_model": 16, "n_heads": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "max_len": 16})
     tok = Tokenizer("char").fit("abc")
@@ -283,13 +295,17 @@ def test_seq2seq_fit_load_test_and_predict(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="2 input token"):  # unseen characters: <unk>, not a crash
         assert len(model.transform(["a\u2603z", "b"])) == 2
 
+    with pytest.raises(ValueError, match=r"^input 'a{40}'\.\.\. has 70 tokens, more than the model's max_len=64$"):
+        model.transform(["ab", "a" * 70])
     inputs = tmp_path / "in.txt"
-    inputs.write_text("abcd\nba\n")
+    inputs.write_text('abcd\nba\na\tb"c\n')
     out = tmp_path / "pred"
     ZooCLI(args=["predict", *s2s_args(tmp_path / "run"), f"--data.predict_path={inputs}", f"--predict_out={out}",
                  f"--ckpt_path={ckpt}"])
+    with open(out / "predictions.tsv", newline="") as f:  # a tab or quote in an input is quoted: two fields a row
+        rows = list(csv.reader(f, dialect="excel-tab"))
+    assert rows == [[i, o] for i, o in zip(["abcd", "ba", 'a\tb"c'], model.transform(["abcd", "ba", 'a\tb"c']))]
     lines = (out / "predictions.tsv").read_text().splitlines()
-    assert [ln.split("\t")[0] for ln in lines] == ["abcd", "ba"]
     monkeypatch.setattr("sys.stdin", io.StringIO("abcd\ncab\n"))  # the same from stdin, into the same folder:
     ZooCLI(args=["predict", *s2s_args(tmp_path / "run"), "--data.predict_path=-", f"--predict_out={out}",
                  f"--ckpt_path={ckpt}"])

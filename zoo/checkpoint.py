@@ -46,6 +46,13 @@ def read(path: str | Path, map_location="cpu") -> dict:
     if path.suffix == ".safetensors":
         raise CheckpointError(f"{str(path)!r} is the weights file of an export; zoo.load takes the folder that "
                               f"holds it: zoo.load({str(path.parent)!r})")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (or, in its legacy format, a pickle: protocol opcode first); an
+    # image or text file is neither, and must not be reported as refused code by the unpickler below
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a torch checkpoint, or is truncated or corrupt "
+                              f"(it is neither a zip archive nor a pickle; it starts with {head!r})")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

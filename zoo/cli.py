@@ -190,7 +190,8 @@ class ZooCLI(LightningCLI):
         differ = {k: (v, given[k]) for k, v in flat(hparams).items()
                   if not k.startswith("_") and k in given and v != given[k]}
         if differ:
-            what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" + (f" (data.{k} follows)" if k in LINKED else "")
+                             for k, (a, b) in differ.items())
             if stage == "fit":
                 raise ValueError(f"cannot resume {path} with other model arguments ({what}); resume with the "
                                  "checkpoint's arguments, or start a new run in another --trainer.default_root_dir")
@@ -198,10 +199,14 @@ class ZooCLI(LightningCLI):
         # then as Lightning's own _parse_ckpt_path, from the upgraded hyper-parameters: the model is
         # configured with the checkpoint's arguments
         hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+        # the data follows the checkpoint's values of the keys it shares with the model (LINKED)
+        data = {k: hparams[k] for k in LINKED if k in differ and k in (cfg.get("data") or {}).get("init_args", {})}
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         if hparams:
             self.config = self.parser.parse_object({stage: {"model": hparams}}, self.config)
+        for key, value in data.items():
+            self.config[stage]["data"]["init_args"][key] = value
 
     def before_fit(self) -> None:
         if type(self.datamodule).__module__.startswith("zoo.data."):

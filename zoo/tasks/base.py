@@ -63,6 +63,11 @@ class ZooModule(L.LightningModule):
         # so checkpoints hold it and inference takes raw inputs.
         scaler = self.data_info().scaler
         if stage == "fit" and scaler is not None and hasattr(self, "input_scaler"):
+            have, want = scaler.num_channels, self.input_scaler.num_channels
+            if have != want:
+                arg = next((f"--model.{k}" for k in ("in_channels", "in_chans") if k in self.hparams), "the model's")
+                raise ValueError(f"the training images have {have} channel(s), the model takes {want}; "
+                                 f"set {arg} {have}")
             self.input_scaler.copy_from(scaler)
 
     def save_hyperparameters(self, *args, ignore=(), frame=None, logger: bool = True) -> None:

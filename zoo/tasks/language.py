@@ -179,7 +179,8 @@ class LanguageModel(TransformerTask):
     # -- inference -------------------------------------------------------------------------------------
     def continue_text(self, prompt: str, max_new_tokens: int = 200, greedy: bool = False,
                       generator: torch.Generator | None = None) -> str:
-        """Continue a prompt (str) with the model's sampling settings; returns the new text only.
+        """Continue a prompt (str) with the model's sampling settings; returns the new text only (word
+        level: after a space, so that prompt + continuation reads as text).
 
         Characters outside the vocabulary become <unk> (a warning gives the count); a prompt longer than
         the context (block_size) is cut to its last block_size tokens, with a warning. Past the context,
@@ -202,7 +203,8 @@ class LanguageModel(TransformerTask):
         use_cache = len(ids) + max_new_tokens <= hp.block_size
         out = self.net.generate(x, max_new_tokens, greedy=greedy, temperature=hp.temperature, top_k=hp.top_k,
                                 use_cache=use_cache, generator=generator)
-        return self.tokenizer.decode(out[0, len(ids):])
+        text = self.tokenizer.decode(out[0, len(ids):])
+        return " " + text if text and self.tokenizer.level == "word" else text
 
     def predict_step(self, batch, batch_idx):
         info = self.data_info()  # a datamodule that does not say keeps continue_text's defaults

@@ -11,6 +11,7 @@ their prediction and target. The optimizer, schedule, throughput and tokenizer c
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import warnings
 from pathlib import Path
@@ -118,6 +119,11 @@ class Seq2Seq(TransformerTask):
         src_tok = self.tokenizers["src"]
         src_tok.unknown = 0
         ids = [torch.tensor(src_tok.encode(s) or [UNK], dtype=torch.long) for s in lines]  # never all pads
+        max_len = self.net_config.max_len
+        for line, t in zip(lines, ids):
+            if len(t) > max_len:
+                raise ValueError(f"input {line[:40]!r}{'...' if len(line) > 40 else ''} has {len(t)} tokens, more "
+                                 f"than the model's max_len={max_len}")
         if src_tok.unknown:
             warnings.warn(f"{src_tok.unknown} input token(s) not in the vocabulary were mapped to <unk>")
         src = pad_sequence(ids, batch_first=True, padding_value=PAD).to(self.device)
@@ -155,7 +161,7 @@ class Seq2Seq(TransformerTask):
         return {"input": batch["text"], "output": self.transform(batch["text"])}
 
     def write_predictions(self, outputs, batch, out_dir: Path) -> None:
-        """Appends `input<TAB>output` lines to `<out_dir>/predictions.tsv`."""
-        with open(out_dir / "predictions.tsv", "a", encoding="utf-8") as f:
-            for i, o in zip(outputs["input"], outputs["output"]):
-                f.write(f"{i}\t{o}\n")
+        """Appends `input<TAB>output` rows to `<out_dir>/predictions.tsv` (Python's csv "excel-tab" dialect:
+        a field holding a tab, quote or newline is quoted, so every row reads back as two fields)."""
+        with open(out_dir / "predictions.tsv", "a", encoding="utf-8", newline="") as f:
+            csv.writer(f, dialect="excel-tab", lineterminator="\n").writerows(zip(outputs["input"], outputs["output"]))

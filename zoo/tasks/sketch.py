@@ -182,7 +182,9 @@ class SketchRNNTask(ZooModule):
 
     def write_predictions(self, outputs, batch, out_dir: Path) -> None:
         """Per predicted batch i: `batch{i:03d}_{inputs,reconstructions,samples,interpolation}.svg|.png`
-        grids of raw-unit sketches, and the generated stroke-3 sketches in `batch{i:03d}_generated.npz`."""
+        grids of raw-unit sketches, and the generated stroke-3 sketches in `batch{i:03d}_generated.npz`:
+        `samples` / `reconstructions` (P, 3) float32, their points end to end, and `samples_lengths` /
+        `reconstructions_lengths` (N,) int64, each sketch's number of points."""
         i = outputs["batch_idx"]
         for key in ("inputs", "reconstructions", "samples", "interpolation"):
             if key in outputs:
@@ -190,11 +192,11 @@ class SketchRNNTask(ZooModule):
                 columns = len(sketches) if key == "interpolation" else 10
                 (out_dir / f"batch{i:03d}_{key}.svg").write_text(sketches_to_svg(sketches, columns=columns))
                 Image.fromarray(render_sketches(sketches, columns=columns)).save(out_dir / f"batch{i:03d}_{key}.png")
-        gen = {k: outputs[k] for k in ("reconstructions", "samples") if k in outputs}
+        # plain number arrays (points end to end, and each sketch's length), so that reading them back
+        # needs no pickle: np.split(f["samples"], np.cumsum(f["samples_lengths"])[:-1])
         arrays = {}
-        for k, sketches in gen.items():
-            a = np.empty(len(sketches), dtype=object)
-            for j, s in enumerate(sketches):
-                a[j] = s
-            arrays[k] = a
+        for k in ("reconstructions", "samples"):
+            if k in outputs:
+                arrays[k] = np.concatenate([np.zeros((0, 3), np.float32), *outputs[k]]).astype(np.float32)
+                arrays[f"{k}_lengths"] = np.array([len(s) for s in outputs[k]], dtype=np.int64)
         np.savez_compressed(out_dir / f"batch{i:03d}_generated.npz", **arrays)
