@@ -88,7 +88,7 @@ def _write_folder(root, classes, per_class=3, size=20, seed=0):
 def test_image_folder_datamodule(tmp_path):
     _write_folder(tmp_path / "train", ["cat", "dog"])
     _write_folder(tmp_path / "val", ["dog"], per_class=2)
-    dm = ImagesDataModule(root=str(tmp_path), image_size=16, batch_size=4, input_norm="zscore")
+    dm = ImagesDataModule(root=str(tmp_path), num_classes=2, image_size=16, batch_size=4, input_norm="zscore")
     dm.setup("fit")
     assert dm.classes == ["cat", "dog"] and dm.scaler.fitted
     batch = next(iter(dm.train_dataloader()))
@@ -97,9 +97,9 @@ def test_image_folder_datamodule(tmp_path):
     val = next(iter(dm.val_dataloader()))
     assert val["label"].tolist() == [1, 1]  # "dog" keeps the training index although val has one class
     _write_folder(tmp_path / "bad" / "val", ["bird"])
-    _write_folder(tmp_path / "bad" / "train", ["cat"])
+    _write_folder(tmp_path / "bad" / "train", ["cat", "dog"])
     with pytest.raises(ValueError, match="bird"):
-        ImagesDataModule(root=str(tmp_path / "bad"), image_size=16).setup("fit")
+        ImagesDataModule(root=str(tmp_path / "bad"), num_classes=2, image_size=16).setup("fit")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,13 +13,19 @@ a model that detects edges and compares them (tests check the linear part). Labe
 the classes (index % num_classes), so splits are balanced.
 
 Folder data (`root`): `root/train/<class>/<image>` and `root/val/<class>/<image>` (torchvision
-ImageFolder; class names are the training subfolders, in sorted order; a validation class missing
-from training is an error). Training uses timm's `create_transform` (random-resized crop, flip, color
-jitter), validation and predict timm's eval transform (resize, center crop `crop_pct`), both without
-normalization.
+ImageFolder; class names are the training subfolders, in sorted order, as many as `num_classes`; a
+validation class missing from training is an error; files that are not images, or not in a class
+folder, are skipped with a warning naming them). Training uses timm's `create_transform`
+(random-resized crop, flip, color jitter), validation and predict timm's eval transform (resize,
+center crop `crop_pct`), both without normalization.
 
-Batches hold raw images, float32 in [0, 255]: train/val {"image": (B, 3, S, S), "label": (B,) int64};
-predict {"image": (B, 3, S, S), "name": [str]}. `self.scaler` (a `zoo.scaling.InputScaler` of kind
+Images of more than 8 bits (16-bit, 32-bit integer or float: PIL modes I;16, I, F, all grayscale) keep
+their real values (`zoo.data.segmentation.read_rgb`), the gray channel repeated to 3; the color jitter
+acts on such an image's values mapped from its own [min, max] to [0, 1] and back (torchvision clips
+float images to [0, 1]), where an 8-bit image's are clipped to [0, 255].
+
+Batches hold raw images, float32 (8-bit images in [0, 255]): train/val {"image": (B, 3, S, S), "label":
+(B,) int64}; predict {"image": (B, 3, S, S), "name": [str]}. `self.scaler` (a `zoo.scaling.InputScaler` of kind
 `input_norm`) is fitted on training images in `setup`; the model applies it.
 """
 from __future__ import annotations
@@ -32,10 +38,11 @@ import torch
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
+from torchvision.transforms import ColorJitter
 
 from zoo.data.contract import DataInfo, ZooDataModule
 from zoo.data.sampling import EpochSampler, seeded_generator, seeded_item, split_item, training_seed
-from zoo.data.segmentation import IMAGE_SUFFIXES, PredictImages, list_images
+from zoo.data.segmentation import IMAGE_SUFFIXES, PredictImages, list_images, read_rgb, warn_skipped
 from zoo.scaling import SCALER_KINDS, InputScaler
 
 __all__ = ["SHAPES", "TEXTURES", "shape_class_names", "make_shapes", "ShapesDataset",
@@ -144,14 +151,42 @@ class ShapesDataset(Dataset):
         return {"image": img, "label": self.labels[i]}
 
 
+class _JitterInRange:
+    """A ColorJitter that takes float tensors of any range too (images of more than 8 bits): torchvision
+    clips float images to [0, 1], so the image's own [min, max] is mapped to [0, 1] and back around it."""
+
+    def __init__(self, jitter: ColorJitter):
+        self.jitter = jitter
+
+    def __call__(self, img):
+        if not isinstance(img, torch.Tensor):
+            return self.jitter(img)
+        lo, hi = img.min(), img.max()
+        span = (hi - lo).clamp_min(1e-12)
+        return self.jitter((img - lo) / span) * span + lo
+
+
 class FolderImages(Dataset):
-    """One ImageFolder split with the training split's classes; items {"image": (3, S, S) float32 in
-    [0, 255], "label"}, indexed by i or (epoch, i); the transform's random draws are seeded by (seed,
-    epoch, i)."""
+    """One ImageFolder split with the training split's classes; items {"image": (3, S, S) float32 (8-bit
+    images in [0, 255]), "label"}, indexed by i or (epoch, i); the transform's random draws are seeded
+    by (seed, epoch, i). Files it skips (not images, or not in a class folder) are named in a warning."""
 
     def __init__(self, folder: Path, classes: list[str], transform, seed: int = 0):
         self.seed = seed
-        self.folder = ImageFolder(str(folder), transform=transform, allow_empty=True)
+        not_images = []
+
+        def is_image(path: str) -> bool:
+            if path.lower().endswith(IMAGE_SUFFIXES):
+                return True
+            if not Path(path).name.startswith("."):
+                not_images.append(str(Path(path).relative_to(folder)))
+            return False
+
+        self.folder = ImageFolder(str(folder), transform=transform, loader=read_rgb, is_valid_file=is_image,
+                                  allow_empty=True)
+        warn_skipped(folder, sorted(not_images), f"that are not images ({', '.join(IMAGE_SUFFIXES)})")
+        loose = [p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")]
+        warn_skipped(folder, sorted(loose), "that are not in a class folder")
         unknown = sorted(set(self.folder.classes) - set(classes))
         if unknown:
             raise ValueError(f"{folder} has class folders {unknown} that the training split lacks "
@@ -177,7 +212,8 @@ class ImagesDataModule(ZooDataModule):
         root: folder with train/ and val/ class subfolders; None -> synthetic shapes and textures.
         input_norm: `zoo.scaling.InputScaler` kind fitted on training images in `setup` (`self.scaler`).
         image_size: S, the side of every image a batch holds (synthetic: generated at this size).
-        num_classes: synthetic classes (2..12); a folder's count comes from its class folders.
+        num_classes: the classes: synthetic, 2..12; a folder's must equal its training class folders'
+            count (checked in `setup`).
         num_train, num_val: synthetic split sizes.
         batch_size: training and validation batch size.
         augment: training augmentation: synthetic, random horizontal flips; folder, timm's train transform.
@@ -216,8 +252,10 @@ class ImagesDataModule(ZooDataModule):
     def _transform(self, training: bool):
         hp = self.hparams
         if training:
-            return create_transform(hp.image_size, is_training=True, interpolation=hp.interpolation,
-                                    normalize=False, no_aug=not hp.augment)
+            t = create_transform(hp.image_size, is_training=True, interpolation=hp.interpolation,
+                                 normalize=False, no_aug=not hp.augment)
+            t.transforms = [_JitterInRange(s) if isinstance(s, ColorJitter) else s for s in t.transforms]
+            return t
         return create_transform(hp.image_size, is_training=False, interpolation=hp.interpolation,
                                 crop_pct=hp.crop_pct, normalize=False)
 
@@ -239,7 +277,7 @@ class ImagesDataModule(ZooDataModule):
             fit_on = [images.float()]
         else:
             folder = self._folder("train")
-            self.classes = ImageFolder(str(folder)).classes
+            self._class_names()
             self.train_set = FolderImages(folder, self.classes, self._transform(True), training_seed(hp.seed))
             plain = FolderImages(folder, self.classes, self._transform(False))
             picks = np.linspace(0, len(plain) - 1, min(hp.scaler_images, len(plain))).round().astype(int)
@@ -262,7 +300,13 @@ class ImagesDataModule(ZooDataModule):
 
     def _class_names(self) -> list[str]:
         if self.classes is None:
-            self.classes = ImageFolder(str(self._folder("train"))).classes
+            folder, n = self._folder("train"), self.hparams.num_classes
+            classes = ImageFolder(str(folder)).classes
+            if len(classes) != n:
+                raise ValueError(f"{folder} has {len(classes)} class folders ({', '.join(classes[:10])}"
+                                 f"{', ...' if len(classes) > 10 else ''}) but num_classes={n}; pass "
+                                 f"--data.num_classes {len(classes)}")
+            self.classes = classes
         return self.classes
 
     def setup(self, stage: str | None = None) -> None:
@@ -287,7 +331,7 @@ class ImagesDataModule(ZooDataModule):
                 files = [Path(p) for p, _ in self.val_set.folder.samples]
                 self.predict_set = PredictImages([f.name for f in files], files=files, transform=self._transform(False))
             return
-        files = list_images(Path(d))
+        files = list_images(Path(d), "predict_dir")
         if not files:
             raise ValueError(f"predict_dir {d} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
         paths = [files[s] for s in sorted(files)]

@@ -3,18 +3,21 @@ that serves the built-in synthetic cells (`zoo.data.cells`) or such folders to t
 
 Folder layout (`root`):
 
-    root/train/images/<stem>.png|.tif|.tiff|.jpg|.jpeg|.bmp   images, any size, grayscale or RGB
-    root/train/masks/<stem>.<ext>                             class ids (single channel), same size
-    root/train/instances/<stem>.<ext>                         optional: instance ids (0 = none)
+    root/train/images/<stem>.<ext>      images, any size, grayscale or RGB, 8 or more bits
+    root/train/masks/<stem>.<ext>       class ids (single channel), same size
+    root/train/instances/<stem>.<ext>   optional: instance ids (0 = none)
     root/val/...   (same)          root/test/...   (optional, same)
 
-Files with other suffixes are ignored. Every image needs a mask with the same stem and size (and an
-instances file, if that folder exists), all images of a dataset the same number of channels (RGBA
-drops alpha, palette images are converted to RGB); otherwise ValueError naming the file. Without
-`instances/`, the cells the weight map's border term refers to are the 4-connected components of
-each non-background class (`zoo.data.cells.connected_components`), which is exact for cells
-separated by background membranes (touching cells of the same class with no background between them
-merge into one component, and then get no border term between them).
+<ext> is one of IMAGE_SUFFIXES (torchvision ImageFolder's: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff
+.webp, any case); files with other suffixes are skipped with a warning naming them (hidden files
+silently). Images keep their real values (16-bit, 32-bit and float images too). Every image needs a
+mask with the same stem and size (and an instances file, if that folder exists), all images of a
+dataset the same number of channels (RGBA drops alpha, palette images are converted to RGB);
+otherwise ValueError naming the file. Without `instances/`, the cells the weight map's border term
+refers to are the 4-connected components of each non-background class
+(`zoo.data.cells.connected_components`), which is exact for cells separated by background membranes
+(touching cells of the same class with no background between them merge into one component, and then
+get no border term between them).
 
 Weight maps (paper Eq. 2, `zoo.data.cells.weight_map`) are computed once per image in `setup`, on
 the whole image, with class weights w_c(k) = N / (P n_k) from the training masks' pixel counts
@@ -36,6 +39,7 @@ int64, "weight": (B, S, S) float32}; val/test {"image": (1, C, H, W), "mask": (1
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from zoo.data.augment import WeightMap, paper_augmentation, set_generator
 from zoo.data.cells import class_weights, connected_components, make_cell, weight_map
@@ -53,10 +58,12 @@ from zoo.scaling import SCALER_KINDS, InputScaler
 
 __all__ = [
     "CellsDataModule", "SegmentationSplit", "TrainCrops", "EvalImages", "PredictImages", "EpochSampler",
-    "read_image", "read_mask", "read_split", "list_images", "reflect_index", "IMAGE_SUFFIXES",
+    "read_image", "read_rgb", "read_mask", "read_split", "list_images", "check_folder", "warn_skipped",
+    "reflect_index", "IMAGE_SUFFIXES",
 ]
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+# The classifier's ImageFolder takes these, so every folder of the zoo takes the same files.
+IMAGE_SUFFIXES = tuple(IMG_EXTENSIONS)
 
 # Seed streams of the synthetic splits and of the per-epoch training randomness.
 _TRAIN, _VAL, _TEST, _CROPS = 0, 1, 2, 10
@@ -93,7 +100,21 @@ def _open(path: Path, what: str) -> Image.Image:
 def read_image(path) -> torch.Tensor:
     """An image file -> (C, H, W) float32 raw values (C = 1 grayscale, 3 color; alpha dropped)."""
     path = Path(path)
+    return _image_tensor(_open(path, "image"), path)
+
+
+def read_rgb(path):
+    """An image file for the classifier's transforms: an 8-bit image as a PIL RGB image; an image of more
+    bits (PIL modes I;16*, I, F: single-channel) as a (3, H, W) float32 tensor of its real values, the
+    gray channel repeated, because PIL's convert("RGB") clips those to 255."""
+    path = Path(path)
     img = _open(path, "image")
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return _image_tensor(img, path).expand(3, -1, -1).contiguous()
+    return img.convert("RGB")
+
+
+def _image_tensor(img: Image.Image, path: Path) -> torch.Tensor:
     if img.mode == "P":
         img = img.convert("RGB")
     elif img.mode in ("1", "LA"):
@@ -125,18 +146,40 @@ def read_mask(path, what: str = "mask") -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
-def list_images(folder: Path) -> dict[str, Path]:
-    """stem -> path of the image files (IMAGE_SUFFIXES, case-insensitive) in `folder`."""
+def check_folder(folder, what: str = "folder") -> Path:
+    """`folder` as a Path; ValueError / NotADirectoryError (naming it as `what`) if it is missing or a file."""
     folder = Path(folder)
+    if folder.is_file():
+        raise NotADirectoryError(f"{what} {folder} is a file; expected a folder of images "
+                                 f"({', '.join(IMAGE_SUFFIXES)})")
     if not folder.is_dir():
-        raise ValueError(f"folder {folder} does not exist")
+        raise ValueError(f"{what} {folder} does not exist")
+    return folder
+
+
+def warn_skipped(folder, names: list[str], why: str) -> None:
+    """One warning for files of `folder` that are not read: their count, why, and the first few names."""
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        warnings.warn(f"{folder}: skipped {len(names)} file(s) {why}: {shown}")
+
+
+def list_images(folder, what: str = "folder") -> dict[str, Path]:
+    """stem -> path of the image files (IMAGE_SUFFIXES, case-insensitive) in `folder`; warns about the
+    other files (`warn_skipped`), leaving out hidden ones and subfolders."""
+    folder = check_folder(folder, what)
     out: dict[str, Path] = {}
+    skipped = []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(p.name)
             continue
         if p.stem in out:
             raise ValueError(f"two files with the stem {p.stem!r} in {folder}: {out[p.stem].name} and {p.name}")
         out[p.stem] = p
+    warn_skipped(folder, skipped, f"that are not images ({', '.join(IMAGE_SUFFIXES)})")
     return out
 
 
@@ -282,7 +325,7 @@ class EvalImages(Dataset):
 
 class PredictImages(Dataset):
     """Images without labels, {"image": (C, H, W) float32 raw, "name": str}: given as tensors, or as
-    files read (RGB) with `transform` on access."""
+    files read by `read_rgb` with `transform` on access."""
 
     def __init__(self, names: list[str], images=None, files: list[Path] | None = None, transform=None):
         self.names, self.images, self.files, self.transform = names, images, files, transform
@@ -293,11 +336,7 @@ class PredictImages(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.images is not None:
             return {"image": self.images[i].float(), "name": self.names[i]}
-        try:
-            img = Image.open(self.files[i]).convert("RGB")
-        except Exception as e:
-            raise ValueError(f"cannot read image file {self.files[i]}: {type(e).__name__}: {e}") from e
-        return {"image": self.transform(img).float(), "name": self.names[i]}
+        return {"image": self.transform(read_rgb(self.files[i])).float(), "name": self.names[i]}
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -363,7 +402,7 @@ class CellsDataModule(ZooDataModule):
         self.save_hyperparameters()
         self.scaler: InputScaler | None = None
         self.class_weights: torch.Tensor | None = None
-        self.in_channels: int | None = 1 if root is None else None
+        self.in_channels: int | None = None
         self.splits: dict[str, SegmentationSplit] = {}
         self._train_raw: dict[str, Any] | None = None
         self.predict_set: PredictImages | None = None
@@ -447,13 +486,13 @@ class CellsDataModule(ZooDataModule):
             self.predict_set = PredictImages(val.names, val.images)
             return
         folder = Path(d)
-        if not folder.is_dir():
-            raise ValueError(f"predict_dir {folder} does not exist")
-        files = list_images(folder)
+        files = list_images(folder, "predict_dir")
         if not files:
             raise ValueError(f"predict_dir {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-        train_images = Path(self.hparams.root or "") / "train" / "images"
-        if self.in_channels is None and train_images.is_dir():  # a folder dataset: from one training image
+        # Only a training folder fixes the channels here; without one (a checkpoint's model, trained on
+        # data not given now) the images must agree with each other, and the model checks its own input.
+        train_images = Path(self.hparams.root) / "train" / "images" if self.hparams.root else None
+        if self.in_channels is None and train_images is not None and train_images.is_dir():
             first = list_images(train_images)
             if first:
                 self.in_channels = read_image(next(iter(first.values()))).shape[0]

@@ -54,6 +54,7 @@ __all__ = ["SPLITS", "SketchSet", "read_npz", "write_npz", "load_sketch_files", 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+_SPLIT_NAMES = {"train": "training", "valid": "validation ('valid')", "test": "test"}
 CLAMP = 1000  # magenta's DataLoader limit on |offset|
 
 
@@ -157,6 +158,8 @@ def read_npz(path: Union[str, Path], splits: Sequence[str] = SPLITS) -> dict[str
     file (and split and record) when it cannot be read, lacks a split, holds a malformed sketch, or
     pickles anything but numpy arrays of numbers (nothing in the file is run)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"sketch file {str(path)!r} is a folder; expected a sketch-rnn .npz file")
     if not path.is_file():
         raise FileNotFoundError(f"sketch file {str(path)!r} does not exist")
     with path.open("rb") as f:
@@ -221,7 +224,16 @@ class SketchSet:
 
 
 def load_sketch_files(paths: Sequence[Union[str, Path]]) -> tuple[dict[str, SketchSet], list[str]]:
-    """One .npz per class -> ({split: SketchSet}, class names (file stems))."""
+    """One .npz per class -> ({split: SketchSet}, class names (file stems)). ValueError for a file
+    listed twice or two files with the same stem (two classes of one name)."""
+    stems: dict[str, Path] = {}
+    for path in map(Path, paths):
+        if path.stem in stems:
+            first = stems[path.stem]
+            raise ValueError(f"sketch file {str(path)!r} is listed twice" if path.resolve() == first.resolve() else
+                             f"sketch files {str(first)!r} and {str(path)!r} would both be class {path.stem!r} "
+                             "(a class is named by its file's stem); rename one")
+        stems[path.stem] = path
     sets = {s: SketchSet([], []) for s in SPLITS}
     names = []
     for k, path in enumerate(paths):
@@ -650,7 +662,8 @@ class SketchDataModule(ZooDataModule):
     """Sketch batches for Sketch-RNN.
 
     Args:
-        path: one sketch-rnn .npz or a list of them (one class each, named by the file stem).
+        path: one sketch-rnn .npz or a list of them (one class each, named by the file stem; stems
+            must differ).
         categories: QuickDraw category names ("cat,bus" or a list), one class each: their published
             sketch-rnn files are downloaded (`quickdraw_files`) in `setup`. Not together with `path`.
         cache_dir: where the downloads are kept; None: $ZOO_CACHE/quickdraw, else ~/.cache/zoo/quickdraw.
@@ -660,7 +673,8 @@ class SketchDataModule(ZooDataModule):
         classes: the built-in classes (fonts or synthetic class names); None: all defaults
             (HERSHEY_CLASSES or SYNTHETIC_CLASSES).
         num_per_class: sketches per synthetic class.
-        max_seq_len: longer sketches are dropped (and counted); magenta's default 250.
+        max_seq_len: longer sketches are dropped (and counted); magenta's default 250. A split the
+            stage needs that this leaves empty (or the training split below batch_size) is refused.
         batch_size: 100 as the official code; training drops the last partial batch.
         random_scale_factor, augment_stroke_prob: training augmentation (official 0.15, 0.10).
         num_workers: DataLoader workers.
@@ -696,27 +710,53 @@ class SketchDataModule(ZooDataModule):
         return DataInfo(classes=list(self.class_names), scale_factor=self.scale_factor, seq_len=self.steps)
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.sets is not None:
-            return
+        """Read and preprocess the splits once; refuse a split the stage needs that is too small: the
+        training split (always: it gives the scale factor), the validation split for fit / validate
+        (empty, Lightning would never validate nor write a checkpoint), the test split for test / predict."""
+        if self.sets is None:
+            self._load()
+        if stage in (None, "fit", "validate"):
+            self._check_size(self.sets, "valid", 1)
+        if stage in (None, "test", "predict"):
+            self._check_size(self.sets, "test", 1)
+
+    def _load(self) -> None:
         hp = self.hparams
         if self.categories:
             sets, names = load_sketch_files(quickdraw_files(self.categories, hp.cache_dir, hp.base_url))
+            self.source = f"the QuickDraw categories {', '.join(self.categories)}"
         elif hp.path:
             paths = [hp.path] if isinstance(hp.path, (str, Path)) else list(hp.path)
             sets, names = load_sketch_files(paths)
+            self.source = ", ".join(map(str, paths))
         elif hp.builtin == "hershey":
             sets, names = _split_classes(hershey_sketches(hp.classes or HERSHEY_CLASSES), hp.seed)
+            self.source = "the built-in hershey sketches"
         else:
             sets, names = _split_classes(synthetic_sketches(hp.num_per_class, hp.classes or SYNTHETIC_CLASSES,
                                                             hp.seed), hp.seed)
+            self.source = "the built-in synthetic sketches"
         self.report = preprocess(sets, hp.max_seq_len)
-        if len(sets["train"]) < hp.batch_size:
-            raise ValueError(f"the training split has {len(sets['train'])} sketches, fewer than batch_size="
-                             f"{hp.batch_size}; lower --data.batch_size")
+        self._check_size(sets, "train", hp.batch_size)
         longest = max(int(s.lengths().max()) for s in sets.values() if len(s))
         self.steps = longest + 1
         self.scale_factor = scale_factor(sets["train"].sketches)
         self.sets, self.class_names = sets, names
+
+    def _check_size(self, sets: dict[str, SketchSet], split: str, least: int) -> None:
+        """ValueError if `split` holds fewer than `least` sketches, saying how many max_seq_len dropped."""
+        n, dropped, m = len(sets[split]), self.report[split]["dropped"], self.hparams.max_seq_len
+        if n >= least:
+            return
+        what = f"the {_SPLIT_NAMES[split]} split of {self.source}"
+        if n == 0 and dropped:
+            raise ValueError(f"{what} is empty: max_seq_len={m} dropped all {dropped} of its sketches as longer; "
+                             "raise --data.max_seq_len")
+        if n == 0:
+            raise ValueError(f"{what} is empty; it needs sketches (the {split!r} array of each .npz)")
+        raise ValueError(f"{what} has {n} sketches{f' (max_seq_len={m} dropped {dropped})' if dropped else ''}, "
+                         f"fewer than batch_size={least}; lower --data.batch_size"
+                         f"{' or raise --data.max_seq_len' if dropped else ''}")
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams

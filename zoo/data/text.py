@@ -12,12 +12,13 @@ language reference topics that `help()` shows (`pydoc_data.topics`) followed by 
 fixed list of standard-library modules and their public classes, functions and methods (`inspect`).
 It is deterministic for a given Python version (about 0.9 M characters on 3.11).
 
-`LMDataModule` serves any UTF-8 text file (`path`) or that corpus, split into a leading training part
-and a trailing validation part (`val_fraction`, as nanoGPT). Batches: {"input": (B, L) int64,
-"target": (B, L) int64} with target = input shifted by one; training windows start at random
-positions (nanoGPT's sampling; an epoch is as many windows as tile the training text once),
-validation windows tile the validation text. Predict batches are {"text": [str]}: prompts, one per line of `predict_path`
-("-" reads stdin); the model encodes them with the tokenizer from its checkpoint.
+`LMDataModule` serves any UTF-8 text file (`path`; a leading byte-order mark is dropped) or that
+corpus, split into a leading training part and a trailing validation part (`val_fraction`, as
+nanoGPT). Batches: {"input": (B, L) int64, "target": (B, L) int64} with target = input shifted by
+one; training windows start at random positions (nanoGPT's sampling; an epoch is as many windows as
+tile the training text once), validation windows tile the validation text. Predict batches are
+{"text": [str]}: prompts, one per line of `predict_path` ("-" reads stdin); the model encodes them
+with the tokenizer from its checkpoint.
 """
 from __future__ import annotations
 
@@ -241,12 +242,12 @@ def _collate_text(batch: list[str]) -> dict:
 
 
 def read_lines(path: str) -> list[str]:
-    """Non-empty lines of a UTF-8 text file, or of stdin for "-" (line ends stripped). Empty lines are
-    skipped with a warning giving their count."""
-    if path != "-" and not Path(path).is_file():
+    """Non-empty lines of a UTF-8 text file (`read_text`), or of stdin for "-" (line ends stripped).
+    Empty lines are skipped with a warning giving their count."""
+    if path != "-" and not Path(path).exists():
         raise FileNotFoundError(f"--data.predict_path {path!r}: no such file (a text file, one input per line, or - "
                                 "for stdin)")
-    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    text = sys.stdin.read() if path == "-" else read_text(path, "--data.predict_path")
     lines = text.splitlines()
     kept = [ln for ln in lines if ln.strip()]
     if len(kept) < len(lines):
@@ -256,14 +257,18 @@ def read_lines(path: str) -> list[str]:
     return kept
 
 
-def read_text(path: str) -> str:
+def read_text(path: str, what: str = "text file") -> str:
+    """A UTF-8 text file's text, without a leading byte-order mark (it is no character of the text);
+    errors name the file as `what`."""
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{what} {path!r} is a folder; expected a UTF-8 text file")
     if not p.is_file():
-        raise FileNotFoundError(f"text file {path!r} does not exist")
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path!r} is not UTF-8 text ({e})") from None
+        raise ValueError(f"{what} {path!r} is not UTF-8 text ({e})") from None
 
 
 class LMDataModule(ZooDataModule):
