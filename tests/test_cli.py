@@ -1,6 +1,7 @@
 """The entry point end to end on a tiny U-Net: fit, checkpoints, resume, seeds, predict, load, DDP."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from zoo.models.config import flat
 from zoo.cli import ZooCLI, error_line, run_tags, wandb_mode
 from zoo.scaling import InputScaler
 from zoo.tasks.segmentation import UNetSegmentation
-from tests.conftest import ROOT, assert_same_weights, interrupted_then_resumed, tiny_unet_args
+from tests.conftest import ROOT, StopAfterFirstEpoch, assert_same_weights, interrupted_then_resumed, tiny_unet_args
 
 
 def fit(root, *extra):
@@ -84,6 +85,21 @@ def test_resume_from_last_is_exact(tmp_path):
     first_peak = first["callbacks"]["RunSummary"]["peak_memory_mb"]
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert first_peak > 0 and summary["peak_memory_mb"] >= first_peak
+
+
+def test_resume_drops_a_best_checkpoint_the_interrupted_segment_wrote_after_last(tmp_path):
+    common = ["--trainer.max_steps=-1", "--trainer.val_check_interval=null", "--trainer.max_epochs=3"]
+    fit(tmp_path / "straight", *common)  # checkpoints at steps 4, 8, 12
+    args = tiny_unet_args(tmp_path / "resumed", *common)
+    cli = ZooCLI(args=args, run=False)
+    cli.trainer.callbacks.insert(0, StopAfterFirstEpoch())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    # as a segment killed at step 8 between writing its best checkpoint and last.ckpt
+    shutil.copy(ckpts / "last.ckpt", ckpts / "best-epoch=1-step=8.ckpt")
+    ZooCLI(args=["fit", *args, "--ckpt_path=last"])
+    names = lambda root: sorted(p.name for p in (root / "checkpoints").iterdir())  # noqa: E731
+    assert names(tmp_path / "resumed") == names(tmp_path / "straight")
 
 
 def test_model_and_data_overrides_and_print_config(tmp_path):

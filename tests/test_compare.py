@@ -399,3 +399,39 @@ def test_an_attempt_waits_for_a_process_of_the_run_still_running(tmp_path):
     result = execute(spec, max_retries=0)
     assert result["summary"] == {"status": "ok", "first_ended": True}
     assert "waiting for another process of this run to end" in (run / "run.log").read_text()
+
+
+def test_a_run_killed_after_its_ok_summary_is_done_and_a_run_finished_meanwhile_is_kept(tmp_path):
+    # killed at teardown (wandb.finish, the OOM killer) once its summary and checkpoints are written
+    run = tmp_path / "run"
+    script = ("import json, os, signal\njson.dump({'status': 'ok', 'metrics': {'val/loss': 1.0}}, open('summary.json', 'w'))\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    spec = {"cmd": [sys.executable, "-c", script], "dir": str(run), "env": {}, "cwd": str(run)}
+    result = execute(spec, max_retries=1)
+    assert result["summary"]["status"] == "ok" and result["retries"] == 0 and result["returncode"] == -signal.SIGKILL
+    # another compare into the same --out finished the run while this one waited for it: nothing is re-run
+    failing = {**spec, "cmd": [sys.executable, "-c", "raise SystemExit(3)"]}
+    assert execute(failing, max_retries=0) == {"summary": result["summary"], "retries": 0, "returncode": 0}
+    assert "finished by another process meanwhile: kept" in (run / "run.log").read_text()
+
+
+def test_ctrl_c_stops_a_compare_at_once_and_leaves_its_runs_resumable(tmp_path):
+    out = tmp_path / "interrupted"
+    # a terminal's Ctrl-C: SIGINT to the whole process group (compare and its runs)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "compare", *TINY, "--trainer.max_steps=40",
+                             *SWEEP, "--out", str(out)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = out / "runs" / "norm=none,seed=0"
+    deadline = time.time() + 300
+    while not (first / "checkpoints" / "last.ckpt").exists():  # training, two validations in
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == ("error: interrupted with 0 of 4 runs done; the same command resumes "
+                                               "the others (finished runs are kept)")
+    statuses = {name: r["status"] for name, r in json.loads((out / "results.json").read_text())["runs"].items()}
+    assert set(statuses.values()) == {"pending"}  # nothing reported failed, nothing else started
+    assert not (out / "runs" / "norm=batch,seed=0").exists()
+    assert (first / "run.log").read_text().count("=== attempt") == 1  # stopped, not retried

@@ -160,8 +160,22 @@ def test_foreign_truncated_and_code_checkpoints_are_refused_naming_the_file(tmp_
 def test_resume_with_other_model_arguments_is_refused(tmp_path, capsys, unet_ckpt):
     code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, "--model.net.norm=batch"), f"--ckpt_path={unet_ckpt}")
     assert code == 2 and error_lines(err) == [
-        f"error: cannot resume {unet_ckpt} with other model arguments (net.norm: checkpoint 'none', now 'batch'); "
-        "resume with the checkpoint's arguments, or start a new run in another --trainer.default_root_dir"]
+        f"error: cannot resume {unet_ckpt} with other model arguments or settings (net.norm: checkpoint 'none', "
+        "now 'batch'); resume with the checkpoint's, or start a new run in another --trainer.default_root_dir"]
+
+
+def test_resume_with_another_seed_or_injected_optimizer_is_refused(tmp_path, capsys):
+    # Lightning restores an injected optimizer's state (its lr included), and the seed draws the data
+    # order and each step's randomness: a resume that changed them would record one run and train another
+    sgd = ("--model.optimizer=SGD", "--model.optimizer.lr=0.01")
+    ZooCLI(args=["fit", *tiny_unet_args(tmp_path, "--trainer.max_steps=2", *sgd)])
+    for changed, what in ((["--model.optimizer.lr=0.1"], "model.optimizer.init_args.lr: checkpoint 0.01, now 0.1"),
+                          (["--seed_everything=1"], "seed_everything: checkpoint 0, now 1")):
+        code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, *sgd, *changed), "--ckpt_path=last")
+        assert code == 2 and error_lines(err)[0].endswith(f"with other model arguments or settings ({what}); resume "
+                                                          "with the checkpoint's, or start a new run in another "
+                                                          "--trainer.default_root_dir")
+    assert ZooCLI(args=["fit", *tiny_unet_args(tmp_path, *sgd), "--ckpt_path=last"]).trainer.global_step == 4
 
 
 def test_predict_uses_the_checkpoints_model_arguments_and_says_so(tmp_path, capsys, unet_ckpt):
@@ -178,3 +192,9 @@ def test_ckpt_path_last_without_a_checkpoint_starts_a_new_run(tmp_path, capsys):
     cli = ZooCLI(args=["fit", *tiny_unet_args(tmp_path, "--trainer.max_steps=2"), "--ckpt_path=last"])
     assert f"no last.ckpt in {tmp_path / 'checkpoints'}: starting a new run" in capsys.readouterr().err
     assert cli.trainer.global_step == 2
+    before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+    code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, "--model.net.norm=batch"))  # a new run on top
+    assert code == 2 and error_lines(err) == [
+        f"error: {tmp_path} already holds a run ({tmp_path / 'checkpoints' / 'last.ckpt'}); resume it with "
+        "--ckpt_path last, or start a new run in another --trainer.default_root_dir"]
+    assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()} == before

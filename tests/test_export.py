@@ -2,8 +2,10 @@
 from disk or from a Hugging Face Hub (a local stand-in server), into models that predict bit for bit
 like their checkpoints; bad folders, checkpoints, hub ids and output folders are refused clearly."""
 import base64
+import fcntl
 import hashlib
 import json
+import os
 import pickle
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -189,6 +191,24 @@ def test_a_failed_export_leaves_no_half_folder(trained, tmp_path, monkeypatch):
         export.export(ckpt, out)  # a failed re-export keeps the earlier one whole
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_exports_into_one_folder_take_turns(trained, tmp_path):
+    """A second export into the same place waits for the first instead of deleting its temporary folder
+    as a stray (which left a folder without its weights while both reported success)."""
+    ckpt, out = trained("unet"), tmp_path / "out"
+    held = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as an export in progress in another process
+    live = tmp_path / f".out{export.TEMP_MARK}99999"
+    live.mkdir()  # its temporary folder
+    second = threading.Thread(target=export.export, args=(ckpt, out))
+    second.start()
+    second.join(timeout=2.0)
+    assert second.is_alive() and live.is_dir() and not out.exists()  # waiting, nothing touched
+    live.rmdir()  # the first export renames its folder and ends
+    os.close(held)
+    second.join(timeout=120)
+    assert not second.is_alive() and isinstance(zoo.load(out), UNetSegmentation)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -164,6 +164,19 @@ class WritePredictions(BasePredictionWriter):
         print(f"predictions written to {self.out_dir}")
 
 
+class ResumeSettings(Callback):
+    """Carries in every checkpoint the settings outside the model's hyper-parameters that a resumed fit
+    must keep (plain data): the seed, which draws the data order and every step's randomness, and an
+    injected optimizer and schedule, whose state Lightning restores, so that a changed learning rate
+    would be recorded and not used. `ZooCLI` refuses a resume that changes them."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def state_dict(self) -> dict:
+        return {"settings": self.settings}
+
+
 class StepSeed(Callback):
     """Seeds torch's (CPU and CUDA), NumPy's and Python's global generators before every training
     batch from (run seed, rank, batch number). Dropout and any other draw of a training step are then

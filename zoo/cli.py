@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from zoo import checkpoint
-from zoo.callbacks import AtomicCheckpointIO, RunSummary, StepSeed, WritePredictions
+from zoo.callbacks import AtomicCheckpointIO, ResumeSettings, RunSummary, StepSeed, WritePredictions
 from zoo.files import remove_stray_temp_files
 from zoo.models.config import flat
 
@@ -168,6 +168,9 @@ class ZooCLI(LightningCLI):
                 raise ValueError(f"{stage} needs --ckpt_path: a checkpoint written by `train.py fit` (or `last`: "
                                  f"{last}); without one the model would have untrained weights")
             if path is None:
+                if last.is_file():  # a new run here would overwrite that run's checkpoints and summary
+                    raise FileExistsError(f"{last.parent.parent} already holds a run ({last}); resume it with "
+                                          "--ckpt_path last, or start a new run in another --trainer.default_root_dir")
                 return
             if not last.is_file():
                 if stage != "fit":
@@ -179,6 +182,14 @@ class ZooCLI(LightningCLI):
         ckpt = checkpoint.read(path)
         if stage == "fit":
             self._wandb_id = ckpt.get("callbacks", {}).get(RunSummary.__qualname__, {}).get("wandb_id")
+        if stage == "fit" and Path(path) == ckpt_dir / "last.ckpt":
+            # a best checkpoint the interrupted segment wrote after last.ckpt: the resumed run writes it
+            # again, and the checkpoint callback, restored from last.ckpt, would never remove this copy
+            known = {Path(state["best_model_path"]).name for key, state in ckpt.get("callbacks", {}).items()
+                     if key.startswith("ModelCheckpoint") and state.get("best_model_path")}
+            for stale in ckpt_dir.glob("best-*.ckpt"):
+                if stale.name not in known:
+                    stale.unlink()
         task = checkpoint.task_class(ckpt, path)
         task_name = f"{task.__module__}.{task.__qualname__}"
         if task_name != cfg["model"]["class_path"]:
@@ -189,12 +200,17 @@ class ZooCLI(LightningCLI):
         given = flat(cfg["model"].get("init_args") or {})
         differ = {k: (v, given[k]) for k, v in flat(hparams).items()
                   if not k.startswith("_") and k in given and v != given[k]}
+        if stage == "fit":
+            saved = ckpt.get("callbacks", {}).get(ResumeSettings.__qualname__, {}).get("settings")
+            now = resume_settings(cfg)
+            differ.update({k: (saved.get(k), now.get(k)) for k in sorted(set(saved or {}) | set(now))
+                           if saved is not None and saved.get(k) != now.get(k)})
         if differ:
             what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" + (f" (data.{k} follows)" if k in LINKED else "")
                              for k, (a, b) in differ.items())
             if stage == "fit":
-                raise ValueError(f"cannot resume {path} with other model arguments ({what}); resume with the "
-                                 "checkpoint's arguments, or start a new run in another --trainer.default_root_dir")
+                raise ValueError(f"cannot resume {path} with other model arguments or settings ({what}); resume "
+                                 "with the checkpoint's, or start a new run in another --trainer.default_root_dir")
             print(f"using the checkpoint's model arguments ({what})", file=sys.stderr)
         # then as Lightning's own _parse_ckpt_path, from the upgraded hyper-parameters: the model is
         # configured with the checkpoint's arguments
@@ -238,7 +254,8 @@ class ZooCLI(LightningCLI):
             ]
         if stage == "fit":
             # seed_everything ran before the model was built: torch's initial seed is the run's seed
-            callbacks += [RunSummary(root), StepSeed(torch.initial_seed())]
+            raw = self.config[self.subcommand] if self.subcommand else self.config  # (cfg holds built objects)
+            callbacks += [RunSummary(root), StepSeed(torch.initial_seed()), ResumeSettings(resume_settings(raw))]
         if stage != "fit":  # RunSummary (fit only) keeps state in checkpoints, which evaluation does not need
             warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
         if stage == "predict":
@@ -248,6 +265,14 @@ class ZooCLI(LightningCLI):
             callbacks.append(WritePredictions(out))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+
+def resume_settings(cfg) -> dict:
+    """What a resumed fit must share with the run it resumes besides the model's hyper-parameters
+    (`ResumeSettings`), flat and plain: the seed, and the injected optimizer and schedule."""
+    init = cfg["model"].get("init_args") or {}
+    return flat({"seed_everything": cfg.get("seed_everything"),
+                 "model": {"optimizer": init.get("optimizer"), "lr_scheduler": init.get("lr_scheduler")}})
 
 
 # Values a model and its data must agree on: the data's is the one source, and the model's follows
@@ -315,7 +340,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # Errors that describe bad input; anything else is a failure while running and names its type.
-USER_ERRORS = (ValueError, TypeError, KeyError, LookupError, FileNotFoundError, NotADirectoryError,
+USER_ERRORS = (ValueError, TypeError, KeyError, LookupError, FileNotFoundError, FileExistsError, NotADirectoryError,
                IsADirectoryError, PermissionError, ImportError, MisconfigurationException)
 
 

@@ -37,6 +37,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -293,16 +294,30 @@ def run_spec(run: Run, configs: list[str], overrides: list[str], group: str, env
     return {"cmd": cmd, "dir": str(run.dir.resolve()), "env": env, "cwd": os.getcwd()}
 
 
+# Set when the user interrupts a local compare (Ctrl-C): no run is started or retried after it, and
+# the runs going on are told to stop (launch_local).
+_STOPPING = threading.Event()
+_CHILDREN: set[subprocess.Popen] = set()
+
+
 def execute(spec: dict, max_retries: int) -> dict:
     """Runs `spec`'s fit until it finishes, fails, or dies more than `max_retries` times (killed, out
     of memory, node lost: no summary and no `error:` line); every attempt after the first resumes from
-    the run's last.ckpt. Returns {"summary", "retries", "returncode"}."""
+    the run's last.ckpt. A run that wrote an ok summary is done, however its process ended after that.
+    Returns {"summary", "retries", "returncode"}."""
     run_dir = Path(spec["dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec["env"]}
+    summary_path = run_dir / SUMMARY_FILE
     retries = 0
     while True:
         with open(run_dir / "run.log", "a") as log, _hold_run(run_dir, log) as lock:
+            finished = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+            if finished.get("status") == "ok":  # by another compare into this --out, while this one waited
+                log.write("=== finished by another process meanwhile: kept\n")
+                return {"summary": finished, "retries": retries, "returncode": 0}
+            if _STOPPING.is_set():
+                return {"summary": {"status": "failed", "error": "interrupted"}, "retries": retries, "returncode": None}
             cmd = list(spec["cmd"])
             if (run_dir / "checkpoints" / "last.ckpt").exists():
                 cmd.append("--ckpt_path=last")
@@ -310,13 +325,20 @@ def execute(spec: dict, max_retries: int) -> dict:
             (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # a stale summary must not speak for this attempt
             log.write(f"=== attempt {retries + 1}: {' '.join(cmd)}\n")
             log.flush()
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
-                                  cwd=spec["cwd"], preexec_fn=_die_with_parent, pass_fds=(lock,))
-        summary_path = run_dir / SUMMARY_FILE
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+            with subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
+                                  cwd=spec["cwd"], preexec_fn=_die_with_parent, pass_fds=(lock,)) as proc:
+                _CHILDREN.add(proc)
+                try:
+                    proc.wait()
+                finally:
+                    _CHILDREN.discard(proc)
+            # read while the run is still locked: another compare waiting on it starts by unlinking it
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        if summary.get("status") == "ok":
+            return {"summary": summary, "retries": retries, "returncode": proc.returncode}
         reason = failure_reason(run_dir / "run.log", proc.returncode)
         died = proc.returncode != 0 and not summary and not reason.startswith("error:")
-        if died and retries < max_retries:
+        if died and retries < max_retries and not _STOPPING.is_set():
             retries += 1
             continue
         if proc.returncode != 0 and summary.get("status") != "failed":
@@ -352,7 +374,6 @@ def _die_with_parent() -> None:
     compare leaves no orphan still writing into a run that the next compare resumes."""
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
@@ -404,8 +425,15 @@ def launch_local(runs: list[Run], specs: list[dict], jobs: int, devices_per_run:
         for run, spec in zip(runs, specs):
             run.status = "running"
             futures[pool.submit(work, spec)] = run
-        for future in concurrent.futures.as_completed(futures):
-            on_done(futures[future], future.result())
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                on_done(futures[future], future.result())
+        except KeyboardInterrupt:  # Ctrl-C: start nothing more, stop the runs going on (each resumable)
+            _STOPPING.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in list(_CHILDREN):
+                proc.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C: Lightning stops at the step's end
+            raise
 
 
 def _cuda_devices() -> list[str]:
@@ -923,20 +951,31 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
         state = "ok" if run.ok else f"FAILED ({run.summary.get('error')}); log: {run.dir / 'run.log'}"
         print(f"[{done}/{len(runs)}] {run.name}: {state}" + (f" ({run.retries} retries)" if run.retries else ""),
               flush=True)
+        update_report()
+
+    def update_report() -> None:
         try:
             write_report(runs, out, args.config, overrides, sweeps, final=False, also=logged_only(runs, also)[0],
                          **report_kw)
         except Exception as e:  # noqa: BLE001  (the runs must go on; the final report raises it again)
             print(f"compare: warning: the dashboard could not be updated: {type(e).__name__}: {e}", file=sys.stderr)
 
-    if todo:
-        if args.launcher == "ray":
+    try:
+        if todo and args.launcher == "ray":
             launch_ray(todo, specs, args.ray_address, args.cpus_per_run, args.devices_per_run if _cuda_devices() else 0,
                        args.max_retries, on_done)
-        elif args.launcher == "slurm":
+        elif todo and args.launcher == "slurm":
             launch_slurm(todo, specs, out / "slurm", args.cpus_per_run, slurm, args.max_retries, on_done)
-        else:
+        elif todo:
             launch_local(todo, specs, args.jobs, args.devices_per_run, args.max_retries, on_done)
+    except KeyboardInterrupt:
+        for r in runs:
+            r.status = "pending" if r.status == "running" else r.status
+        update_report()
+        done = sum(r.status in ("ok", "failed") for r in runs)
+        print(f"error: interrupted with {done} of {len(runs)} runs done; the same command resumes the others "
+              "(finished runs are kept)", file=sys.stderr)
+        return 130
     logged, unlogged = logged_only(runs, also)
     report = write_report(runs, out, args.config, overrides, sweeps, also=logged, **report_kw)
     print(f"checkpoints: {(out / 'runs').resolve()}/<run>/checkpoints/last.ckpt")

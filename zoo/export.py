@@ -38,6 +38,8 @@ Nothing is unpickled: reading takes JSON and safetensors only. Hub downloads go 
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob
 import json
 import os
@@ -245,21 +247,31 @@ def _to_json(config: dict, ckpt_path: Path) -> str:
 
 def _write_folder(out: Path, files: dict[str, bytes], replace: bool) -> None:
     """Writes `files` into a temporary folder beside `out`, then renames it to `out`. Replacing an
-    earlier export moves it aside first (POSIX renames a folder only over an empty one)."""
-    for stray in out.parent.glob(f".{glob.escape(out.name)}{TEMP_MARK}*"):  # left by an export that was killed
-        shutil.rmtree(stray, ignore_errors=True)
-    tmp = out.with_name(f".{out.name}{TEMP_MARK}{os.getpid()}")
-    old = out.with_name(f".{out.name}{TEMP_MARK}old-{os.getpid()}")
+    earlier export moves it aside first (POSIX renames a folder only over an empty one). Exports into
+    one parent folder take turns (a lock on that folder), so the temporary folders found there are
+    strays, not a running export's."""
+    if out.parent.exists() and not out.parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(out.parent))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(out.parent, os.O_RDONLY)
     try:
-        for name, data in files.items():
-            with atomic_open(tmp / name) as f:  # flushed to disk before the folder is renamed
-                f.write(data)
-        if replace:
-            os.rename(out, old)
-        os.rename(tmp, out)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for stray in out.parent.glob(f".{glob.escape(out.name)}{TEMP_MARK}*"):  # left by an export that was killed
+            shutil.rmtree(stray, ignore_errors=True)
+        tmp = out.with_name(f".{out.name}{TEMP_MARK}{os.getpid()}")
+        old = out.with_name(f".{out.name}{TEMP_MARK}old-{os.getpid()}")
+        try:
+            for name, data in files.items():
+                with atomic_open(tmp / name) as f:  # flushed to disk before the folder is renamed
+                    f.write(data)
+            if replace and out.exists():  # (another export may have put it there while this one waited)
+                os.rename(out, old)
+            os.rename(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        os.close(lock)  # (releases the lock)
 
 
 def model_card(config: dict, summary: dict | None, repo_id: str | None = None) -> str:
