@@ -193,6 +193,16 @@ def test_a_failed_export_leaves_no_half_folder(trained, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_re_export_swaps_the_folders_in_one_step(trained, tmp_path, monkeypatch):
+    ckpt, out = trained("unet"), tmp_path / "out"
+    export.export(ckpt, out)
+    (out / "README.md").write_text("the earlier export")  # to tell the two apart
+    monkeypatch.setattr(export.os, "rename", None)  # two renames would leave no `out` between them
+    export.export(ckpt, out)
+    assert "the earlier export" not in (out / "README.md").read_text() and isinstance(zoo.load(out), UNetSegmentation)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the earlier export removed
+
+
 def test_exports_into_one_folder_take_turns(trained, tmp_path):
     """A second export into the same place waits for the first instead of deleting its temporary folder
     as a stray (which left a folder without its weights while both reported success)."""

@@ -38,6 +38,7 @@ Nothing is unpickled: reading takes JSON and safetensors only. Hub downloads go 
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import glob
@@ -264,14 +265,24 @@ def _write_folder(out: Path, files: dict[str, bytes], replace: bool) -> None:
             for name, data in files.items():
                 with atomic_open(tmp / name) as f:  # flushed to disk before the folder is renamed
                     f.write(data)
-            if replace and out.exists():  # (another export may have put it there while this one waited)
+            if not (replace and out.exists()):  # (another export may have put it there while this one waited)
+                os.rename(tmp, out)
+            elif not _exchange(tmp, out):  # where the filesystem cannot swap: `out` is missing for a moment
                 os.rename(out, old)
-            os.rename(tmp, out)
+                os.rename(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
     finally:
         os.close(lock)  # (releases the lock)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two folders in one step (Linux renameat2 RENAME_EXCHANGE), so a kill leaves either the old
+    or the new export in place; False where that is not available."""
+    rename2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    return rename2 is not None and rename2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0
 
 
 def model_card(config: dict, summary: dict | None, repo_id: str | None = None) -> str:
