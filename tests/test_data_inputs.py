@@ -73,6 +73,11 @@ def test_seq2seq_empty_validation_split_is_refused():
     with pytest.raises(ValueError, match=r"^the validation split of reverse is empty \(num_val=0\); give "
                                          r"--data.num_val 1 or more$"):
         dm.setup("fit")
+    dm = Seq2SeqDataModule(task="reverse", num_train=20, num_val=2, num_test=0, max_length=4)
+    dm.setup("fit")  # fit needs no test split
+    with pytest.raises(ValueError, match=r"^the test split of reverse is empty \(num_test=0\); give "
+                                         r"--data.num_test 1 or more$"):
+        Seq2SeqDataModule(task="reverse", num_train=20, num_val=2, num_test=0, max_length=4).setup("test")
 
 
 def sketch(n, length=3):

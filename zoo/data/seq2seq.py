@@ -181,10 +181,12 @@ class Seq2SeqDataModule(ZooDataModule):
         if stage == "predict" or self.datasets:
             return
         self.splits = self.make_splits()
-        if not self.splits["val"]:  # Lightning would never validate, so no checkpoint would be written
-            hp = self.hparams
-            raise ValueError(f"the validation split of {hp.task} is empty (num_val={hp.num_val}); give "
-                             "--data.num_val 1 or more")
+        # empty, Lightning would never validate (so no checkpoint would be written) or test (silently)
+        for split in ("val", "test") if stage == "test" else ("val",):
+            if not self.splits[split]:
+                n = self.hparams[f"num_{split}"]
+                raise ValueError(f"the {'validation' if split == 'val' else 'test'} split of {self.hparams.task} is "
+                                 f"empty (num_{split}={n}); give --data.num_{split} 1 or more")
         train = self.splits["train"]
         if self.shared_vocab:
             self.src_tokenizer = Tokenizer("char").fit([s + t for s, t in train])
