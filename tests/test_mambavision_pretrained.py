@@ -204,6 +204,19 @@ def task(server: Server, **kw) -> ImageClassification:
                                **kw)
 
 
+def test_weights_that_cannot_be_loaded_are_one_line_naming_the_model(server, cache):
+    server.files[FILE] = official_file(random_net())
+    model = ImageClassification("mambavision_t", num_classes=8, pretrained=True, model_kwargs={
+        **NET, "dim": 16, "pretrained_cfg_overlay": {"url": server.url()}})  # not the published width
+    with pytest.raises(ValueError, match=r"^pretrained=True: the published weights of 'mambavision_t' could not be "
+                                         r"loaded \(their shapes differ from this network's: model_kwargs .*'dim': 16.* "
+                                         r"change its architecture\); pretrained=false trains from scratch$"):
+        model.setup("fit")
+    with pytest.raises(ValueError, match=r"^model_name 'mambavision_t.no_such_tag': mambavision_t has no published "
+                                         r"weights tagged 'no_such_tag'; its tags: nvlabs_in1k$"):
+        ImageClassification("mambavision_t.no_such_tag", num_classes=8, pretrained=True, model_kwargs=NET)
+
+
 def test_task_fetches_in_fit_setup_only_and_gets_a_new_head(server, cache):
     src = random_net()
     server.files[FILE] = official_file(src)
@@ -218,6 +231,9 @@ def test_task_fetches_in_fit_setup_only_and_gets_a_new_head(server, cache):
     assert model.net.head.weight.shape == (8, 64) and model.hparams.pretrained is True
     with pytest.raises(ValueError, match=r"model_kwargs \['pretrained'\] are the task's own arguments"):
         ImageClassification("mambavision_t", model_kwargs={**NET, "pretrained": True})
+    with pytest.raises(ValueError, match=r"\['in_chans', 'num_classes'\] are the task's own arguments; set them as "
+                                         r"model.in_chans, data.num_classes$"):  # the model's follows the data's
+        ImageClassification("mambavision_t", model_kwargs={**NET, "num_classes": 3, "in_chans": 1})
 
 
 def test_task_other_norms_start_from_the_pretrained_affine_parameters(server, cache):

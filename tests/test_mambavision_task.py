@@ -116,6 +116,11 @@ def test_norm_shorthand_and_weight_decay_groups():
     assert id(mixer.in_proj.weight) not in ids and id(model.net.head.weight) not in ids
     with pytest.raises(ValueError, match="mambavision_x"):
         ImageClassification(model_name="mambavision_x")
+    # the config's official conv_norm / token_norm give way to norm; another one would be silently overridden
+    ImageClassification(num_classes=4, norm="rms", conv_norm="batch", token_norm="layer", **TINY_NET)
+    with pytest.raises(ValueError, match=r"^norm='layer' sets both conv_norm and token_norm, and conv_norm='group', "
+                                         r"token_norm='rms' is given too; give norm alone, or conv_norm and token_norm$"):
+        ImageClassification(num_classes=4, norm="layer", conv_norm="group", token_norm="rms", **TINY_NET)
 
 
 def test_fit_load_and_predict_csv(tmp_path):

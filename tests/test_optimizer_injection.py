@@ -1,15 +1,18 @@
 """One `configure_optimizers` for every task (`ZooModule`): the paper preset from the hparams, or an
 optimizer / schedule injected LightningCLI-style (`--model.optimizer SGD --model.optimizer.lr 0.1`),
 always over zoo's parameter groups."""
+import inspect
 import subprocess
 import sys
 
 import pytest
 import torch
+from lightning.pytorch.cli import ReduceLROnPlateau
 
 import zoo
 from tests.conftest import ROOT, tiny_unet_args
 from zoo.checkpoint import read
+from zoo.cli import ZooCLI
 from zoo.optim import param_groups
 from zoo.tasks.segmentation import UNetSegmentation
 
@@ -53,6 +56,19 @@ def test_a_preset_setting_next_to_an_injected_optimizer_is_refused():
     UNetSegmentation(net={"base_channels": 4, "depth": 3}, lr=0.5, lr_scheduler=step)  # lr feeds the preset optimizer
 
 
+def test_reduce_on_plateau_watches_its_own_metric_in_the_tasks_direction():
+    net = {"base_channels": 4, "depth": 3}
+    own = UNetSegmentation(net=net, lr_scheduler=lambda opt: ReduceLROnPlateau(opt, monitor="val/iou_fg", mode="max"))
+    assert own.configure_optimizers()["lr_scheduler"]["monitor"] == "val/iou_fg"  # the user's, not the task's
+    task = UNetSegmentation(net=net, lr_scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt))
+    assert task.configure_optimizers()["lr_scheduler"]["monitor"] == "val/loss"
+    backwards = UNetSegmentation(net=net, lr_scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="max"))  # would cut the rate while the loss falls
+    with pytest.raises(ValueError, match=r"^lr_scheduler ReduceLROnPlateau mode='max' watches val/loss, which this "
+                                         r"task minimizes; set --model.lr_scheduler.mode min$"):
+        backwards.configure_optimizers()
+
+
 def test_cli_injection_trains_and_checkpoint_loads(tmp_path):
     proc = fit(tmp_path, "--model.optimizer=SGD", "--model.optimizer.lr=0.05", "--model.optimizer.momentum=0.5",
                "--model.lr_scheduler=StepLR", "--model.lr_scheduler.step_size=1", "--model.lr_scheduler.gamma=0.5")
@@ -75,6 +91,19 @@ def test_cli_refuses_preset_setting_with_injected_optimizer(tmp_path):
     assert len(lines) <= 2 and "Traceback" not in proc.stderr  # at most Lightning's "Seed set to 0" before it
     assert lines[-1:] == ["error: model lr set together with an injected optimizer, which ignores them; give them as "
                      "its init_args (--model.optimizer.*) instead"], proc.stderr[-2000:]
+
+
+def test_an_injected_optimizer_sets_a_config_files_preset_settings_aside_and_says_so(tmp_path, capsys):
+    # configs/unet.yaml injects Adam; a second config file sets the preset's lr and momentum, as the
+    # configs of the other tasks do for their presets
+    (tmp_path / "preset.yaml").write_text("model:\n  init_args:\n    lr: 0.5\n    momentum: 0.9\n")
+    cli = ZooCLI(args=["fit", *tiny_unet_args(tmp_path / "run", "--trainer.max_steps=2"),
+                       "--config", str(tmp_path / "preset.yaml")])
+    assert ("the injected optimizer does not use the config's lr=0.5, momentum=0.9; left at the defaults"
+            in capsys.readouterr().err)
+    defaults = inspect.signature(UNetSegmentation.__init__).parameters
+    assert (cli.model.hparams.lr, cli.model.hparams.momentum) == (defaults["lr"].default, defaults["momentum"].default)
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 0.001  # the injected Adam's own
 
 
 def test_a_run_shorter_than_its_warm_up_works_and_says_so(tmp_path):

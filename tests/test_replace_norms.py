@@ -187,6 +187,20 @@ def test_batchnormact_keeps_activation_and_drop():
     assert (new(x) < 0).any()  # SiLU, not ReLU: the kept act is the one that runs
 
 
+def test_norm_none_keeps_an_inplace_activation_off_the_blocks_input():
+    # a pre-activation block: out = conv(act(norm(x))) + x. With norm none the norm returns x itself, and
+    # timm's in-place ReLU would overwrite the shortcut
+    layer = BatchNormAct2d(8, act_layer=nn.ReLU)
+    assert layer.act.inplace
+    model = nn.Sequential(layer)
+    replace_norms(model, "none")
+    x = torch.randn(2, 8, 3, 3)
+    before = x.clone()
+    y = model(x)
+    assert torch.equal(x, before) and torch.equal(y, F.relu(before))
+    assert layer.act.inplace  # the replaced layer's own activation is left as it was
+
+
 def test_channels_last_layer_norm_on_any_rank():
     ln = nn.LayerNorm(6)
     model = nn.Sequential(ln)

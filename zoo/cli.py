@@ -34,6 +34,7 @@ from zoo import checkpoint
 from zoo.callbacks import AtomicCheckpointIO, ResumeSettings, RunSummary, StepSeed, WritePredictions
 from zoo.files import remove_stray_temp_files
 from zoo.models.config import flat
+from zoo.tasks.base import PRESET_KEYS, SCHEDULE_KEYS, ZooModule, preset_settings_set
 
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -122,6 +123,7 @@ class ZooCLI(LightningCLI):
                 raise
         stage = self.config.get("subcommand")
         link_data_to_model(self.config[stage] if stage else self.config)
+        drop_unused_presets(self.config[stage] if stage else self.config, sys.argv[1:] if args is None else args)
         _ActionPrintConfig.print_config_if_requested(parser, self.config)
 
     def _loggers(self, cfg, root: Path, model, stage: str) -> list:
@@ -329,6 +331,32 @@ def closest_option(exc: BaseException, parser) -> str:
     else:  # --trainr.max_steps
         near = difflib.get_close_matches(bad, [k for k in known if k.count(".") == bad.count(".")], n=1)
     return f"did you mean --{prefix}{near[0]}?" if near else ""
+
+
+def drop_unused_presets(cfg, args: list[str]) -> None:
+    """An injected optimizer (schedule) does not read the task's preset settings (`PRESET_KEYS`,
+    `SCHEDULE_KEYS`): those a config file set are put back to the task's defaults, saying so, so that
+    `--model.optimizer SGD` works with any config; one given on the command line is left for the task
+    to refuse (the user asked for a value that would not be used)."""
+    model = cfg.get("model")
+    init = model.get("init_args") if model else None
+    if not init or "class_path" not in model:
+        return
+    module, _, name = model["class_path"].rpartition(".")
+    task = getattr(importlib.import_module(module), name)
+    if not issubclass(task, ZooModule):
+        return
+    defaults = inspect.signature(task.__init__).parameters
+    given = {a.split("=", 1)[0].replace(".init_args.", ".", 1) for a in args if a.startswith("--model.")}
+    for injected, keys in (("optimizer", PRESET_KEYS), ("lr_scheduler", SCHEDULE_KEYS)):
+        if init.get(injected) is None:
+            continue
+        unused = [k for k in preset_settings_set(task, init, keys) if f"--model.{k}" not in given]
+        if unused:
+            print(f"the injected {injected} does not use the config's {', '.join(f'{k}={init[k]}' for k in unused)}; "
+                  "left at the defaults", file=sys.stderr)
+        for k in unused:
+            init[k] = defaults[k].default
 
 
 class ArgumentParser(argparse.ArgumentParser):

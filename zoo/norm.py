@@ -59,6 +59,7 @@ BatchNorm1d is nc; nn.LayerNorm / RMSNorm and timm's LayerNorm / RmsNorm are cha
 rank, built "nlc" inside `ChannelsLastNorm`. timm's norm+act layers become `NormAct(norm, drop, act)`.
 eps and affine carry over, affine weight and bias are copied, running stats too within a kind.
 """
+import copy
 import inspect
 import numbers
 from collections.abc import Sequence
@@ -778,8 +779,19 @@ def _convert(old: nn.Module, spec: tuple, kind: str, kwargs: dict, fallback: tup
         new = ChannelsLastNorm(new)
     drop, act = getattr(old, "drop", None), getattr(old, "act", None)
     if has_act and not all(m is None or isinstance(m, nn.Identity) for m in (drop, act)):
+        if isinstance(new, nn.Identity):  # returns its input itself: in-place ops after it would overwrite
+            drop, act = (_not_inplace(m) for m in (drop, act))  # the block's input (a shortcut's, pre-act)
         new = NormAct(new, drop, act)
     return new.train(old.training)
+
+
+def _not_inplace(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """A copy of an in-place activation or dropout that computes out of place; others as they are."""
+    if not getattr(module, "inplace", False):
+        return module
+    module = copy.deepcopy(module)
+    module.inplace = False
+    return module
 
 
 def replace_norms(model: nn.Module, kind: str, *, skip=(), **kwargs) -> list[tuple[str, str, str]]:

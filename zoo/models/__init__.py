@@ -6,6 +6,7 @@ import re
 
 import timm
 import torch
+from timm.models import split_model_name_tag
 from torch import nn
 
 from zoo.models import mambavision, sketch_rnn, transformer  # noqa: F401  (one module per model family)
@@ -30,8 +31,8 @@ __all__ = ["create_model", "UNet", "DoubleConv", "Down", "Up", "InputSizes", "va
 
 def create_model(model_name: str, **kwargs) -> nn.Module:
     """`timm.create_model(model_name, **kwargs)`, with a one-line ValueError for a name timm does not
-    know (naming the closest registered names) or keyword arguments the model does not take (naming
-    them and the ones it takes)."""
+    know (naming the closest registered names), a weights tag it does not have (naming its tags) or
+    keyword arguments the model does not take (naming them and the ones it takes)."""
     if model_name.startswith(("hf-hub:", "local-dir:")):
         # timm reads such a model's config from the Hub or a folder even without its weights, and a
         # zoo checkpoint must rebuild from its hyper-parameters alone
@@ -41,6 +42,11 @@ def create_model(model_name: str, **kwargs) -> nn.Module:
         close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.5)
         raise ValueError(f"model_name {model_name!r} is not a registered timm model; closest names: "
                          f"{', '.join(close) or 'none'} (timm.list_models() lists them all)")
+    arch, tag = split_model_name_tag(model_name)
+    tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+    if tag and tag not in tags:
+        raise ValueError(f"model_name {model_name!r}: {arch} has no published weights tagged {tag!r}; its tags: "
+                         f"{', '.join(tags) or 'none'}")
     try:
         return timm.create_model(model_name, **kwargs)
     except TypeError as e:

@@ -26,6 +26,13 @@ SCHEDULE_KEYS = ("scheduler", "warmup_steps", "min_lr_ratio", "min_lr", "decay_r
 INJECTED = ("optimizer", "lr_scheduler")
 
 
+def preset_settings_set(task: type, values, keys: tuple[str, ...]) -> list[str]:
+    """The `keys` (PRESET_KEYS or SCHEDULE_KEYS) that `values` (hparams or init_args) set away from the
+    task class's defaults."""
+    defaults = inspect.signature(task.__init__).parameters
+    return [k for k in keys if k in values and k in defaults and flat({k: values[k]}) != flat({k: defaults[k].default})]
+
+
 class ZooModule(L.LightningModule):
     """Base class of zoo tasks.
 
@@ -91,8 +98,9 @@ class ZooModule(L.LightningModule):
           `OPTIMIZERS[optimizer_preset]` with the hparams lr, weight_decay and, where the task has them,
           betas / eps / momentum;
         - the injected `lr_scheduler` (stepped per epoch, as LightningCLI does; ReduceLROnPlateau
-          watches the task's monitored metric), else the preset per-step schedule named by the hparam
-          `scheduler` (`zoo.optim.lr_schedule`; warmup_steps, min_lr_ratio, net.d_model, decay_rate).
+          watches its own `monitor`, else the task's monitored metric, in the task's direction), else
+          the preset per-step schedule named by the hparam `scheduler` (`zoo.optim.lr_schedule`;
+          warmup_steps, min_lr_ratio, net.d_model, decay_rate).
         """
         hp = self.hparams
         if self._optimizer_fn is None:
@@ -106,7 +114,13 @@ class ZooModule(L.LightningModule):
         if self._scheduler_fn is not None:
             sched = self._scheduler_fn(opt)
             if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor[0]}}
+                # the metric the scheduler names (Lightning's ReduceLROnPlateau has `monitor`), else the task's
+                metric = getattr(sched, "monitor", None) or self.monitor[0]
+                if metric == self.monitor[0] and sched.mode != self.monitor[1]:
+                    raise ValueError(f"lr_scheduler ReduceLROnPlateau mode={sched.mode!r} watches {metric}, which "
+                                     f"this task {'maximizes' if self.monitor[1] == 'max' else 'minimizes'}; set "
+                                     f"--model.lr_scheduler.mode {self.monitor[1]}")
+                return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": metric}}
             return {"optimizer": opt, "lr_scheduler": sched}
         name = hp.get("scheduler", self.schedule_preset)
         warmup = hp.get("warmup_steps", 0)
@@ -125,9 +139,7 @@ class ZooModule(L.LightningModule):
     def _refuse_preset_settings(self, keys: tuple[str, ...], injected: str) -> None:
         """An injected optimizer / scheduler ignores the preset's hparams `keys`: one of them set away
         from its default too would be silently unused, so it is refused."""
-        defaults = inspect.signature(type(self).__init__).parameters
-        changed = [k for k in keys if k in self.hparams and k in defaults
-                   and flat({k: self.hparams[k]}) != flat({k: defaults[k].default})]
+        changed = preset_settings_set(type(self), self.hparams, keys)
         if changed:
             raise ValueError(f"model {', '.join(changed)} set together with an injected {injected}, which ignores "
                              f"them; give them as its init_args (--model.{injected}.*) instead")

@@ -47,7 +47,7 @@ class ImageClassification(ZooModule):
             (MambaVision: sets both conv_norm and token_norm); None keeps the network's own norms.
         conv_norm, token_norm: MambaVision's own norm arguments (other models refuse them): the norm of
             the stem, conv stages and final norm (None: official batch), and of the mixer/attention
-            blocks (None: official layer); `norm` overrides both.
+            blocks (None: official layer); `norm` sets both (refused next to a non-official one).
         model_kwargs: further `timm.create_model` arguments, e.g. {"channels": [16, 32, 64, 128]} for a
             narrow ResNet, {"dim": 32, "depths": [1, 1, 2, 2]} for MambaVision, {"drop_path_rate": 0.1}.
         pretrained: `fit` starts from the published weights of `model_name` (a tag picks others:
@@ -100,11 +100,17 @@ class ImageClassification(ZooModule):
             raise ValueError(f"need num_classes >= 2 and top_k >= 1, got {num_classes} and {top_k}")
         kwargs = dict(model_kwargs or {})
         own = {"num_classes", "in_chans", "conv_norm", "token_norm", "pretrained"} & set(kwargs)
-        if own:
-            raise ValueError(f"model_kwargs {sorted(own)} are the task's own arguments; set them as "
-                             f"{', '.join('model.' + k for k in sorted(own))}")
+        if own:  # (the model's num_classes follows the data's)
+            where = ", ".join(("data." if k == "num_classes" else "model.") + k for k in sorted(own))
+            raise ValueError(f"model_kwargs {sorted(own)} are the task's own arguments; set them as {where}")
         self.save_hyperparameters()
         own_norm_args = get_arch_name(model_name) in mambavision.VARIANTS
+        # norm sets both; one of them given away from the official norms too would be silently overridden
+        clash = [f"{k}={v!r}" for k, v, official in (("conv_norm", conv_norm, "batch"), ("token_norm", token_norm, "layer"))
+                 if norm is not None and v not in (None, official)]
+        if clash:
+            raise ValueError(f"norm={norm!r} sets both conv_norm and token_norm, and {', '.join(clash)} is given too; "
+                             "give norm alone, or conv_norm and token_norm")
         if own_norm_args:  # hparams keep the arguments as given, so that resuming compares like with like
             kwargs["conv_norm"] = norm or conv_norm or "batch"
             kwargs["token_norm"] = norm or token_norm or "layer"
@@ -158,7 +164,14 @@ class ImageClassification(ZooModule):
             replaced = norms != ("batch", "layer")
         else:
             replaced = h.norm is not None
-        src = create_model(h.model_name, pretrained=True, num_classes=h.num_classes, in_chans=h.in_chans, **kwargs)
+        try:
+            src = create_model(h.model_name, pretrained=True, num_classes=h.num_classes, in_chans=h.in_chans, **kwargs)
+        except Exception as e:  # noqa: BLE001  (timm and huggingface_hub raise many kinds: no such weights or tag,
+            # no network, weights of another shape)
+            reason = (f"their shapes differ from this network's: model_kwargs {h.model_kwargs} change its architecture"
+                      if "size mismatch" in str(e) or "of other shapes" in str(e) else " ".join(str(e).split())[:300] or type(e).__name__)
+            raise ValueError(f"pretrained=True: the published weights of {h.model_name!r} could not be loaded "
+                             f"({reason}); pretrained=false trains from scratch") from e
         if replaced:
             if self._own_norm_args:
                 mambavision.convert_norms(src, *norms)
