@@ -182,16 +182,6 @@ class ZooCLI(LightningCLI):
                 return
             cfg.ckpt_path = path = str(last)
         ckpt = checkpoint.read(path)
-        if stage == "fit":
-            self._wandb_id = ckpt.get("callbacks", {}).get(RunSummary.__qualname__, {}).get("wandb_id")
-        if stage == "fit" and Path(path) == ckpt_dir / "last.ckpt":
-            # a best checkpoint the interrupted segment wrote after last.ckpt: the resumed run writes it
-            # again, and the checkpoint callback, restored from last.ckpt, would never remove this copy
-            known = {Path(state["best_model_path"]).name for key, state in ckpt.get("callbacks", {}).items()
-                     if key.startswith("ModelCheckpoint") and state.get("best_model_path")}
-            for stale in ckpt_dir.glob("best-*.ckpt"):
-                if stale.name not in known:
-                    stale.unlink()
         task = checkpoint.task_class(ckpt, path)
         task_name = f"{task.__module__}.{task.__qualname__}"
         if task_name != cfg["model"]["class_path"]:
@@ -214,11 +204,21 @@ class ZooCLI(LightningCLI):
                 raise ValueError(f"cannot resume {path} with other model arguments or settings ({what}); resume "
                                  "with the checkpoint's, or start a new run in another --trainer.default_root_dir")
             print(f"using the checkpoint's model arguments ({what})", file=sys.stderr)
+        if stage == "fit":
+            self._wandb_id = ckpt.get("callbacks", {}).get(RunSummary.__qualname__, {}).get("wandb_id")
+        if stage == "fit" and Path(path) == ckpt_dir / "last.ckpt":
+            # a best checkpoint the interrupted segment wrote after last.ckpt: the resumed run writes it
+            # again, and the checkpoint callback, restored from last.ckpt, would never remove this copy
+            known = {Path(state["best_model_path"]).name for key, state in ckpt.get("callbacks", {}).items()
+                     if key.startswith("ModelCheckpoint") and state.get("best_model_path")}
+            for stale in ckpt_dir.glob("best-*.ckpt"):
+                if stale.name not in known:
+                    stale.unlink()
         # then as Lightning's own _parse_ckpt_path, from the upgraded hyper-parameters: the model is
         # configured with the checkpoint's arguments
         hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
         # the data follows the checkpoint's values of the keys it shares with the model (LINKED)
-        data = {k: hparams[k] for k in LINKED if k in differ and k in (cfg.get("data") or {}).get("init_args", {})}
+        data = {k: hparams[k] for k in LINKED if k in differ and k in ((cfg.get("data") or {}).get("init_args") or {})}
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         if hparams:
@@ -283,14 +283,19 @@ def resume_settings(cfg) -> dict:
 LINKED = ("num_classes", "block_size", "max_seq_len")
 
 
+def class_at(path: str) -> type:
+    """The class a config's `class_path` names (jsonargparse has imported it while parsing)."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def link_data_to_model(cfg) -> None:
     """Sets model.<key> = data.<key> for each LINKED key both classes take; a model value set away from
     its default and different from the data's is refused, naming both."""
     model, data = cfg.get("model"), cfg.get("data")
     if not (model and data and model.get("init_args") and data.get("init_args")):
         return
-    module, _, name = model["class_path"].rpartition(".")
-    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    params = inspect.signature(class_at(model["class_path"])).parameters
     for key in LINKED:
         if key not in model["init_args"] or key not in data["init_args"]:
             continue
@@ -315,9 +320,8 @@ def closest_option(exc: BaseException, parser) -> str:
         return ""
     classes = [c for m in messages for c in re.findall(r"class_path ?=? ?'([\w.]+)'", m)]
     if classes:  # the innermost class named
-        module, _, name = classes[-1].rpartition(".")
         parser = jsonargparse.ArgumentParser()
-        parser.add_class_arguments(getattr(importlib.import_module(module), name))
+        parser.add_class_arguments(class_at(classes[-1]))
     known = {o.lstrip("-") for p in [parser, *(parser._subcommands_action.choices.values()
                                                 if parser._subcommands_action else [])]
              for a in p._actions for o in a.option_strings if o.startswith("--")}
@@ -342,8 +346,7 @@ def drop_unused_presets(cfg, args: list[str]) -> None:
     init = model.get("init_args") if model else None
     if not init or "class_path" not in model:
         return
-    module, _, name = model["class_path"].rpartition(".")
-    task = getattr(importlib.import_module(module), name)
+    task = class_at(model["class_path"])
     if not issubclass(task, ZooModule):
         return
     defaults = inspect.signature(task.__init__).parameters
