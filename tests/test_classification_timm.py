@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -144,3 +145,23 @@ def test_hub_and_folder_model_names_are_refused_saying_what_to_give():
         with pytest.raises(ValueError, match=f"^model_name '{name}': give a timm architecture name; for published "
                                              r"weights add their tag and pretrained=True \(e.g. model_name"):
             ImageClassification(model_name=name, num_classes=5)
+
+
+def test_create_model_with_a_norm_is_timms_network_after_the_surgery():
+    # zoo.models.create_model, the task's builder and the Python API: the same network as building it
+    # with timm and calling replace_norms by hand (same seed, same weights, same outputs)
+    from zoo.models import create_model
+    kwargs = dict(TINY_RESNET["model_kwargs"], num_classes=3)
+    torch.manual_seed(0)
+    ours = create_model("resnet10t", norm="group", **kwargs)
+    torch.manual_seed(0)
+    reference = timm.create_model("resnet10t", **kwargs)
+    zn.replace_norms(reference, "group")
+    assert norm_classes(ours) == {zn.GroupNorm}
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
+    mamba = create_model("mambavision_t", norm="rms", dim=8, in_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2],
+                         window_size=[8, 8, 2, 1])  # MambaVision takes it as its own conv_norm and token_norm
+    assert norm_classes(mamba) == {zn.RmsNorm}
+    with pytest.raises(ValueError, match="^norm='rms' sets both conv_norm and token_norm, and conv_norm='group' is given"):
+        create_model("mambavision_t", norm="rms", conv_norm="group")

@@ -56,6 +56,7 @@ from zoo import checkpoint
 from zoo.callbacks import SUMMARY_FILE
 from zoo.checkpoint import HUB_PREFIX, CheckpointError
 from zoo.files import TEMP_MARK, atomic_open, sha256_of
+from zoo.models import norm_arguments
 from zoo.models.config import flat
 from zoo.tasks.classification import ImageClassification
 
@@ -145,7 +146,8 @@ def _timm_config(model, tensors: dict[str, torch.Tensor], data: dict) -> dict:
     h, net = model.hparams, model.net
     arch = get_arch_name(h.model_name)  # a tag names published weights; these are others
     # what the task gave timm.create_model (model_kwargs, and MambaVision's conv_norm / token_norm)
-    args = {"num_classes": h.num_classes, "in_chans": h.in_chans, **model._net_kwargs}
+    args = {"num_classes": h.num_classes, "in_chans": h.in_chans, **(h.model_kwargs or {}),
+            **norm_arguments(h.model_name, h.norm, h.conv_norm, h.token_norm)}
     net_tensors = {k[len(NET_PREFIX):]: v for k, v in tensors.items() if k.startswith(NET_PREFIX)}
     reason = _not_timms(model, arch, args, net_tensors)
     if reason:
@@ -175,7 +177,7 @@ def _not_timms(model, arch: str, args: dict, net_tensors: dict[str, torch.Tensor
     (None: it would be). The rebuild compares module classes and tensor names, shapes and dtypes, so
     that no folder claims a network timm would build otherwise."""
     norm = model.hparams.norm
-    if norm is not None and not model._own_norm_args:
+    if norm is not None and "conv_norm" not in args:  # not MambaVision's own argument
         return (f"norm={norm!r} replaced the network's norm layers after timm built it (zoo.norm.replace_norms), "
                 f"which timm.create_model({arch!r}) cannot do; only zoo.load rebuilds it")
     with torch.random.fork_rng(devices=[]):  # building initialises weights: keep the caller's random stream

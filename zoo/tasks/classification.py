@@ -17,19 +17,15 @@ top-k class names and probabilities). Class names travel in the checkpoint.
 from __future__ import annotations
 
 import csv
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from timm.models import get_arch_name
 from torchmetrics.classification import MulticlassAccuracy
 
-import zoo.models.mambavision as mambavision
 from zoo.models import create_model
-from zoo.norm import NORM_KINDS, replace_norms
 from zoo.optim import check_schedule
 from zoo.samples import image_grid, log_image
 from zoo.scaling import InputScaler
@@ -92,38 +88,17 @@ class ImageClassification(ZooModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ):
         super().__init__(optimizer, lr_scheduler)
-        for name, kind in (("norm", norm), ("conv_norm", conv_norm), ("token_norm", token_norm)):
-            if kind is not None and kind not in NORM_KINDS:
-                raise ValueError(f"{name}={kind!r} is not a norm kind; valid kinds: {', '.join(NORM_KINDS)}")
         check_schedule(scheduler, ("cosine", "none"))
         if num_classes < 2 or top_k < 1:
             raise ValueError(f"need num_classes >= 2 and top_k >= 1, got {num_classes} and {top_k}")
-        kwargs = dict(model_kwargs or {})
-        own = {"num_classes", "in_chans", "conv_norm", "token_norm", "pretrained"} & set(kwargs)
+        own = {"num_classes", "in_chans", "norm", "conv_norm", "token_norm", "pretrained"} & set(model_kwargs or {})
         if own:  # (the model's num_classes follows the data's)
             where = ", ".join(("data." if k == "num_classes" else "model.") + k for k in sorted(own))
             raise ValueError(f"model_kwargs {sorted(own)} are the task's own arguments; set them as {where}")
         self.save_hyperparameters()
-        own_norm_args = get_arch_name(model_name) in mambavision.VARIANTS
-        # norm sets both; one of them given away from the official norms too would be silently overridden
-        clash = [f"{k}={v!r}" for k, v, official in (("conv_norm", conv_norm, "batch"), ("token_norm", token_norm, "layer"))
-                 if norm is not None and v not in (None, official)]
-        if clash:
-            raise ValueError(f"norm={norm!r} sets both conv_norm and token_norm, and {', '.join(clash)} is given too; "
-                             "give norm alone, or conv_norm and token_norm")
-        if own_norm_args:  # hparams keep the arguments as given, so that resuming compares like with like
-            kwargs["conv_norm"] = norm or conv_norm or "batch"
-            kwargs["token_norm"] = norm or token_norm or "layer"
-        elif conv_norm is not None or token_norm is not None:
-            raise ValueError(f"conv_norm and token_norm are MambaVision's arguments, not {model_name}'s; "
-                             f"use norm (one of {', '.join(NORM_KINDS)}, or null to keep its own norms)")
-        self._own_norm_args, self._net_kwargs = own_norm_args, kwargs  # for _load_pretrained
-        self.net = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **kwargs)
-        if norm is not None and not own_norm_args:
-            try:
-                replace_norms(self.net, norm)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"norm={norm!r} for {model_name}: {e}; norm=null keeps its own norms") from e
+        self._net_args = dict(num_classes=num_classes, in_chans=in_chans, norm=norm, conv_norm=conv_norm,
+                              token_norm=token_norm, **(model_kwargs or {}))
+        self.net = create_model(model_name, **self._net_args)
         if grad_checkpointing:
             self.net.set_grad_checkpointing(True)
         self.input_scaler = InputScaler(in_chans)
@@ -148,39 +123,8 @@ class ImageClassification(ZooModule):
             self.class_names = list(names)
         # here rather than in __init__, so that rebuilding from hparams never downloads; a resumed fit
         # loads them too (from the cache), then its checkpoint replaces them
-        if stage == "fit" and self.hparams.pretrained:
-            self._load_pretrained()
-
-    def _load_pretrained(self) -> None:
-        """Loads the published weights of `model_name` into the network (the `pretrained` argument).
-
-        timm builds the model as published with pretrained=True (downloading into its cache once, head
-        re-initialised for other num_classes); the norms this task replaces are then replaced there
-        too, by the surgery that copies what the two kinds share (affine weights), and the result is
-        loaded strictly: it has the network's architecture."""
-        h, kwargs = self.hparams, dict(self._net_kwargs)
-        if self._own_norm_args:  # MambaVision is published with its official norms
-            norms = kwargs.pop("conv_norm"), kwargs.pop("token_norm")
-            replaced = norms != ("batch", "layer")
-        else:
-            replaced = h.norm is not None
-        try:
-            src = create_model(h.model_name, pretrained=True, num_classes=h.num_classes, in_chans=h.in_chans, **kwargs)
-        except Exception as e:  # noqa: BLE001  (timm and huggingface_hub raise many kinds: no such weights or tag,
-            # no network, weights of another shape)
-            reason = (f"their shapes differ from this network's: model_kwargs {h.model_kwargs} change its architecture"
-                      if "size mismatch" in str(e) or "of other shapes" in str(e) else " ".join(str(e).split())[:300] or type(e).__name__)
-            raise ValueError(f"pretrained=True: the published weights of {h.model_name!r} could not be loaded "
-                             f"({reason}); pretrained=false trains from scratch") from e
-        if replaced:
-            if self._own_norm_args:
-                mambavision.convert_norms(src, *norms)
-            else:
-                replace_norms(src, h.norm)
-            given = f"norm={h.norm!r}" if h.norm is not None else f"conv_norm={norms[0]!r}, token_norm={norms[1]!r}"
-            warnings.warn(f"pretrained=True with {given}: the replaced norm layers start from the pretrained affine "
-                          "parameters only (the weight, and the bias where the new kind has one)", stacklevel=2)
-        self.net.load_state_dict(src.state_dict())
+        if stage == "fit" and self.hparams.pretrained:  # built as published, then its norms replaced
+            self.net.load_state_dict(create_model(self.hparams.model_name, pretrained=True, **self._net_args).state_dict())
 
     def on_save_checkpoint(self, ckpt: dict) -> None:
         super().on_save_checkpoint(ckpt)
