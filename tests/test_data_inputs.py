@@ -153,7 +153,8 @@ def test_unet_predict_without_root_takes_rgb_images_and_the_model_checks_channel
     batches = list(dm.predict_dataloader())
     assert [tuple(b["image"].shape) for b in batches] == [(1, 3, 20, 24), (1, 3, 22, 20)]
     model = UNetSegmentation(in_channels=1, net={"base_channels": 2, "depth": 2})
-    with pytest.raises(ValueError, match=r"expects 1 channels at channel_dim=1, got 3 \(shape \(1, 3, 20, 24\)\)"):
+    with pytest.raises(ValueError, match=r"^the input has 3 channel\(s\) \(shape \(1, 3, 20, 24\), channel_dim=1\), the model takes 1: "
+                                         r"its input scaler holds statistics of 1 channel\(s\); give 1-channel inputs$"):
         model.predict_step(batches[0], 0)
     save(tmp_path / "p" / "c.png", np.zeros((20, 20), np.uint8))
     with pytest.raises(ValueError, match=r"c.png has 1 channel\(s\), expected 3"):  # the images must agree

@@ -292,7 +292,7 @@ def test_refuses_by_name_and_reason_changing_nothing(module, message):
 
 def test_unknown_timm_norm_and_skip():
     model = timm.create_model("test_efficientnet_evos", pretrained=False)
-    with pytest.raises(ValueError, match=r"EvoNorm2dS0 at bn1, blocks\.0\.0\.bn1, .* more\): .*skip="):
+    with pytest.raises(ValueError, match=r"(?s)EvoNorm2dS0 at bn1, blocks\.0\.0\.bn1, .* more\): .*skip="):
         replace_norms(model, "batch")
     model = nn.Sequential(nn.BatchNorm2d(4), PixelNorm())
     assert replace_norms(model, "group", skip=("PixelNorm",)) == [("0", "BatchNorm2d", "GroupNorm")]

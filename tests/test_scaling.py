@@ -211,9 +211,9 @@ def test_robust_over_real_cap_warns():
 def test_errors():
     with pytest.raises(ValueError, match="unknown scaler kind 'std'.*minmax"):
         InputScaler(2, kind="std")
-    with pytest.raises(ValueError, match="expects 2 channels at channel_dim=1, got 3"):
+    with pytest.raises(ValueError, match=r"^the input has 3 channel\(s\) \(shape \(4, 3, 5\), channel_dim=1\), the model takes 2"):
         InputScaler(2, kind="zscore").fit(torch.randn(4, 3, 5))
-    with pytest.raises(ValueError, match="expects 2 channels at channel_dim=-1, got 5"):
+    with pytest.raises(ValueError, match=r"has 5 channel\(s\) .*channel_dim=-1\), the model takes 2: its input scaler holds statistics of 2 channel\(s\); give 2-channel inputs$"):
         InputScaler(2, channel_dim=-1)(torch.randn(4, 2, 5))
     with pytest.raises(ValueError, match="no such axis"):
         InputScaler(2, channel_dim=3)(torch.randn(4, 2))

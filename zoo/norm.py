@@ -886,10 +886,12 @@ def replace_norms(model: nn.Module, kind: str, *, skip=(), **kwargs) -> list[tup
     if verdict == "descend":
         walk(model, "")
     if problems:  # one entry per class and reason, naming up to 3 modules
-        raise ValueError("replace_norms cannot convert " + "; ".join(
+        e = ValueError("replace_norms cannot convert " + "; ".join(
             f"{cls} at {', '.join(names[:3])}{f' (and {len(names) - 3} more)' if len(names) > 3 else ''}: {why}"
-            for (cls, why), names in problems.items())
-            + ". Pass skip=(class or class name, ...) to leave such modules as they are")
+            for (cls, why), names in problems.items()))
+        # a note: callers that do not expose `skip` (the classifier's --model.norm) leave it out
+        e.add_note("pass skip=(class or class name, ...) to leave such modules as they are")
+        raise e
     if not found:
         names = sorted({c.__name__ for c in _known_norms()})
         raise ValueError("model has no normalization layers to replace; recognised classes: " + ", ".join(names))

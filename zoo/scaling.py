@@ -109,9 +109,10 @@ class InputScaler(nn.Module):
             )
         dim = channel_dim % x.ndim
         if x.shape[dim] != self.num_channels:
-            raise ValueError(
-                f"InputScaler expects {self.num_channels} channels at channel_dim={channel_dim}, "
-                f"got {x.shape[dim]} (shape {tuple(x.shape)})"
+            raise ValueError(  # a checkpoint's model meeting other data: say what it takes
+                f"the input has {x.shape[dim]} channel(s) (shape {tuple(x.shape)}, channel_dim={channel_dim}), "
+                f"the model takes {self.num_channels}: its input scaler holds statistics of {self.num_channels} "
+                f"channel(s); give {self.num_channels}-channel inputs"
             )
         return dim
 

@@ -17,6 +17,7 @@ top-k class names and probabilities). Class names travel in the checkpoint.
 from __future__ import annotations
 
 import csv
+import inspect
 from pathlib import Path
 from typing import Any, Optional
 
@@ -111,7 +112,13 @@ class ImageClassification(ZooModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) raw images -> (B, num_classes) logits."""
-        return self.net(self.input_scaler(x))
+        try:
+            return self.net(self.input_scaler(x))
+        except (AssertionError, ValueError) as e:  # timm asserts fixed input sizes; zoo's norms refuse tiny maps
+            model = self.hparams.model_name
+            sizes = "--data.image_size sets the images' size" + (
+                ", --model.model_kwargs.img_size the model's" if "img_size" in inspect.signature(type(self.net)).parameters else "")
+            raise ValueError(f"{model} on {x.shape[-2]} x {x.shape[-1]} images: {' '.join(str(e).split()).rstrip('.')}; {sizes}") from e
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
