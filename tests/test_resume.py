@@ -93,6 +93,8 @@ def test_killed_twice_and_resumed_equals_uninterrupted(tmp_path, model):
             assert b["state_dict"][name] == x, name
     timing = lambda m: {k: v for k, v in m.items() if "per_s" not in k}  # noqa: E731  (wall-clock rates)
     assert timing(sb["metrics"]) == timing(sa["metrics"]) and sa["metrics"]
+    counts = ("status", "params", "global_step", "epochs")
+    assert {k: sb[k] for k in counts} == {k: sa[k] for k in counts}
 
 
 def test_checkpoint_writes_survive_kills_at_random_moments(tmp_path):

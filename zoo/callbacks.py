@@ -122,7 +122,9 @@ class RunSummary(Callback):
             "wall_time_s": time.perf_counter() - self.t0,
             "train_samples_per_s": self.samples / self.train_time if self.train_time > 0 else None,
             "global_step": trainer.global_step,
-            "epochs": trainer.current_epoch,
+            # epochs trained in, the last possibly partial: Lightning's epoch counter moves on when a
+            # max_steps stop ends an epoch, but not in a resumed run with no step left to train
+            "epochs": trainer.fit_loop.epoch_progress.current.started,
             "device": str(pl_module.device),
             "metrics": self._metrics(trainer),
             **mem,
