@@ -435,3 +435,47 @@ def test_ctrl_c_stops_a_compare_at_once_and_leaves_its_runs_resumable(tmp_path):
     assert set(statuses.values()) == {"pending"}  # nothing reported failed, nothing else started
     assert not (out / "runs" / "norm=batch,seed=0").exists()
     assert (first / "run.log").read_text().count("=== attempt") == 1  # stopped, not retried
+
+
+INTERRUPTED = """
+import sys
+from pathlib import Path
+from zoo import compare
+
+launcher, root = sys.argv[1], Path(sys.argv[2])
+# stand-ins for training processes: each says it started, then sleeps until stopped
+stand_in = ("import pathlib, sys, time; d = pathlib.Path(sys.argv[1]); (d / 'started').touch()\\n"
+            "try:\\n    time.sleep(600)\\nexcept KeyboardInterrupt:\\n    (d / 'stopped').touch()")
+runs = [compare.Run(f"run{i}", {}, root / f"run{i}") for i in range(2)]
+specs = [{"cmd": [sys.executable, "-c", stand_in, str(r.dir)], "dir": str(r.dir), "env": {}, "cwd": str(root)}
+         for r in runs]
+on_done = lambda run, result: print("done", run.name, result, flush=True)
+try:
+    if launcher == "ray":
+        compare.launch_ray(runs, specs, None, 1, 0, 0, on_done)
+    else:
+        compare.launch_slurm(runs, specs, root / "slurm", 1, {"timeout_min": 10}, 0, on_done)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["slurm", "ray"])
+def test_ctrl_c_stops_the_runs_a_cluster_launcher_submitted(launcher, tmp_path, request):
+    """Ctrl-C reaches the compare process only (its runs are jobs or tasks on the cluster): the
+    launcher cancels them, and each run's process is told to stop (SIGINT, as Lightning expects)."""
+    if launcher == "ray":
+        pytest.importorskip("ray")
+        request.getfixturevalue("one_ray_at_a_time")
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, launcher, str(tmp_path)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not all((tmp_path / f"run{i}" / "started").exists() for i in range(2)):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # to the compare process alone
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0 and "interrupted" in output and "done" not in output, output[-3000:]
+    for i in range(2):
+        assert (tmp_path / f"run{i}" / "stopped").exists(), output[-3000:]

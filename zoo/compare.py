@@ -329,7 +329,15 @@ def execute(spec: dict, max_retries: int) -> dict:
                                   cwd=spec["cwd"], preexec_fn=_die_with_parent, pass_fds=(lock,)) as proc:
                 _CHILDREN.add(proc)
                 try:
-                    proc.wait()
+                    while proc.poll() is None:  # polled: Ray's cancel interrupts Python code, not a blocking wait
+                        time.sleep(0.2)
+                except KeyboardInterrupt:  # a Ray task cancelled, a submitit job cancelled: stop the run
+                    proc.send_signal(signal.SIGINT)  # at its step's end
+                    try:
+                        proc.wait(timeout=120)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()  # resumable all the same
+                    raise
                 finally:
                     _CHILDREN.discard(proc)
             # read while the run is still locked: another compare waiting on it starts by unlinking it
@@ -371,7 +379,11 @@ def _hold_run(run_dir: Path, log):
 
 def _die_with_parent() -> None:
     """In the run's process: ask Linux to kill it when the thread that started it dies, so a killed
-    compare leaves no orphan still writing into a run that the next compare resumes."""
+    compare leaves no orphan still writing into a run that the next compare resumes; and let it stop
+    on SIGINT (`execute` sends it one to stop it) even where its launcher's worker ignores or blocks it."""
+    # ignored or blocked in the launcher's worker (a Ray worker blocks it), it would stay so in the child
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -501,7 +513,13 @@ def _ray_launch(ray, runs, specs, cpus_per_run, gpus_per_run, max_retries, on_do
         run.status = "running"
         pending[task.remote(spec, max_retries)] = run
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        try:
+            done, _ = ray.wait(list(pending), num_returns=1)
+        except KeyboardInterrupt:  # Ctrl-C reaches this process only: stop the tasks on the cluster (resumable)
+            for ref in pending:
+                ray.cancel(ref)  # raises KeyboardInterrupt in the task: `execute` stops its run
+            ray.wait(list(pending), num_returns=len(pending), timeout=120)
+            raise
         run = pending.pop(done[0])
         try:
             result = ray.get(done[0])
@@ -562,15 +580,24 @@ def launch_slurm(runs: list[Run], specs: list[dict], folder: Path, cpus_per_run:
         executor.update_parameters(name=f"zoo-{run.name}")
         run.status = "running"
         jobs[executor.submit(Job(), spec, max_retries)] = run
-    for job in submitit.helpers.as_completed(list(jobs), poll_frequency=1):
-        run = jobs[job]
-        path = run.dir / JOB_RESULT
-        if path.exists():
-            result = json.loads(path.read_text())
-        else:  # the job itself ended (node lost, cancelled, out of requeues): its log says why
-            result = {"summary": {"status": "failed", "error": f"job {job.job_id} ended {job.state} without "
-                                  f"finishing the run; log: {job.paths.stderr}"}, "retries": 0, "returncode": None}
-        on_done(run, result)
+    try:
+        for job in submitit.helpers.as_completed(list(jobs), poll_frequency=1):
+            _slurm_done(jobs[job], job, on_done)
+    except KeyboardInterrupt:  # Ctrl-C reaches this process only: cancel the jobs (scancel; each resumable)
+        for job in jobs:
+            if not job.done():
+                job.cancel(check=False)
+        raise
+
+
+def _slurm_done(run: Run, job, on_done) -> None:
+    path = run.dir / JOB_RESULT
+    if path.exists():
+        result = json.loads(path.read_text())
+    else:  # the job itself ended (node lost, cancelled, out of requeues): its log says why
+        result = {"summary": {"status": "failed", "error": f"job {job.job_id} ended {job.state} without "
+                              f"finishing the run; log: {job.paths.stderr}"}, "retries": 0, "returncode": None}
+    on_done(run, result)
 
 
 def parse_slurm(items: list[str]) -> dict:
