@@ -275,3 +275,15 @@ def test_runs_table_status_errors_and_links(shared, site):
     assert failed.locator("td.error").inner_text() == EVIL and failed.locator("td").nth(4).inner_text() == "1"
     assert shared.evaluate("document.querySelectorAll('#runs b, #runs script').length === 0 && !window.pwned")
 
+
+
+def test_a_short_run_has_a_tick_at_every_step_and_none_between(site, tmp_path):
+    data = synthetic_data()
+    for run in data["runs"]:  # steps 2, 3, 4
+        run["curves"] = {m: [[2 + i, v] for i, (_, v) in enumerate(c[:3])] for m, c in run["curves"].items()}
+    page = site["browser"].new_page()
+    page.goto(write_dashboard(data, tmp_path).as_uri())
+    page.wait_for_function("+document.body.dataset.draws > 0", timeout=20_000)
+    ticks = page.evaluate("[...document.querySelector('.chart').querySelectorAll('.xtick text')].map(t => t.textContent)")
+    page.close()
+    assert ticks == ["2", "3", "4"]

@@ -216,12 +216,14 @@ function traces(m, opt, hidden) {
   return [...bands, ...seeds, ...means].map(t => ({type: 'scatter', mode: 'lines', ...t}));
 }
 
-function layout(m, opt) {
+function layout(m, opt, steps) {
   const band = opt.band === 'std' ? '±1 std' : 'min–max';
   const sub = `line: mean over seeds · band: ${band} over seeds` + (opt.smoothing ? ` · EMA ${opt.smoothing}` : '');
+  // steps are whole numbers: over a short run Plotly's own ticks would fall between them (2.5)
+  const span = steps.reduce((a, x) => Math.max(a, x), -Infinity) - steps.reduce((a, x) => Math.min(a, x), Infinity);
   return {title: {text: plotlyText(m), subtitle: {text: sub}}, height: 380,
     margin: {l: 60, r: 15, t: 60, b: 80}, hovermode: 'x unified',
-    xaxis: {title: {text: 'step'}}, yaxis: {type: opt.log ? 'log' : 'linear'},
+    xaxis: {title: {text: 'step'}, ...(span < 10 ? {dtick: 1} : {})}, yaxis: {type: opt.log ? 'log' : 'linear'},
     legend: {orientation: 'h', y: -0.22, yanchor: 'top'}, uirevision: m + opt.log};  // keep zoom unless the scale changes
 }
 
@@ -234,7 +236,8 @@ function draw() {
   return Promise.all(charts.map(div => {
     // legend clicks hide a point in one chart; carry that over the redraw
     const hidden = new Set((div.data || []).filter(t => t.meta?.kind === 'mean' && t.visible === 'legendonly').map(t => t.meta.point));
-    return Plotly.react(div, traces(div.dataset.metric, opt, hidden), layout(div.dataset.metric, opt),
+    const data = traces(div.dataset.metric, opt, hidden);
+    return Plotly.react(div, data, layout(div.dataset.metric, opt, data.flatMap(t => t.x)),
       {responsive: true, displaylogo: false, showSendToCloud: false});  // offline: no "Share" upload button
   })).then(() => { document.body.dataset.draws = ++draws; });
 }
