@@ -78,6 +78,7 @@ def run_main(capsys, *argv) -> str:
 
 
 def test_bad_input_gets_one_line_before_any_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("zoo.compare._cuda_devices", lambda: [])  # a machine without GPUs
     out = tmp_path / "out"
     base = [*TINY, "--out", str(out)]
     cases = {
@@ -94,8 +95,17 @@ def test_bad_input_gets_one_line_before_any_run(tmp_path, capsys, monkeypatch):
         ("--norms", "batch", "--metric", "val/iou_fg"): "error: --metric 'val/iou_fg': expected NAME:min or NAME:max",
         ("--compare.sweep=[]",): "error: nothing to compare; give --norms a,b,... or --sweep KEY=v1,v2, or set "
                                  "compare.sweep in the config",
-        ("--norms", "batch", "--slurm", "timeout_min=5"): "error: --slurm 'timeout_min=5' is for --launcher slurm, "
-                                                          "not local",
+        # an option the chosen launcher does not read would be silently ignored
+        ("--norms", "batch", "--slurm", "timeout_min=5"): "error: --slurm is for --launcher slurm, not local",
+        ("--norms", "batch", "--cpus-per-run", "4"): "error: --cpus-per-run is for --launcher ray or slurm, not local",
+        ("--norms", "batch", "--ray-address", "h:1"): "error: --ray-address is for --launcher ray, not local",
+        ("--norms", "batch", "--launcher", "ray", "--jobs", "2"): "error: --jobs is for --launcher local, not ray",
+        ("--norms", "batch", "--launcher", "slurm", "--devices-per-run", "1"): "error: --devices-per-run is for "
+                                                                               "--launcher local or ray, not slurm",
+        ("--norms", "batch", "--devices-per-run", "-1"): "error: --devices-per-run -1: must be at least 0",
+        ("--norms", "batch", "--devices-per-run", "1"): "error: --devices-per-run 1: this machine has no GPU",
+        ("--norms", "batch", "--launcher", "slurm", "--cpus-per-run", "2", "--slurm", "cpus_per_task=4"):
+            "error: --cpus-per-run 2 and --slurm cpus_per_task=4 both set a job's CPUs; give one",
         ("--norms", "batch", "--launcher", "slurm", "--slurm", "partition"): "error: --slurm 'partition': expected "
                                                                            "KEY=VALUE",
         ("--norms", "batch", "--launcher", "slurm", "--slurm", "bogus=1"): "error: --slurm: Parameter 'bogus' need "
@@ -372,6 +382,24 @@ def test_each_local_job_gets_its_own_gpus(monkeypatch, tmp_path):
     assert {frozenset(d) for d in seen} == {frozenset({"0", "1"}), frozenset({"2", "3"})}
     with pytest.raises(ValueError, match="needs 6 GPUs; this machine has 4"):
         c.launch_local(runs, specs, 3, 2, 0, lambda run, result: None)
+
+
+def test_a_ray_run_asks_for_what_a_node_has():
+    """Each run's Ray task: 1 GPU by default where a node has GPUs (decided from the cluster, not from
+    the machine compare runs on), else none; a run no node can hold is refused, not left waiting."""
+    cpu_node, gpu_node = {"CPU": 2.0}, {"CPU": 8.0, "GPU": 2.0}
+    import zoo.compare as c
+
+    assert c.ray_resources_per_run([cpu_node], 1, None) == (1, 0)
+    assert c.ray_resources_per_run([cpu_node, gpu_node], 1, None) == (1, 1)
+    assert c.ray_resources_per_run([cpu_node, gpu_node], 4, 0) == (4, 0)  # --devices-per-run 0: CPUs only
+    assert c.ray_resources_per_run([cpu_node, gpu_node], 8, 2) == (8, 2)
+    for cpus, gpus in ((4, 0), (1, 1)):
+        with pytest.raises(ValueError, match=f"--cpus-per-run {cpus} --devices-per-run {gpus}: no node of the Ray "
+                                             r"cluster has that many \(its nodes: 2 CPUs \+ 0 GPUs\)"):
+            c.ray_resources_per_run([cpu_node], cpus, gpus)
+    with pytest.raises(ValueError, match="no node"):
+        c.ray_resources_per_run([cpu_node, gpu_node], 4, 3)  # more than one node holds
 
 
 def test_an_attempt_waits_for_a_process_of_the_run_still_running(tmp_path):

@@ -405,15 +405,23 @@ def failure_reason(log: Path, returncode: int) -> str:
 # ------------------------------------------------------------------------------------------------
 # launchers: both call `on_done(run, result)` from the main thread as runs finish
 
+# The launchers that read each option: given to another, it would be silently ignored.
+LAUNCHER_OPTIONS = {"jobs": ("local",), "devices_per_run": ("local", "ray"), "ray_address": ("ray",),
+                    "cpus_per_run": ("ray", "slurm"), "slurm": ("slurm",)}
+
+
 def cpu_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def launch_local(runs: list[Run], specs: list[dict], jobs: int, devices_per_run: int, max_retries: int,
+def launch_local(runs: list[Run], specs: list[dict], jobs: int, devices_per_run: int | None, max_retries: int,
                  on_done) -> None:
     """Up to `jobs` runs at once; on CPU each gets cores / jobs threads, on GPUs its own
-    `devices_per_run` devices (CUDA_VISIBLE_DEVICES)."""
+    `devices_per_run` devices (CUDA_VISIBLE_DEVICES; None: 1)."""
     gpus = _cuda_devices()
+    if devices_per_run and not gpus:
+        raise ValueError(f"--devices-per-run {devices_per_run}: this machine has no GPU (the runs use its CPUs)")
+    devices_per_run = 1 if devices_per_run is None else devices_per_run  # 0: none, CUDA_VISIBLE_DEVICES=""
     if gpus and jobs * devices_per_run > len(gpus):
         raise ValueError(f"--jobs {jobs} x --devices-per-run {devices_per_run} needs {jobs * devices_per_run} GPUs; "
                          f"this machine has {len(gpus)}")
@@ -461,9 +469,9 @@ def _cuda_devices() -> list[str]:
     return visible.split(",")[:n] if visible else [str(i) for i in range(n)]
 
 
-def launch_ray(runs: list[Run], specs: list[dict], address: str | None, cpus_per_run: int, gpus_per_run: int,
-               max_retries: int, on_done) -> None:
-    """Every run is a Ray task with its CPUs/GPUs on whatever cluster `address` names (default: a new
+def launch_ray(runs: list[Run], specs: list[dict], address: str | None, cpus_per_run: int,
+               gpus_per_run: int | None, max_retries: int, on_done) -> None:
+    """Every run is a Ray task with its CPUs/GPUs (`ray_resources_per_run`) on whatever cluster `address` names (default: a new
     local instance). Runs write to the shared --out directory, so a multi-node cluster needs it on a
     shared filesystem. Ray retries a task whose worker or node died (`max_retries`); a training
     process that dies inside a task is retried by `execute`."""
@@ -504,7 +512,22 @@ def launch_ray(runs: list[Run], specs: list[dict], address: str | None, cpus_per
                     ray.shutdown()  # here rather than at exit, where Ray 2.60's own shutdown hook fails
 
 
+def ray_resources_per_run(nodes: list[dict], cpus: int, gpus: int | None) -> tuple[int, int]:
+    """The CPUs and GPUs of each run's Ray task, given the cluster's live nodes' resources: `gpus` None
+    means 1 where a node has GPUs, else 0. A run that no node can hold is refused: Ray would wait for
+    such a node forever. (A cluster that autoscales to such nodes: start one first.)"""
+    if gpus is None:
+        gpus = int(any(n.get("GPU", 0) for n in nodes))
+    if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+        have = ", ".join(sorted({f"{n.get('CPU', 0):g} CPUs + {n.get('GPU', 0):g} GPUs" for n in nodes})) or "none"
+        raise ValueError(f"--cpus-per-run {cpus} --devices-per-run {gpus}: no node of the Ray cluster has that "
+                         f"many (its nodes: {have})")
+    return cpus, gpus
+
+
 def _ray_launch(ray, runs, specs, cpus_per_run, gpus_per_run, max_retries, on_done) -> None:
+    cpus_per_run, gpus_per_run = ray_resources_per_run([n["Resources"] for n in ray.nodes() if n["Alive"]],
+                                                       cpus_per_run, gpus_per_run)
     task = ray.remote(_ray_execute).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries,
                                             retry_exceptions=False)
     pending = {}
@@ -919,12 +942,13 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
                    help="also test this metric's final value seed by seed (repeatable; the task's monitored "
                    "metric always is), e.g. val/L_R:min")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine (CPU cores are split)")
-    p.add_argument("--devices-per-run", type=int, default=1, help="GPUs per run (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--jobs", type=int, help="local: runs at once on this machine (CPU cores are split; default 1)")
+    p.add_argument("--devices-per-run", type=int, help="local, ray: GPUs per run (default: 1 where there are GPUs; "
+                   "0: the runs use CPUs)")
     p.add_argument("--launcher", choices=("local", "ray", "slurm"), default="local",
                    help="local: --jobs at once here; ray: Ray tasks; slurm: submitit jobs (SLURM where installed)")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local instance)")
-    p.add_argument("--cpus-per-run", type=int, default=1, help="Ray, slurm: CPUs per run")
+    p.add_argument("--cpus-per-run", type=int, help="ray, slurm: CPUs per run (default 1)")
     p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                    help="submitit parameter of every job (repeatable), e.g. slurm_partition=gpu, timeout_min=240, "
                    "gpus_per_node=1, mem_gb=32")
@@ -934,16 +958,22 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
     stray = [o for o in overrides if o.startswith("-") and not o.startswith("--")]
     if stray:
         raise ValueError(f"unrecognised arguments {stray}; overrides look like --trainer.max_steps=100")
-    for name in ("jobs", "devices_per_run", "cpus_per_run"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    for name, launchers in LAUNCHER_OPTIONS.items():
+        value = getattr(args, name)
+        if value not in (None, []) and args.launcher not in launchers:
+            raise ValueError(f"--{name.replace('_', '-')} is for --launcher {' or '.join(launchers)}, not "
+                             f"{args.launcher}")
+        least = 0 if name == "devices_per_run" else 1  # 0 GPUs: the runs use CPUs
+        if isinstance(value, int) and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
     if args.max_retries < 0 or not 0 < args.alpha < 1:
         raise ValueError(f"--max-retries must be >= 0 and --alpha in (0, 1); got {args.max_retries}, {args.alpha}")
     sweeps, metric, mode = check_arguments(args.config, overrides, args.norms, args.sweep)
     seeds = parse_seeds(args.seeds)
     slurm = parse_slurm(args.slurm)
-    if slurm and args.launcher != "slurm":
-        raise ValueError(f"--slurm {args.slurm[0]!r} is for --launcher slurm, not {args.launcher}")
+    if "cpus_per_task" in slurm and args.cpus_per_run is not None:
+        raise ValueError(f"--cpus-per-run {args.cpus_per_run} and --slurm cpus_per_task={slurm['cpus_per_task']} "
+                         "both set a job's CPUs; give one")
     also = parse_metrics(args.metric)
     baseline = parse_baseline(args.baseline, sweeps)
     if args.norms:
@@ -965,7 +995,8 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
     print(f"{len(runs)} runs" + (f"; {kept} finished before, kept as they are" if kept else ""), flush=True)
     # Threads per run: the user's OMP_NUM_THREADS, else the cores split between runs. Sent with every
     # run (also to other Ray nodes), with the settings that change what a run does.
-    threads = cpu_threads(args.jobs) if args.launcher == "local" else args.cpus_per_run
+    cpus = slurm.get("cpus_per_task", args.cpus_per_run or 1)
+    threads = cpu_threads(args.jobs or 1) if args.launcher == "local" else cpus
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(threads),
            **{k: os.environ[k] for k in ("WANDB_MODE", "ZOO_CPU_KERNELS", "PYTHONPATH") if k in os.environ}}
     specs = [run_spec(r, args.config, overrides, group, env) for r in todo]
@@ -989,12 +1020,11 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
 
     try:
         if todo and args.launcher == "ray":
-            launch_ray(todo, specs, args.ray_address, args.cpus_per_run, args.devices_per_run if _cuda_devices() else 0,
-                       args.max_retries, on_done)
+            launch_ray(todo, specs, args.ray_address, cpus, args.devices_per_run, args.max_retries, on_done)
         elif todo and args.launcher == "slurm":
-            launch_slurm(todo, specs, out / "slurm", args.cpus_per_run, slurm, args.max_retries, on_done)
+            launch_slurm(todo, specs, out / "slurm", cpus, slurm, args.max_retries, on_done)
         elif todo:
-            launch_local(todo, specs, args.jobs, args.devices_per_run, args.max_retries, on_done)
+            launch_local(todo, specs, args.jobs or 1, args.devices_per_run, args.max_retries, on_done)
     except KeyboardInterrupt:
         for r in runs:
             r.status = "pending" if r.status == "running" else r.status
