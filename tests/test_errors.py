@@ -48,6 +48,15 @@ def test_bad_norm_is_one_line_from_the_command_line(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "unknown norm kind 'bogus'" in debug.stderr
 
 
+def test_an_option_the_subcommand_does_not_read_is_refused(tmp_path, capsys, unet_ckpt):
+    code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, f"--predict_out={tmp_path / 'p'}"))
+    assert code == 2 and error_lines(err) == ["error: --predict_out is read by predict, not fit"]
+    code, err = run_main(capsys, "predict", *tiny_unet_args(tmp_path), f"--ckpt_path={unet_ckpt}", "--wandb.project=x")
+    assert code == 2 and error_lines(err) == [
+        "error: --wandb.project: predict does not log to wandb (it writes files to --predict_out)"]
+    assert not (tmp_path / "p").exists() and not (tmp_path / "predictions").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--model.nrm=3"], "Option 'nrm' is not accepted"),
     (["--trainer.max_steps=abc"], "error: --trainer.max_steps: Expected a <class 'int'>. Got value: abc"),

@@ -122,8 +122,11 @@ class ZooCLI(LightningCLI):
                 e.add_note(closest_option(e, parser))  # error_line ends its line with it
                 raise
         stage = self.config.get("subcommand")
+        args = sys.argv[1:] if args is None else args
+        if stage:
+            refuse_unread_options(stage, args)
         link_data_to_model(self.config[stage] if stage else self.config)
-        drop_unused_presets(self.config[stage] if stage else self.config, sys.argv[1:] if args is None else args)
+        drop_unused_presets(self.config[stage] if stage else self.config, args)
         _ActionPrintConfig.print_config_if_requested(parser, self.config)
 
     def _loggers(self, cfg, root: Path, model, stage: str) -> list:
@@ -335,6 +338,17 @@ def closest_option(exc: BaseException, parser) -> str:
     else:  # --trainr.max_steps
         near = difflib.get_close_matches(bad, [k for k in known if k.count(".") == bad.count(".")], n=1)
     return f"did you mean --{prefix}{near[0]}?" if near else ""
+
+
+def refuse_unread_options(stage: str, args: list[str]) -> None:
+    """An option given on the command line that `stage` does not read would be silently ignored, so it
+    is refused. (A config file may hold them all: each subcommand reads its own.)"""
+    for arg in args:
+        option = arg.split("=", 1)[0]
+        if option == "--predict_out" and stage != "predict":
+            raise ValueError(f"--predict_out is read by predict, not {stage}")
+        if option.startswith("--wandb.") and stage == "predict":
+            raise ValueError(f"{option}: predict does not log to wandb (it writes files to --predict_out)")
 
 
 def drop_unused_presets(cfg, args: list[str]) -> None:
