@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.data import extract_batch_size
 
@@ -195,6 +195,25 @@ class StepSeed(Callback):
         torch.manual_seed(s)
         np.random.seed(s % 2**32)
         random.seed(s)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`<dirpath>/last.ckpt`, rewritten at every validation (Lightning's `save_last=True` rewrites it
+    only when the monitored metric improved, so a resume could lose every step since the best one) and
+    once more when training ends, so that the steps after the last validation are in it too: the
+    weights `predict`, `export` and `zoo.load` use are those the run's summary describes."""
+
+    def __init__(self, dirpath: str | Path):
+        super().__init__(dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # a resumed run starts at its checkpoint's step: that one is on disk (Lightning's record of the
+        # step it last saved at, which it does not restore)
+        self._last_global_step_saved = trainer.global_step
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # fast_dev_run, or saved at this step already
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
