@@ -108,6 +108,22 @@ def test_last_ckpt_holds_the_steps_after_the_last_validation(tmp_path):
         fit(tmp_path / "b", "--trainer.max_steps=1")
 
 
+def test_evaluation_writes_beside_the_training_run_not_into_it(tmp_path):
+    """validate / test of a run's checkpoint log to <run>/<stage>/ (CSV, config, samples): the training
+    curves that compare and the dashboard read (csv/) and the training samples stay as they were."""
+    fit(tmp_path)
+    before = {p: p.read_bytes() for p in [*tmp_path.glob("csv/**/*"), *tmp_path.glob("samples/*")] if p.is_file()}
+    assert any(p.parent.name == "samples" for p in before)
+    for stage in ("validate", "test"):
+        ZooCLI(args=[stage, *tiny_unet_args(tmp_path), "--ckpt_path=last"])
+        rows = list(csv.DictReader(open(tmp_path / stage / "version_0" / "metrics.csv")))
+        assert any(r.get(f"{stage[:4] if stage == 'test' else 'val'}/iou_fg") for r in rows)
+        assert (tmp_path / stage / "version_0" / "config.yaml").is_file()
+    assert list((tmp_path / "validate" / "samples").glob("*.png"))
+    after = {p: p.read_bytes() for p in [*tmp_path.glob("csv/**/*"), *tmp_path.glob("samples/*")] if p.is_file()}
+    assert after == before
+
+
 def test_resume_drops_a_best_checkpoint_the_interrupted_segment_wrote_after_last(tmp_path):
     common = ["--trainer.max_steps=-1", "--trainer.val_check_interval=null", "--trainer.max_epochs=3"]
     fit(tmp_path / "straight", *common)  # checkpoints at steps 4, 8, 12

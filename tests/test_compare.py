@@ -384,6 +384,18 @@ def test_each_local_job_gets_its_own_gpus(monkeypatch, tmp_path):
         c.launch_local(runs, specs, 3, 2, 0, lambda run, result: None)
 
 
+def test_the_dashboard_links_the_newest_config_of_a_run(tmp_path):
+    """A run resumed ten times: its config link is version_10's, not version_9's (sorted as text)."""
+    import zoo.compare as c
+
+    (run,) = plan_runs({"model.net.norm": ["batch"]}, tmp_path)
+    for n in (2, 9, 10):
+        (run.dir / "csv" / f"version_{n}").mkdir(parents=True)
+        (run.dir / "csv" / f"version_{n}" / "config.yaml").write_text(f"# {n}\n")
+    data = c.dashboard_data([run], tmp_path, "t", "d", "val/loss", "min", {"aggregate": [], "paired": [], "verdicts": []})
+    assert data["runs"][0]["links"]["config"] == "runs/norm=batch/csv/version_10/config.yaml"
+
+
 def test_a_ray_run_asks_for_what_a_node_has():
     """Each run's Ray task: 1 GPU by default where a node has GPUs (decided from the cluster, not from
     the machine compare runs on), else none; a run no node can hold is refused, not left waiting."""

@@ -130,7 +130,8 @@ class ZooCLI(LightningCLI):
         _ActionPrintConfig.print_config_if_requested(parser, self.config)
 
     def _loggers(self, cfg, root: Path, model, stage: str) -> list:
-        loggers = [CSVLogger(save_dir=str(root), name="csv")]
+        # fit's metrics in csv/ (what compare and the dashboard read), an evaluation's in <stage>/
+        loggers = [CSVLogger(save_dir=str(root), name="csv" if stage == "fit" else stage)]
         if stage == "fit":
             # One fixed folder, so a resumed run continues its curves; hyper-parameters and final
             # metrics are written once, at the end (RunSummary), for TensorBoard's HParams view.

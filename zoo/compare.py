@@ -641,12 +641,17 @@ def parse_slurm(items: list[str]) -> dict:
 # ------------------------------------------------------------------------------------------------
 # results
 
+def csv_versions(run_dir: Path, name: str) -> list[Path]:
+    """The run's `csv/version_N/<name>` files, oldest first (by N: version_10 comes after version_9)."""
+    return sorted((run_dir / "csv").glob(f"version_*/{name}"), key=lambda p: int(p.parent.name.split("_")[1]))
+
+
 def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} from the run's CSV logs: a resumed run writes a new version, whose
     steps replace those logged again by it. A step is the number of optimizer steps taken when the
     value was measured (trainer.global_step, as in checkpoint names and summary.json): a value
     logged in training_step of the first batch, or by a validation right after it, is at step 1."""
-    versions = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    versions = csv_versions(run_dir, "metrics.csv")
     curves: dict[str, dict[int, float]] = {}
     for path in versions:
         with open(path, newline="") as f:
@@ -826,7 +831,7 @@ def _rel(path: Path, out: Path) -> str:
 def dashboard_data(runs: list[Run], out: Path, title: str, description: str, metric: str, mode: str,
                    st: dict) -> dict:
     def links(r: Run) -> dict:
-        configs = sorted(r.dir.glob("csv/version_*/config.yaml"))
+        configs = csv_versions(r.dir, "config.yaml")
         files = {"config": configs[-1] if configs else None, "command": r.dir / "command.txt",
                  "log": r.dir / "run.log", "checkpoint": r.dir / "checkpoints" / "last.ckpt"}
         found = {k: _rel(p, out) for k, p in files.items() if p is not None and p.exists()}

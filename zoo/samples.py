@@ -45,12 +45,15 @@ def image_grid(images: torch.Tensor, captions: list[str], correct: list[bool], c
 
 
 def _sample_path(module: L.LightningModule, key: str, suffix: str) -> Path | None:
-    """`<run dir>/samples/<key>_epoch<N><suffix>`, or None where samples are not written (no trainer,
-    sanity check, not rank zero)."""
+    """`<run dir>/samples/<key>_epoch<N><suffix>` in fit, `<run dir>/<stage>/samples/...` in validate or
+    test (which must not overwrite the training run's), or None where samples are not written (no
+    trainer, sanity check, not rank zero)."""
     if module._trainer is None or module.trainer.sanity_checking or not module.trainer.is_global_zero:
         return None
     stem = re.sub(r"[^\w.=-]+", "_", key).strip("_")  # a plain file name: it is linked from report.md
-    path = Path(module.trainer.default_root_dir) / "samples" / f"{stem}_epoch{module.current_epoch:03d}{suffix}"
+    stage = module.trainer.state.fn.value  # fit, validate, test
+    folder = Path(module.trainer.default_root_dir) / ("" if stage == "fit" else stage) / "samples"
+    path = folder / f"{stem}_epoch{module.current_epoch:03d}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
