@@ -141,6 +141,23 @@ def test_other_settings_in_the_same_out_are_refused_and_fresh_starts_over(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_sweep_leaving_out_runs_of_the_out_is_refused_and_one_adding_runs_is_not(tmp_path):
+    config = str(ROOT / "configs" / "unet.yaml")
+    first = plan_runs({"model.net.norm": ["batch", "group"]}, tmp_path, [0, 1])
+    prepare_out(tmp_path, [config], [], False, first)
+    for r in first:
+        r.dir.mkdir(parents=True)
+    more = plan_runs({"model.net.norm": ["batch", "group", "none"]}, tmp_path, [0, 1, 2])
+    prepare_out(tmp_path, [config], [], False, more)  # more values and seeds: the report grows
+    fewer = plan_runs({"model.net.norm": ["batch"]}, tmp_path, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"holds runs this sweep leaves out \(norm=group,seed=0, norm=group,seed=1\), "
+                                         "which would drop out of its report"):
+        prepare_out(tmp_path, [config], [], False, fewer)
+    assert all(r.dir.exists() for r in first)
+    prepare_out(tmp_path, [config], [], True, fewer)  # --fresh
+    assert not (tmp_path / "runs").exists()
+
+
 def test_an_override_spelled_either_way_is_the_same_override(tmp_path):
     assert normalize_overrides(["--a", "1", "--b=2", "--flag", "--c", "-1", "x"]) == [
         "--a=1", "--b=2", "--flag", "--c", "-1", "x"]

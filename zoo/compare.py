@@ -165,8 +165,12 @@ def plan_runs(sweeps: dict[str, list[str]], out: Path, seeds: list[int] | None =
         point = point_name(values)
         for seed in seeds or [None]:
             name = point if seed is None else f"{point},seed={seed}"
-            runs.append(Run(name, values, out / "runs" / re.sub(r"[^\w.,=+-]", "_", name), seed=seed, point=point))
+            runs.append(Run(name, values, out / "runs" / run_folder(name), seed=seed, point=point))
     return runs
+
+
+def run_folder(name: str) -> str:
+    return re.sub(r"[^\w.,=+-]", "_", name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,17 +245,19 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
-def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool) -> str:
+def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool, runs: list[Run] = ()) -> str:
     """Refuses a DIR that holds a comparison of other configs or overrides (results of different
-    settings must not mix); `fresh` deletes the previous comparison first. Overrides are compared
-    normalized (`normalize_overrides`), also those of a compare.json written before they were.
-    Returns the comparison's wandb group: made when it starts and kept by every re-run into DIR."""
+    settings must not mix), or runs that the planned `runs` leave out (they would drop out of its
+    report; a plan adding sweep values or seeds is fine); `fresh` deletes the previous comparison
+    first. Overrides are compared normalized (`normalize_overrides`), also those of a compare.json
+    written before they were. Returns the comparison's wandb group: made when it starts and kept by
+    every re-run into DIR."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a directory (it is created if missing)")
     overrides = normalize_overrides(overrides)
     state = {"configs": [{"path": str(Path(c).resolve()), "sha256": hashlib.sha256(Path(c).read_bytes()).hexdigest()}
                          for c in configs], "overrides": overrides,
-             "group": f"{Path(configs[-1]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"}
+             "group": f"{Path(configs[-1]).stem}-{time.strftime('%Y%m%d-%H%M%S')}", "runs": [r.name for r in runs]}
     path = out / STATE_FILE
     if fresh:
         for name in ("runs", "plots", "samples"):
@@ -269,6 +275,12 @@ def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool
         if differ:
             raise ValueError(f"--out {out} holds a comparison with other settings ({'; '.join(differ)}); "
                              "use another --out, or --fresh to delete it and start over")
+        planned = {r.name for r in runs}
+        left_out = [n for n in before.get("runs", []) if n not in planned and (out / "runs" / run_folder(n)).exists()]
+        if left_out:
+            raise ValueError(f"--out {out} holds runs this sweep leaves out ({', '.join(left_out)}), which would "
+                             "drop out of its report; give a sweep and seeds that include them (adding values or "
+                             "seeds is fine), another --out, or --fresh to delete them and start over")
         state["group"] = before.get("group", state["group"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(state, indent=2))
@@ -992,9 +1004,8 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
     for key, values in sweeps.items():
         warn_unregistered_norms(key, values)
     out = Path(args.out)
-    group = prepare_out(out, args.config, overrides, args.fresh)
-
     runs = plan_runs(sweeps, out, seeds)
+    group = prepare_out(out, args.config, overrides, args.fresh, runs)
     todo = [r for r in runs if not load_finished(r)]
     kept = len(runs) - len(todo)
     print(f"{len(runs)} runs" + (f"; {kept} finished before, kept as they are" if kept else ""), flush=True)
