@@ -216,8 +216,11 @@ def test_a_metric_no_run_logs_is_refused_after_the_report(tmp_path, capsys, monk
 def test_compare_writes_report_and_reports_failures(tmp_path):
     out = tmp_path / "report"
     # 'bogus' passes --sweep unchecked, so that run fails inside its own process.
-    proc = compare(out, "--sweep", "model.net.norm=none,batch,bogus", "--jobs", "2")  # (sequential: the reference)
+    proc = compare(out, "--sweep", "model.net.norm=none,batch,bogus", "--jobs", "2", check=False)
     assert "report:" in proc.stdout
+    assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == (  # the others finished and are reported
+        "error: 1 of 3 runs failed (norm=bogus: unknown norm kind 'bogus'; valid kinds: batch, layer, instance, "
+        "group, rms, none); the report lists each, and the same command re-runs them")
     assert "warning: model.net.norm value(s) ['bogus'] are not registered norms" in proc.stderr
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]

@@ -1058,7 +1058,13 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
         raise ValueError(f"--metric {', '.join(map(repr, unlogged))}: no run logged "
                          f"{'it' if len(unlogged) == 1 else 'them'}; the runs log "
                          f"{', '.join(names) or 'no val/ metric'}")
-    return 0 if any(r.ok for r in runs) else 1
+    failed = [r for r in runs if not r.ok]
+    if failed:  # reported after the others finished, and said by the exit status (as Ray Tune raises)
+        print(f"error: {len(failed)} of {len(runs)} runs failed ({failed[0].name}: {failed[0].summary.get('error')}"
+              f"{'; ...' if len(failed) > 1 else ''}); the report lists each, and the same command re-runs them",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def logged_only(runs: list[Run], also: tuple[tuple[str, str], ...]) -> tuple[tuple[tuple[str, str], ...], list[str]]:
