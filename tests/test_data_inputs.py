@@ -180,6 +180,21 @@ def test_predict_folders_take_imagefolders_suffixes_and_name_skipped_files(tmp_p
     assert len(dm.predict_set) == 4
 
 
+def test_synthetic_images_as_files_are_predicted_as_validation_sees_them(tmp_path):
+    """A model trained on the built-in shapes saw them whole at image_size: its validation images saved
+    as PNG files and given as predict_dir reach it unchanged (no evaluation crop, which would zoom)."""
+    dm = ImagesDataModule(image_size=16, num_val=4)
+    dm.setup("validate")
+    for i in range(4):
+        save(tmp_path / f"{i}.png", dm.val_set.images[i].permute(1, 2, 0).numpy())
+    files = ImagesDataModule(image_size=16, num_val=4, predict_dir=str(tmp_path))
+    files.setup("predict")
+    for i in range(4):
+        assert torch.equal(files.predict_set[i]["image"], dm.val_set[i]["image"].float())
+    with pytest.raises(ValueError, match=r"^crop_pct=0.9 is for folder data \(root\)"):
+        ImagesDataModule(crop_pct=0.9)
+
+
 def test_classifier_warns_about_files_outside_class_folders(tmp_path):
     for split in ("train", "val"):
         for cls in ("a", "b"):

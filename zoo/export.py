@@ -55,6 +55,7 @@ from timm.models import get_arch_name
 from zoo import checkpoint
 from zoo.callbacks import SUMMARY_FILE
 from zoo.checkpoint import HUB_PREFIX, CheckpointError
+from zoo.data.images import ImagesDataModule
 from zoo.files import TEMP_MARK, atomic_open, sha256_of
 from zoo.models import norm_arguments
 from zoo.models.config import flat
@@ -157,8 +158,8 @@ def _timm_config(model, tensors: dict[str, torch.Tensor], data: dict) -> dict:
                                "classifier") if k in own}
     init = data.get("init_args", {})
     cfg |= {k: init[k] for k in ("interpolation", "crop_pct") if k in init}  # zoo's evaluation transform
-    if "root" in init and init["root"] is None:  # ImagesDataModule's synthetic images: made at image_size, not cropped
-        cfg["crop_pct"] = 1.0
+    if "root" in init:  # ImagesDataModule's (synthetic images: not cropped)
+        cfg["crop_pct"] = ImagesDataModule.eval_crop_pct(init)
     size = init.get("image_size")
     cfg["input_size"] = [h.in_chans, size, size] if size else [h.in_chans, *own["input_size"][1:]]
     # zoo feeds [0, 255] images to its scaler (x - shift) / scale; timm's transforms give [0, 1]
