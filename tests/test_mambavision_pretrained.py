@@ -217,6 +217,17 @@ def test_weights_that_cannot_be_loaded_are_one_line_naming_the_model(server, cac
         ImageClassification("mambavision_t.no_such_tag", num_classes=8, pretrained=True, model_kwargs=NET)
 
 
+def test_the_task_without_internet_says_whole_how_to_supply_the_file(cache):
+    url = f"http://127.0.0.1:{closed_port()}/{FILE}"
+    model = ImageClassification("mambavision_t", num_classes=8, pretrained=True,
+                                model_kwargs={**NET, "pretrained_cfg_overlay": {"url": url}})
+    with pytest.raises(ValueError) as info:
+        model.setup("fit")
+    assert str(info.value).endswith("put it there (the cache follows TORCH_HOME), or build the model without pretrained "
+                                    "and call zoo.models.mambavision.load_official_checkpoint(model, file)); "
+                                    "pretrained=false trains from scratch")
+
+
 def test_task_fetches_in_fit_setup_only_and_gets_a_new_head(server, cache):
     src = random_net()
     server.files[FILE] = official_file(src)

@@ -77,8 +77,10 @@ def create_model(model_name: str, *, norm: str | None = None, conv_norm: str | N
             raise ValueError(rejected_kwargs(model_name, kwargs, unexpected[1])) from e
         if not pretrained:
             raise
+        text = " ".join(str(e).split())  # long for torch's size mismatches: cut, but not a download's advice
         reason = (f"their shapes differ from this network's: model_kwargs {kwargs} change its architecture"
-                  if "size mismatch" in str(e) or "of other shapes" in str(e) else " ".join(str(e).split())[:300] or type(e).__name__)
+                  if "size mismatch" in text or "of other shapes" in text
+                  else (text if len(text) <= 800 else text[:800] + " ...") or type(e).__name__)
         raise ValueError(f"pretrained=True: the published weights of {model_name!r} could not be loaded "
                          f"({reason}); pretrained=false trains from scratch") from e
     replaced = norm is not None if not own else pretrained and (own["conv_norm"], own["token_norm"]) != ("batch", "layer")

@@ -462,7 +462,7 @@ def checkpoint_filter_fn(state_dict: dict, model: MambaVision) -> dict:
     return _official_state_dict(state_dict)
 
 
-def load_official_checkpoint(model: MambaVision, path: Union[str, Path], strict: bool = False,
+def load_official_checkpoint(model: MambaVision, path: Union[str, Path], strict: bool = True,
                              trusted: bool = False) -> dict:
     """Load an official NVlabs `.pth.tar` (or `.pth`) into `model`.
 
@@ -475,8 +475,9 @@ def load_official_checkpoint(model: MambaVision, path: Union[str, Path], strict:
     run code). A file that is no readable checkpoint (truncated, corrupt, an HTML page) is a ValueError.
 
     Returns {"missing": [...], "unexpected": [...], "mismatched": [...], "head_reinitialised": bool}
-    (mismatched: keys whose shapes differ, left out); any of the three lists is logged as a warning,
-    and with `strict=True` raises RuntimeError.
+    (mismatched: keys whose shapes differ, left out). Any key in the three lists raises RuntimeError,
+    as `load_state_dict` does; with `strict=False` it is a warning and what matches is loaded (e.g.
+    official weights into a model with other norms).
     NVIDIA's weights are under CC-BY-NC-SA-4.0: using them is the caller's choice.
     """
     path = Path(path)
