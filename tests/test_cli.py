@@ -139,6 +139,14 @@ def test_resume_drops_a_best_checkpoint_the_interrupted_segment_wrote_after_last
     assert names(tmp_path / "resumed") == names(tmp_path / "straight")
 
 
+def test_an_integer_batch_limit_on_the_command_line_is_a_number_of_batches(tmp_path):
+    """Lightning reads limit_val_batches=1 as one batch and 1.0 as all of them; its annotation
+    (float first) made `--trainer.limit_val_batches 1` all of them."""
+    for given, want in (("1", 1), ("3", 3), ("1.0", 1.0), ("0.5", 0.5)):
+        trainer = ZooCLI(args=tiny_unet_args(tmp_path / given, "--trainer.limit_val_batches", given), run=False).trainer
+        assert trainer.limit_val_batches == want and type(trainer.limit_val_batches) is type(want), given
+
+
 def test_model_and_data_overrides_and_print_config(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "fit", *tiny_unet_args(tmp_path, "--model.net.norm=instance"),

@@ -68,6 +68,18 @@ def run_tags(model: L.LightningModule, data: L.LightningDataModule | None) -> li
     return tags
 
 
+class ZooTrainer(L.Trainer):
+    """Lightning's Trainer, with its batch limits annotated int first: `--trainer.limit_val_batches 1` is
+    one batch. Lightning's `Union[float, int]` (which `typing` caches, so `Union[int, float]` is that same
+    object) makes jsonargparse read it as 1.0, which Lightning takes as the whole set."""
+
+    def __init__(self, *, limit_train_batches: int | float | None = None, limit_val_batches: int | float | None = None,
+                 limit_test_batches: int | float | None = None, limit_predict_batches: int | float | None = None,
+                 **kwargs):
+        super().__init__(limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches,
+                         limit_test_batches=limit_test_batches, limit_predict_batches=limit_predict_batches, **kwargs)
+
+
 class ZooCLI(LightningCLI):
     """LightningCLI with the zoo's defaults: a fixed per-run directory (`trainer.default_root_dir`)
     holding `checkpoints/` (best + `last.ckpt`, so `--ckpt_path last` resumes), `csv/` logs, wandb
@@ -80,6 +92,7 @@ class ZooCLI(LightningCLI):
         super().__init__(
             L.LightningModule,
             L.LightningDataModule,
+            trainer_class=ZooTrainer,
             subclass_mode_model=True,
             subclass_mode_data=True,
             seed_everything_default=0,
