@@ -483,8 +483,8 @@ def _cuda_devices() -> list[str]:
 
 def launch_ray(runs: list[Run], specs: list[dict], address: str | None, cpus_per_run: int,
                gpus_per_run: int | None, max_retries: int, on_done) -> None:
-    """Every run is a Ray task with its CPUs/GPUs (`ray_resources_per_run`) on whatever cluster `address` names (default: a new
-    local instance). Runs write to the shared --out directory, so a multi-node cluster needs it on a
+    """Every run is a Ray task with its CPUs/GPUs (`ray_resources_per_run`) on whatever cluster `address`
+    names (default: a new local instance). Runs write to the shared --out directory, so a multi-node cluster needs it on a
     shared filesystem. Ray retries a task whose worker or node died (`max_retries`); a training
     process that dies inside a task is retried by `execute`."""
     try:
