@@ -106,6 +106,11 @@ def test_last_ckpt_holds_the_steps_after_the_last_validation(tmp_path):
     assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
     with pytest.raises(FileExistsError, match="already holds a run"):
         fit(tmp_path / "b", "--trainer.max_steps=1")
+    # trained on from step 3 (mid-epoch: 4 steps an epoch) to 5: the run of 5 steps, the rest of the
+    # first epoch's batches included
+    fit(tmp_path / "c", "--trainer.max_steps=3")
+    further = fit(tmp_path / "c", "--trainer.max_steps=5", "--ckpt_path=last")
+    assert_same_weights(cli.model, further.model)
 
 
 def test_evaluation_writes_beside_the_training_run_not_into_it(tmp_path):
