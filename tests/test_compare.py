@@ -127,6 +127,11 @@ def test_bad_input_gets_one_line_before_any_run(tmp_path, capsys, monkeypatch):
     line = run_main(capsys, *base, "--norms", "batch", "--launcher", "ray", "--ray-address", "127.0.0.1:1")
     assert line.startswith("error: --ray-address 127.0.0.1:1: cannot reach it")
     assert not (out / "runs").exists()
+    # refused before compare.json is written: the corrected command is a first run, not a re-run with
+    # other settings
+    other = tmp_path / "other"
+    assert run_main(capsys, *TINY, "--norms", "batch", "--devices-per-run", "1", "--out", str(other)).startswith(
+        "error: --devices-per-run 1: this machine has no GPU") and not other.exists()
 
 
 def test_other_settings_in_the_same_out_are_refused_and_fresh_starts_over(tmp_path):

@@ -279,8 +279,9 @@ def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool
         left_out = [n for n in before.get("runs", []) if n not in planned and (out / "runs" / run_folder(n)).exists()]
         if left_out:
             raise ValueError(f"--out {out} holds runs this sweep leaves out ({', '.join(left_out)}), which would "
-                             "drop out of its report; give a sweep and seeds that include them (adding values or "
-                             "seeds is fine), another --out, or --fresh to delete them and start over")
+                             "drop out of its report; give a sweep and seeds that include them (adding values, or "
+                             "seeds to runs made with --seeds, is fine; runs without --seeds have the config's seed "
+                             "and no seed in their names), another --out, or --fresh to delete them and start over")
         state["group"] = before.get("group", state["group"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(state, indent=2))
@@ -429,15 +430,8 @@ def cpu_threads(jobs: int) -> int:
 def launch_local(runs: list[Run], specs: list[dict], jobs: int, devices_per_run: int | None, max_retries: int,
                  on_done) -> None:
     """Up to `jobs` runs at once; on CPU each gets cores / jobs threads, on GPUs its own
-    `devices_per_run` devices (CUDA_VISIBLE_DEVICES; None: 1)."""
-    gpus = _cuda_devices()
-    if devices_per_run and not gpus:
-        raise ValueError(f"--devices-per-run {devices_per_run}: this machine has no GPU (the runs use its CPUs)")
-    devices_per_run = 1 if devices_per_run is None else devices_per_run  # 0: none, CUDA_VISIBLE_DEVICES=""
-    if gpus and jobs * devices_per_run > len(gpus):
-        raise ValueError(f"--jobs {jobs} x --devices-per-run {devices_per_run} needs {jobs * devices_per_run} GPUs; "
-                         f"this machine has {len(gpus)}")
-    free = [gpus[i * devices_per_run:(i + 1) * devices_per_run] for i in range(jobs)] if gpus else []
+    `devices_per_run` devices (`gpu_slots`)."""
+    free = gpu_slots(jobs, devices_per_run)
     lock = threading.Lock()
 
     def work(spec):
@@ -466,6 +460,19 @@ def launch_local(runs: list[Run], specs: list[dict], jobs: int, devices_per_run:
             for proc in list(_CHILDREN):
                 proc.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C: Lightning stops at the step's end
             raise
+
+
+def gpu_slots(jobs: int, devices_per_run: int | None) -> list[list[str]]:
+    """The GPUs of each of `jobs` local runs at once (CUDA_VISIBLE_DEVICES; `devices_per_run` None: 1,
+    0: none), [] on a machine without GPUs; a plan this machine cannot hold is refused."""
+    gpus = _cuda_devices()
+    if devices_per_run and not gpus:
+        raise ValueError(f"--devices-per-run {devices_per_run}: this machine has no GPU (the runs use its CPUs)")
+    devices_per_run = 1 if devices_per_run is None else devices_per_run
+    if gpus and jobs * devices_per_run > len(gpus):
+        raise ValueError(f"--jobs {jobs} x --devices-per-run {devices_per_run} needs {jobs * devices_per_run} GPUs; "
+                         f"this machine has {len(gpus)}")
+    return [gpus[i * devices_per_run:(i + 1) * devices_per_run] for i in range(jobs)] if gpus else []
 
 
 def _cuda_devices() -> list[str]:
@@ -1003,6 +1010,8 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
                              f"yourself: use --sweep {key}=... and import it from your config's module)")
     for key, values in sweeps.items():
         warn_unregistered_norms(key, values)
+    if args.launcher == "local":
+        gpu_slots(args.jobs or 1, args.devices_per_run)  # refused now, not once runs are due (or never)
     out = Path(args.out)
     runs = plan_runs(sweeps, out, seeds)
     group = prepare_out(out, args.config, overrides, args.fresh, runs)
