@@ -287,3 +287,19 @@ def test_a_short_run_has_a_tick_at_every_step_and_none_between(site, tmp_path):
     ticks = page.evaluate("[...document.querySelector('.chart').querySelectorAll('.xtick text')].map(t => t.textContent)")
     page.close()
     assert ticks == ["2", "3", "4"]
+
+
+def test_a_curve_of_one_point_is_drawn_and_a_run_without_seeds_is_named_so(site, tmp_path):
+    """One validation per run: a line of one point draws nothing, so each point gets a marker."""
+    data = synthetic_data()
+    for run in data["runs"]:
+        run["curves"] = {m: c[:1] for m, c in run["curves"].items()}
+        run["seed"] = None
+    page = site["browser"].new_page()
+    page.goto(write_dashboard(data, tmp_path).as_uri())
+    page.wait_for_function("+document.body.dataset.draws > 0", timeout=20_000)
+    chart = page.query_selector(".chart")
+    points = chart.evaluate("c => c.querySelectorAll('.scatterlayer .point').length")
+    names = chart.evaluate("c => c.data.filter(t => t.meta.kind === 'seed').map(t => t.name)")
+    page.close()
+    assert points > 0 and names and all(n.endswith("(the config's seed)") for n in names)

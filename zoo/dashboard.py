@@ -203,7 +203,8 @@ function traces(m, opt, hidden) {
       fillcolor: rgba(c, 0.18), line: {width: 0}, hoverinfo: 'skip', legendgroup: p, showlegend: false,
       visible: vis, name: name + ' band', meta: {kind: 'band', point: p}});
     for (const s of series) {  // failed/running seeds too, dotted
-      seeds.push({x: s.xs, y: s.ys, name: `${name} seed ${plotlyText(s.run.seed)}`, legendgroup: p,
+      const seed = s.run.seed == null ? "(the config's seed)" : `seed ${plotlyText(s.run.seed)}`;
+      seeds.push({x: s.xs, y: s.ys, name: `${name} ${seed}`, legendgroup: p,
         showlegend: false, visible: opt.seeds ? vis : false, opacity: 0.5, hovertemplate: '%{y:.4g}',
         line: {color: c, width: 1, dash: s.run.status === 'ok' ? 'solid' : 'dot'},
         meta: {kind: 'seed', point: p, seed: s.run.seed, run: s.run.name}});
@@ -213,7 +214,9 @@ function traces(m, opt, hidden) {
       meta: {kind: 'mean', point: p, n: use.length}});
   }
   // drawn in this order: bands under seeds under means; the legend lists the means in point order
-  return [...bands, ...seeds, ...means].map(t => ({type: 'scatter', mode: 'lines', ...t}));
+  // markers where there are few points: a curve of one validation has no line to draw
+  return [...bands, ...seeds, ...means].map(t => ({type: 'scatter', marker: {size: 6},
+    mode: t.meta.kind !== 'band' && t.x.length < 20 ? 'lines+markers' : 'lines', ...t}));
 }
 
 function layout(m, opt, steps) {
