@@ -134,6 +134,17 @@ def test_bad_input_gets_one_line_before_any_run(tmp_path, capsys, monkeypatch):
         "error: --devices-per-run 1: this machine has no GPU") and not other.exists()
 
 
+def test_an_entry_of_a_dict_argument_can_be_swept():
+    """`--model.model_kwargs.stem_width 8` works for fit, so it is a sweep key too."""
+    from zoo.compare import check_arguments
+
+    resnet = [str(ROOT / "configs" / "resnet.yaml")]
+    sweeps, metric, mode = check_arguments(resnet, [], None, ["model.model_kwargs.stem_width=8,16"])
+    assert sweeps == {"model.model_kwargs.stem_width": ["8", "16"]} and (metric, mode) == ("val/top1", "max")
+    with pytest.raises(ValueError, match="--sweep model.model_kwrgs.stem_width: no such argument"):
+        check_arguments(resnet, [], None, ["model.model_kwrgs.stem_width=8,16"])
+
+
 def test_other_settings_in_the_same_out_are_refused_and_fresh_starts_over(tmp_path):
     config = str(ROOT / "configs" / "unet.yaml")
     prepare_out(tmp_path, [config], ["--trainer.max_steps=4"], fresh=False)
@@ -341,6 +352,9 @@ def test_report_carries_text_samples_and_latest_epoch_only(tmp_path):
     (run.dir / "samples").mkdir(parents=True)
     (run.dir / "samples" / "val_text_epoch000.txt").write_text("prompt: ab\noutput: old\n")
     (run.dir / "samples" / "val_text_epoch001.txt").write_text("prompt: ab\noutput: new <&>\n")
+    write_report([run], tmp_path, ["c.yaml"], [], {"model.net.norm": ["layer"]}, final=False)  # mid-sweep
+    assert (tmp_path / "samples" / "norm=layer__val_text.txt").read_text() == "prompt: ab\noutput: new <&>\n"
+    assert "samples/norm=layer__val_text.txt" in (tmp_path / "report.html").read_text()  # linked
     report = write_report([run], tmp_path, ["c.yaml"], [], {"model.net.norm": ["layer"]}).read_text()
     assert "output: new <&>" in report and "output: old" not in report
     assert "| norm=layer | ok | 1.5 |" in report

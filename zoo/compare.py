@@ -206,12 +206,14 @@ def check_arguments(configs: list[str], overrides: list[str], norms: str | None,
     # the network config's norm (zoo.models.config), or the task's own for tasks without one
     norm_key = "model.net.norm" if cfg.get("model.init_args.net.norm") is not None else "model.norm"
     sweeps = parse_sweeps(norms, sweep_specs if norms or sweep_specs else cfg["compare"]["sweep"], norm_key)
-    keys = set()
+    keys, dicts = set(), set()  # dicts: arguments holding a dict, whose entries are set one by one too
     for key, value in cfg.items(branches=True) if hasattr(cfg, "items") else []:
         keys.add(key.replace(".init_args.", "."))
         if isinstance(value, Namespace) and "class_path" in value:
             keys.add(key)
-    unknown = [k for k in sweeps if k not in keys]
+        if isinstance(value, dict):
+            dicts.add(key.replace(".init_args.", "."))
+    unknown = [k for k in sweeps if k not in keys and k.rpartition(".")[0] not in dicts]
     if unknown:
         k = unknown[0]
         # keys ending like it first (model.norm -> model.net.norm), then keys spelled like it
@@ -889,8 +891,8 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
     seed_text = f"seeds {', '.join(map(str, seeds))}" if seeds else "the config's seed"
     description = (f"Sweep: {sweep_text}; {seed_text}. Baseline: {point_name(baseline)}. Overrides for every run: "
                    f"{' '.join(overrides) or 'none'}. Device: {device}. Monitored: {metric} ({mode}).")
-    if final:
-        for r in runs:
+    for r in runs:  # mid-sweep too: the dashboard links each finished run's samples
+        if r.status in ("ok", "failed"):
             latest_samples(r, out)
     write_dashboard(dashboard_data(runs, out, f"Comparison: {', '.join(configs)}", description, metric, mode, st), out)
     atomic_write_text(out / "results.json", json.dumps({
