@@ -226,6 +226,11 @@ def test_wandb_mode_is_decided_without_network(monkeypatch, tmp_path):
 def test_run_tags_name_model_and_norms():
     model = UNetSegmentation(net={"base_channels": 4, "depth": 3, "norm": "rms"})
     assert run_tags(model, None) == ["UNetSegmentation", "norm=rms"]
+    from zoo.tasks.classification import ImageClassification
+
+    classifier = ImageClassification("resnet10t", num_classes=2, norm="group",
+                                     model_kwargs={"stem_width": 8, "channels": [8, 8, 8, 8]})
+    assert run_tags(classifier, None) == ["ImageClassification", "resnet10t", "norm=group"]
 
 
 def test_wandb_run_carries_job_type_resolved_config_and_tags(tmp_path, monkeypatch):
@@ -238,6 +243,13 @@ def test_wandb_run_carries_job_type_resolved_config_and_tags(tmp_path, monkeypat
     init = logger._wandb_init
     assert init["job_type"] == "compare" and init["group"] == "g"
     assert {"UNetSegmentation", "norm=group", "seed=3"} <= set(init["tags"])
+    assert len(init["tags"]) == len(set(init["tags"])) and init["dir"] == str(tmp_path)  # each tag once
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "w"))  # wandb's own setting, honoured
+    cli = ZooCLI(args=tiny_unet_args(tmp_path / "b", "--wandb.tags=[\"norm=group\"]", "--model.net.norm=group"),
+                 run=False)
+    (logger,) = [lg for lg in cli.trainer.loggers if isinstance(lg, WandbLogger)]
+    assert logger._wandb_init["dir"] == str(tmp_path / "w")
+    assert sorted(logger._wandb_init["tags"]) == ["UNetSegmentation", "input_norm=zscore", "norm=group", "seed=0"]
     config = init["config"]  # the full resolved config, plain data
     assert config["model"]["init_args"]["net"]["norm"] == "group" and config["seed_everything"] == 3
     assert config["data"]["init_args"]["crop_size"] == 28

@@ -59,8 +59,11 @@ def wandb_mode(requested: str | None = None) -> str:
 
 
 def run_tags(model: L.LightningModule, data: L.LightningDataModule | None) -> list[str]:
-    """Tags naming the model and every norm-like hyper-parameter (`norm=batch`, `input_norm=zscore`)."""
+    """Tags naming the model (the task, and its timm network's name) and every norm-like hyper-parameter
+    (`norm=batch`, `input_norm=zscore`)."""
     tags = [type(model).__name__]
+    if isinstance((getattr(model, "hparams", None) or {}).get("model_name"), str):
+        tags.append(model.hparams["model_name"])
     for source in (model, data):
         for key, value in flat(getattr(source, "hparams", None) or {}).items():
             if "norm" in key and isinstance(value, str):
@@ -157,8 +160,10 @@ class ZooCLI(LightningCLI):
             loggers.append(WandbLogger(
                 project=w["project"], name=w["name"] or root.name, group=w["group"], job_type=w["job_type"],
                 id=self._wandb_id if stage == "fit" else None,
-                tags=run_tags(model, self.datamodule) + list(w["tags"]), config=self.config_dump,
-                save_dir=str(root), offline=mode == "offline",
+                # each once (compare's sweep tags repeat the norms'), and the seed also without --seeds
+                tags=list(dict.fromkeys([*run_tags(model, self.datamodule), f"seed={cfg['seed_everything']}",
+                                         *w["tags"]])),
+                config=self.config_dump, save_dir=os.environ.get("WANDB_DIR") or str(root), offline=mode == "offline",
             ))
         return loggers
 
