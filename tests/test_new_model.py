@@ -117,6 +117,14 @@ def test_a_model_defined_outside_zoo_fits_loads_and_compares(tmp_path, monkeypat
     assert type(model).__name__ == "TinyRegression" and model.hparams.net == {"width": 8, "norm": "layer"}
     assert isinstance(model.net.net[1], torch.nn.LayerNorm)
     assert model(torch.zeros(3, 4)).shape == (3,)
+    # export names the module to import, as a config does for fit; without it, the checkpoint is refused
+    ckpt, exported = str(tmp_path / "fit" / "checkpoints" / "last.ckpt"), tmp_path / "export"
+    refused = subprocess.run([sys.executable, str(ROOT / "train.py"), "export", "--ckpt_path", ckpt, "--out",
+                              str(exported)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert refused.returncode == 2 and "(train.py export: --import MODULE)" in refused.stderr.splitlines()[-1]
+    train("export", "--ckpt_path", ckpt, "--out", str(exported), "--import", "tiny_ext")
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(zoo.load(exported)(x), model(x), rtol=0, atol=0)
 
     # no --sweep: the config's compare.sweep
     out = tmp_path / "cmp"

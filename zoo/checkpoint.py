@@ -105,7 +105,8 @@ def task_class(ckpt: dict, path: str | Path = "<checkpoint>") -> type:
         raise CheckpointError(
             f"checkpoint {str(path)!r} names task {name!r}, which is not a zoo task class; refused. "
             f"Registered task classes: {', '.join(sorted(_TASKS))}. A task class defined outside zoo "
-            f"(a ZooModule subclass) is registered once the module defining it is imported."
+            f"(a ZooModule subclass) is registered once the module defining it is imported (train.py export: "
+            f"--import MODULE)."
         )
     return _TASKS[name]
 

@@ -42,6 +42,7 @@ import ctypes
 import errno
 import fcntl
 import glob
+import importlib
 import json
 import os
 import shutil
@@ -493,7 +494,15 @@ def main(argv: list[str], prog: str = "train.py export") -> int:
     p.add_argument("--out", required=True,
                    help="the folder to write: new, empty, or an earlier export of this checkpoint (replaced)")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload it to this Hub repository (needs a login)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this module first (repeatable): the one defining a task written outside zoo, "
+                   "as a config's class_path would for fit")
     args = p.parse_args(argv)
+    for name in args.imports:  # named by the user, as a config's class_path is: never read from the checkpoint
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ValueError(f"--import {name}: cannot import it ({e}); give a module on the Python path") from None
     if args.push_to_hub:
         check_login()  # before any work
     out = export(args.ckpt_path, args.out, args.push_to_hub)
