@@ -87,32 +87,6 @@ def test_resume_from_last_is_exact(tmp_path):
     assert first_peak > 0 and summary["peak_memory_mb"] >= first_peak
 
 
-def test_last_ckpt_holds_the_steps_after_the_last_validation(tmp_path):
-    """Validation at steps 2 and 4 of 5: last.ckpt is written once more when training ends, so it holds
-    the weights the summary describes (step 5); a resume from it has nothing left to train and leaves it
-    as it is. A run shorter than one validation interval has its last.ckpt too, so its folder is a run."""
-    cli = fit(tmp_path / "a", "--trainer.max_steps=5")
-    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 5
-    assert json.loads((tmp_path / "a" / "summary.json").read_text())["global_step"] == 5
-    x = torch.rand(1, 1, 68, 68) * 255
-    cli.model.eval()
-    torch.testing.assert_close(zoo.load(last)(x), cli.model(x), rtol=0, atol=0)
-    written = last.stat().st_mtime_ns
-    fit(tmp_path / "a", "--trainer.max_steps=5", "--ckpt_path=last")
-    assert last.stat().st_mtime_ns == written  # nothing trained: not written again
-
-    fit(tmp_path / "b", "--trainer.max_steps=1")  # before the first validation
-    assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
-    with pytest.raises(FileExistsError, match="already holds a run"):
-        fit(tmp_path / "b", "--trainer.max_steps=1")
-    # trained on from step 3 (mid-epoch: 4 steps an epoch) to 5: the run of 5 steps, the rest of the
-    # first epoch's batches included
-    fit(tmp_path / "c", "--trainer.max_steps=3")
-    further = fit(tmp_path / "c", "--trainer.max_steps=5", "--ckpt_path=last")
-    assert_same_weights(cli.model, further.model)
-
-
 def test_evaluation_writes_beside_the_training_run_not_into_it(tmp_path):
     """validate / test of a run's checkpoint log to <run>/<stage>/ (CSV, config, samples): the training
     curves that compare and the dashboard read (csv/) and the training samples stay as they were."""
