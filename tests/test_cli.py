@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 import zoo
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import Logger, WandbLogger
 from zoo.models.config import flat
 from zoo.cli import ZooCLI, error_line, run_tags, wandb_mode
 from zoo.scaling import InputScaler
@@ -85,6 +86,92 @@ def test_resume_from_last_is_exact(tmp_path):
     first_peak = first["callbacks"]["RunSummary"]["peak_memory_mb"]
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert first_peak > 0 and summary["peak_memory_mb"] >= first_peak
+
+
+class StepOfLastCkptAtValidation(Callback):
+    """Records, at the start of every validation, (the step, the step of the last.ckpt on disk)."""
+
+    def __init__(self, path):
+        self.path, self.seen = path, []
+
+    def on_validation_start(self, trainer, pl_module):
+        on_disk = torch.load(self.path, weights_only=True)["global_step"] if self.path.exists() else None
+        self.seen.append((trainer.global_step, on_disk))
+
+
+def test_last_ckpt_holds_the_steps_after_the_last_validation(tmp_path):
+    """Validation at steps 2 and 4 of 5: last.ckpt is written once more after the final batch, so it
+    holds the weights the summary describes (step 5). A run shorter than one validation interval has its last.ckpt too, so its folder
+    is a run. Training on from a run that ended mid-epoch is the longer run."""
+    cli = fit(tmp_path / "a", "--trainer.max_steps=5")
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["global_step"] == 5
+    x = torch.rand(1, 1, 68, 68) * 255
+    cli.model.eval()
+    torch.testing.assert_close(zoo.load(last)(x), cli.model(x), rtol=0, atol=0)
+    written = last.stat().st_mtime_ns
+    # as if killed after that save, before the summary: the resume has nothing left to train, leaves
+    # last.ckpt as it is, and reports what the run did
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    (tmp_path / "a" / "summary.json").unlink()
+    fit(tmp_path / "a", "--trainer.max_steps=5", "--ckpt_path=last")
+    assert last.stat().st_mtime_ns == written
+    again = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert (again["metrics"], again["global_step"], again["epochs"]) == (
+        summary["metrics"], summary["global_step"], summary["epochs"])
+
+    fit(tmp_path / "b", "--trainer.max_steps=1")  # before the first validation
+    assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        fit(tmp_path / "b", "--trainer.max_steps=1")
+    # trained on from step 3 (mid-epoch: 4 steps an epoch) to 5: the run of 5 steps
+    fit(tmp_path / "c", "--trainer.max_steps=3")
+    further = fit(tmp_path / "c", "--trainer.max_steps=5", "--ckpt_path=last")
+    assert_same_weights(cli.model, further.model)
+
+
+def test_last_ckpt_is_never_written_before_the_validation_of_its_step(tmp_path):
+    """A run whose final step validates (4 of 4, validation every 2): last.ckpt of step 4 is written
+    after that validation only. Written before it, a kill in between would leave a checkpoint that
+    Lightning resumes past the validation, whose metrics would then be missing."""
+    cli = ZooCLI(args=tiny_unet_args(tmp_path), run=False)
+    spy = StepOfLastCkptAtValidation(tmp_path / "checkpoints" / "last.ckpt")
+    cli.trainer.callbacks.append(spy)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert [step for step, _ in spy.seen] == [0, 2, 4]  # the sanity check, then steps 2 and 4
+    assert all(on_disk is None or on_disk < step for step, on_disk in spy.seen), spy.seen
+    assert torch.load(spy.path, weights_only=True)["global_step"] == 4
+
+
+class StepRecorder(Logger):
+    """A logger that records the steps of validation metrics and of images (as wandb would get them)."""
+    name, version = "steps", 0
+
+    def __init__(self):
+        super().__init__()
+        self.metric_steps, self.image_steps = [], []
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        if any(k.startswith("val/") for k in metrics):
+            self.metric_steps.append(step)
+
+    def log_image(self, key, images, step=None):
+        self.image_steps.append(step)
+
+
+def test_sample_images_are_logged_at_their_validations_step(tmp_path):
+    """In wandb a validation's sample images sit at the step of its metrics (Lightning logs those at
+    the number of batches that stepped before, one less than global_step)."""
+    cli = ZooCLI(args=tiny_unet_args(tmp_path), run=False)
+    recorder = StepRecorder()
+    cli.trainer.loggers = [*cli.trainer.loggers, recorder]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert recorder.metric_steps == [1, 3]  # validations after steps 2 and 4
+    assert sorted(set(recorder.image_steps)) == recorder.metric_steps
 
 
 def test_evaluation_writes_beside_the_training_run_not_into_it(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.data import extract_batch_size
 
@@ -195,6 +195,36 @@ class StepSeed(Callback):
         torch.manual_seed(s)
         np.random.seed(s % 2**32)
         random.seed(s)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`<dirpath>/last.ckpt`, rewritten at every validation (Lightning's `save_last=True` rewrites it
+    only when the monitored metric improved, so a resume could lose every step since the best one), and
+    after the run's final batch when no validation follows it, so that the steps after the last
+    validation are in it too: the weights `predict`, `export` and `zoo.load` use are those the run's
+    summary describes, and a run shorter than one validation interval is a run.
+
+    Saved there, inside the epoch, rather than when training ends, where Lightning has closed the epoch:
+    training on from it (a larger max_steps) would skip the rest of that epoch. Never before a
+    validation of the same step: Lightning resumes such a checkpoint past that validation."""
+
+    def __init__(self, dirpath: str | Path):
+        super().__init__(dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # a resumed run starts at its checkpoint's step: that one is on disk (Lightning's record of the
+        # step it last saved at, which it does not restore)
+        self._last_global_step_saved = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        final = (trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps) or (
+            last_epoch and loop.batch_progress.is_last_batch)
+        # the decision Lightning makes right after this hook (a private method: no public one says it)
+        validates = loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+        if final and not validates and not self._should_skip_saving_checkpoint(trainer):
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

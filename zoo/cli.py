@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from zoo import checkpoint
-from zoo.callbacks import AtomicCheckpointIO, ResumeSettings, RunSummary, StepSeed, WritePredictions
+from zoo.callbacks import AtomicCheckpointIO, LastCheckpoint, ResumeSettings, RunSummary, StepSeed, WritePredictions
 from zoo.files import remove_stray_temp_files
 from zoo.models.config import flat
 from zoo.tasks.base import PRESET_KEYS, SCHEDULE_KEYS, ZooModule, preset_settings_set
@@ -271,10 +271,7 @@ class ZooCLI(LightningCLI):
             callbacks += [
                 ModelCheckpoint(dirpath=root / "checkpoints", filename="best-{epoch}-{step}", monitor=metric,
                                 mode=mode, save_top_k=1),
-                # last.ckpt at every validation: Lightning's save_last=True rewrites it only when the
-                # monitored metric improved, so a resume could lose every step since the best one.
-                ModelCheckpoint(dirpath=root / "checkpoints", filename="last", save_top_k=1,
-                                enable_version_counter=False),
+                LastCheckpoint(root / "checkpoints"),
             ]
         if stage == "fit":
             # seed_everything ran before the model was built: torch's initial seed is the run's seed

@@ -58,6 +58,12 @@ def _sample_path(module: L.LightningModule, key: str, suffix: str) -> Path | Non
     return path
 
 
+def _logger_step(module: L.LightningModule) -> int:
+    """The step Lightning logs this moment's metrics at (the batches that stepped before the current
+    one, private: no public name), so that a validation's samples sit at its metrics' step in wandb."""
+    return module.trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 def log_image(module: L.LightningModule, key: str, image: np.ndarray) -> Path | None:
     """Saves an (H, W, 3) uint8 image as `<run dir>/samples/<key>_epoch<N>.png` and logs it to
     image-capable loggers (wandb). Rank zero only."""
@@ -67,7 +73,7 @@ def log_image(module: L.LightningModule, key: str, image: np.ndarray) -> Path | 
     Image.fromarray(image).save(path)
     for logger in module.loggers:
         if hasattr(logger, "log_image"):
-            logger.log_image(key=key, images=[image], step=module.global_step)
+            logger.log_image(key=key, images=[image], step=_logger_step(module))
     return path
 
 
@@ -81,5 +87,5 @@ def log_text(module: L.LightningModule, key: str, columns: list[str], rows: list
     path.write_text("\n\n".join(blocks) + "\n")
     for logger in module.loggers:
         if hasattr(logger, "log_text"):
-            logger.log_text(key=key, columns=columns, data=rows, step=module.global_step)
+            logger.log_text(key=key, columns=columns, data=rows, step=_logger_step(module))
     return path
