@@ -139,8 +139,9 @@ def test_an_entry_of_a_dict_argument_can_be_swept():
     from zoo.compare import check_arguments
 
     resnet = [str(ROOT / "configs" / "resnet.yaml")]
-    sweeps, metric, mode = check_arguments(resnet, [], None, ["model.model_kwargs.stem_width=8,16"])
+    sweeps, metric, mode, seed = check_arguments(resnet, [], None, ["model.model_kwargs.stem_width=8,16"])
     assert sweeps == {"model.model_kwargs.stem_width": ["8", "16"]} and (metric, mode) == ("val/top1", "max")
+    assert seed == 0 and check_arguments(resnet, ["--seed_everything=7"], "batch", [])[3] == 7
     with pytest.raises(ValueError, match="--sweep model.model_kwrgs.stem_width: no such argument"):
         check_arguments(resnet, [], None, ["model.model_kwrgs.stem_width=8,16"])
 
@@ -172,6 +173,22 @@ def test_a_sweep_leaving_out_runs_of_the_out_is_refused_and_one_adding_runs_is_n
     assert all(r.dir.exists() for r in first)
     prepare_out(tmp_path, [config], [], True, fewer)  # --fresh
     assert not (tmp_path / "runs").exists()
+
+
+def test_seeds_added_to_a_comparison_without_seeds_take_its_runs_as_the_configs_seeds(tmp_path):
+    config = str(ROOT / "configs" / "unet.yaml")
+    first = plan_runs({"model.net.norm": ["batch", "group"]}, tmp_path)
+    prepare_out(tmp_path, [config], [], False, first)
+    for r in first:
+        r.dir.mkdir(parents=True)
+    seeded = plan_runs({"model.net.norm": ["batch", "group"]}, tmp_path, [0, 1, 2], config_seed=1)
+    prepare_out(tmp_path, [config], [], False, seeded)
+    assert {r.name: r.dir.name for r in seeded if r.seed == 1} == {"norm=batch,seed=1": "norm=batch",
+                                                                    "norm=group,seed=1": "norm=group"}
+    assert all(r.dir.name == r.name for r in seeded if r.seed != 1)
+    without = plan_runs({"model.net.norm": ["batch", "group"]}, tmp_path, [0, 2], config_seed=1)
+    with pytest.raises(ValueError, match=r"leaves out \(norm=batch, norm=group\)"):
+        prepare_out(tmp_path, [config], [], False, without)
 
 
 def test_an_override_spelled_either_way_is_the_same_override(tmp_path):
@@ -267,6 +284,15 @@ def test_compare_writes_report_and_reports_failures(tmp_path):
     for name in ("norm=none", "norm=batch"):
         cmd = (out / "runs" / name / "command.txt").read_text()
         assert "--seed_everything" not in cmd and "--model.net.norm " + name.split("=")[1] in cmd
+    # seeds added: the runs made without --seeds are the config's seed's (0), kept as they are
+    proc = compare(out, "--sweep", "model.net.norm=none,batch,bogus", "--seeds", "2", "--jobs", "2", check=False)
+    assert "6 runs; 2 finished before, kept as they are" in proc.stdout and proc.returncode == 1
+    again = json.loads((out / "results.json").read_text())
+    for name in ("norm=none", "norm=batch"):
+        assert again["runs"][f"{name},seed=0"]["metrics"] == runs[name]["metrics"]
+        assert again["runs"][f"{name},seed=1"]["status"] == "ok"
+        assert not (out / "runs" / f"{name},seed=0").exists()
+    assert {p["n"] for p in again["paired"] if p["point"] == "norm=batch"} == {2}
 
 
 @pytest.mark.slow

@@ -29,7 +29,6 @@ import csv
 import difflib
 import fcntl
 import hashlib
-import importlib
 import importlib.util
 import itertools
 import json
@@ -157,15 +156,22 @@ def point_name(values: dict[str, str]) -> str:
     return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
 
 
-def plan_runs(sweeps: dict[str, list[str]], out: Path, seeds: list[int] | None = None) -> list[Run]:
-    """One run per sweep point and seed (the point's name, plus `,seed=S` when seeds are given)."""
+def plan_runs(sweeps: dict[str, list[str]], out: Path, seeds: list[int] | None = None,
+              config_seed: int | None = None) -> list[Run]:
+    """One run per sweep point and seed (the point's name, plus `,seed=S` when seeds are given). A run
+    of an earlier comparison into `out` made without seeds ran with the config's seed (`config_seed`):
+    it is that seed's run, kept in its folder, so that adding `--seeds` extends the comparison."""
     runs = []
     for combo in itertools.product(*sweeps.values()):
         values = dict(zip(sweeps, combo))
         point = point_name(values)
         for seed in seeds or [None]:
             name = point if seed is None else f"{point},seed={seed}"
-            runs.append(Run(name, values, out / "runs" / run_folder(name), seed=seed, point=point))
+            folder = out / "runs" / run_folder(name)
+            unseeded = out / "runs" / run_folder(point)
+            if seed is not None and seed == config_seed and unseeded.exists() and not folder.exists():
+                folder = unseeded
+            runs.append(Run(name, values, folder, seed=seed, point=point))
     return runs
 
 
@@ -177,14 +183,15 @@ def run_folder(name: str) -> str:
 # checks before the first run
 
 def check_arguments(configs: list[str], overrides: list[str], norms: str | None,
-                    sweep_specs: list[str]) -> tuple[dict[str, list[str]], str, str]:
+                    sweep_specs: list[str]) -> tuple[dict[str, list[str]], str, str, int | None]:
     """Parses the configs and overrides once, as every run will, without building anything: an option
     no run accepts or a sweep key that names no argument fails here, before any run starts. Without
-    `--norms` / `--sweep`, the sweep is the config's own `compare.sweep`. Returns the sweeps and the
-    monitored metric and its mode (`ZooModule.monitor` of the configured task)."""
+    `--norms` / `--sweep`, the sweep is the config's own `compare.sweep`. Returns the sweeps, the
+    monitored metric and its mode (`ZooModule.monitor` of the configured task), and the configured seed
+    (None: not a number, e.g. `true`, a random one)."""
     from jsonargparse import Namespace
 
-    from zoo.cli import ZooCLI
+    from zoo.cli import ZooCLI, class_at
 
     class ParseOnly(ZooCLI):
         def _parse_ckpt_path(self):
@@ -222,13 +229,9 @@ def check_arguments(configs: list[str], overrides: list[str], norms: str | None,
         close = list(dict.fromkeys(close + difflib.get_close_matches(k, sorted(keys), n=3, cutoff=0.5)))[:3]
         raise ValueError(f"--sweep {k}: no such argument" + (f"; closest: {', '.join(close)}" if close else "")
                          + " (`train.py fit --config ... --print_config` lists every argument)")
-    task = _import(cfg["model"]["class_path"])
-    return (sweeps, *getattr(task, "monitor", ("val/loss", "min")))
-
-
-def _import(class_path: str):
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    task = class_at(cfg["model"]["class_path"])
+    seed = cfg["seed_everything"]
+    return (sweeps, *getattr(task, "monitor", ("val/loss", "min")), seed if type(seed) is int else None)
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:
@@ -259,7 +262,7 @@ def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool
     overrides = normalize_overrides(overrides)
     state = {"configs": [{"path": str(Path(c).resolve()), "sha256": hashlib.sha256(Path(c).read_bytes()).hexdigest()}
                          for c in configs], "overrides": overrides,
-             "group": f"{Path(configs[-1]).stem}-{time.strftime('%Y%m%d-%H%M%S')}", "runs": [r.name for r in runs]}
+             "group": f"{Path(configs[-1]).stem}-{time.strftime('%Y%m%d-%H%M%S')}", "runs": [r.dir.name for r in runs]}
     path = out / STATE_FILE
     if fresh:
         for name in ("runs", "plots", "samples"):
@@ -277,13 +280,13 @@ def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool
         if differ:
             raise ValueError(f"--out {out} holds a comparison with other settings ({'; '.join(differ)}); "
                              "use another --out, or --fresh to delete it and start over")
-        planned = {r.name for r in runs}
-        left_out = [n for n in before.get("runs", []) if n not in planned and (out / "runs" / run_folder(n)).exists()]
+        planned = {r.dir.name for r in runs}
+        left_out = [f for f in map(run_folder, before.get("runs", [])) if f not in planned and (out / "runs" / f).exists()]
         if left_out:
             raise ValueError(f"--out {out} holds runs this sweep leaves out ({', '.join(left_out)}), which would "
-                             "drop out of its report; give a sweep and seeds that include them (adding values, or "
-                             "seeds to runs made with --seeds, is fine; runs without --seeds have the config's seed "
-                             "and no seed in their names), another --out, or --fresh to delete them and start over")
+                             "drop out of its report; give a sweep and seeds that include them (adding values or "
+                             "seeds is fine; runs made without --seeds are the config's seed's), another --out, or "
+                             "--fresh to delete them and start over")
         state["group"] = before.get("group", state["group"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(state, indent=2))
@@ -994,7 +997,7 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
     if args.max_retries < 0 or not 0 < args.alpha < 1:
         raise ValueError(f"--max-retries must be >= 0 and --alpha in (0, 1); got {args.max_retries}, {args.alpha}")
-    sweeps, metric, mode = check_arguments(args.config, overrides, args.norms, args.sweep)
+    sweeps, metric, mode, config_seed = check_arguments(args.config, overrides, args.norms, args.sweep)
     seeds = parse_seeds(args.seeds)
     slurm = parse_slurm(args.slurm)
     if "cpus_per_task" in slurm and args.cpus_per_run is not None:
@@ -1015,7 +1018,7 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
     if args.launcher == "local":
         gpu_slots(args.jobs or 1, args.devices_per_run)  # refused now, not once runs are due (or never)
     out = Path(args.out)
-    runs = plan_runs(sweeps, out, seeds)
+    runs = plan_runs(sweeps, out, seeds, config_seed)
     group = prepare_out(out, args.config, overrides, args.fresh, runs)
     todo = [r for r in runs if not load_finished(r)]
     kept = len(runs) - len(todo)
