@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT, tiny_unet_args
 from zoo.cli import main as cli_main
@@ -284,6 +285,9 @@ def test_compare_writes_report_and_reports_failures(tmp_path):
     for name in ("norm=none", "norm=batch"):
         cmd = (out / "runs" / name / "command.txt").read_text()
         assert "--seed_everything" not in cmd and "--model.net.norm " + name.split("=")[1] in cmd
+        # the run's config (and wandb's) records the sweep it was part of, not the config's default
+        config = yaml.safe_load((out / "runs" / name / "csv" / "version_0" / "config.yaml").read_text())
+        assert config["compare"]["sweep"] == ["model.net.norm=none,batch,bogus"]
     # seeds added: the runs made without --seeds are the config's seed's (0), kept as they are
     proc = compare(out, "--sweep", "model.net.norm=none,batch,bogus", "--seeds", "2", "--jobs", "2", check=False)
     assert "6 runs; 2 finished before, kept as they are" in proc.stdout and proc.returncode == 1

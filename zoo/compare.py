@@ -296,7 +296,8 @@ def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool
 # ------------------------------------------------------------------------------------------------
 # running one run (locally, or inside a Ray task: plain data in, plain data out)
 
-def run_spec(run: Run, configs: list[str], overrides: list[str], group: str, env: dict[str, str]) -> dict:
+def run_spec(run: Run, configs: list[str], overrides: list[str], group: str, env: dict[str, str],
+             sweeps: dict[str, list[str]]) -> dict:
     cmd = [sys.executable, "-m", "zoo.cli", "fit"]
     for c in configs:
         cmd += ["--config", str(Path(c).resolve())]
@@ -308,7 +309,9 @@ def run_spec(run: Run, configs: list[str], overrides: list[str], group: str, env
     tags = ["compare"] + [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in run.values.items()]
     tags += [f"seed={run.seed}"] if run.seed is not None else []
     cmd += [f"--trainer.default_root_dir={run.dir.resolve()}", f"--wandb.group={group}",
-            f"--wandb.name={group}/{run.name}", "--wandb.tags=" + json.dumps(tags), "--wandb.job_type=compare"]
+            f"--wandb.name={group}/{run.name}", "--wandb.tags=" + json.dumps(tags), "--wandb.job_type=compare",
+            # the sweep run, not the config's default, in the run's config (and wandb's)
+            "--compare.sweep=" + json.dumps([f"{k}={','.join(v)}" for k, v in sweeps.items()])]
     return {"cmd": cmd, "dir": str(run.dir.resolve()), "env": env, "cwd": os.getcwd()}
 
 
@@ -1029,7 +1032,7 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
     threads = cpu_threads(args.jobs or 1) if args.launcher == "local" else cpus
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(threads),
            **{k: os.environ[k] for k in ("WANDB_MODE", "ZOO_CPU_KERNELS", "PYTHONPATH") if k in os.environ}}
-    specs = [run_spec(r, args.config, overrides, group, env) for r in todo]
+    specs = [run_spec(r, args.config, overrides, group, env, sweeps) for r in todo]
     report_kw = dict(metric=metric, mode=mode, baseline=baseline, alpha=args.alpha)
 
     def on_done(run: Run, result: dict) -> None:
