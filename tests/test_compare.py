@@ -92,6 +92,11 @@ def test_bad_input_gets_one_line_before_any_run(tmp_path, capsys, monkeypatch):
         ("--norms", "batch", "--launcher", "foo"): "error: train.py compare: argument --launcher: invalid choice: "
                                                    "'foo' (choose from ",  # argparse, not its usage block
         ("--norms", "batch", "--trainer.max_stepz=3"): "error: unrecognized arguments: --trainer.max_stepz=3",
+        # no abbreviations, and compare's own options are suggested
+        ("--norm", "batch"): "error: unrecognised argument --norm; did you mean --norms?",
+        ("--norms", "batch", "--seed", "3"): "error: unrecognised argument --seed; did you mean --seeds?",
+        ("--norms", "batch", "--trainer.max_step=3"): "error: unrecognized arguments: --trainer.max_step=3; did you "
+                                                      "mean --trainer.max_steps?",
         ("--norms", "batch", "--baseline", "model.net.norm=group"): "error: --baseline 'model.net.norm=group' must be",
         ("--norms", "batch", "--metric", "val/iou_fg"): "error: --metric 'val/iou_fg': expected NAME:min or NAME:max",
         ("--compare.sweep=[]",): "error: nothing to compare; give --norms a,b,... or --sweep KEY=v1,v2, or set "

@@ -74,6 +74,7 @@ def test_bad_arguments_name_the_value(tmp_path, capsys, extra, message):
     ("--data.batchsize=3", "Option 'batchsize' is not accepted; did you mean --data.batch_size?"),
     ("--trainer.max_stesp=3", "unrecognized arguments: --trainer.max_stesp=3; did you mean --trainer.max_steps?"),
     ("--trainr.max_steps=3", "; did you mean --trainer.max_steps?"),
+    ("--trainer.max_step=3", "unrecognized arguments: --trainer.max_step=3; did you mean --trainer.max_steps?"),
     ("--model.optimizer.llr=0.1", "Option 'llr' is not accepted. Got value: Namespace(class_path='torch.optim.SGD', "
                                   "init_args=Namespace(llr='0.1')); did you mean --model.optimizer.lr?"),
 ])

@@ -105,7 +105,9 @@ class ZooCLI(LightningCLI):
             parser_kwargs={"description": f"zoo: `{prog} fit|validate|test|predict` are LightningCLI's (below); "
                            f"`{prog} compare` trains a config over several norms and seeds and reports the "
                            f"comparison; `{prog} export` writes an inference-only folder (each: --help).",
-                           "exit_on_error": False},
+                           "exit_on_error": False,
+                           # `--trainer.max_step 4` must be refused, not read as --trainer.max_steps
+                           "allow_abbrev": False},
             args=args,
             run=run,
         )
@@ -394,7 +396,10 @@ def drop_unused_presets(cfg, args: list[str]) -> None:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for `compare` and `export`: a bad argument raises ValueError, which `main` prints as one
-    `error:` line, instead of argparse's usage block."""
+    `error:` line, instead of argparse's usage block. No abbreviations: `--seed 3` is not `--seeds 3`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         raise ValueError(f"{self.prog}: {message} (--help lists the arguments)")

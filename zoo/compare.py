@@ -990,6 +990,10 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
     stray = [o for o in overrides if o.startswith("-") and not o.startswith("--")]
     if stray:
         raise ValueError(f"unrecognised arguments {stray}; overrides look like --trainer.max_steps=100")
+    for option in (o.split("=", 1)[0] for o in overrides if o.startswith("--") and "." not in o.split("=", 1)[0]):
+        near = difflib.get_close_matches(option, [o for a in p._actions for o in a.option_strings], n=1)
+        if near:  # (fit's own top-level options are not this close to compare's)
+            raise ValueError(f"unrecognised argument {option}; did you mean {near[0]}?")
     for name, launchers in LAUNCHER_OPTIONS.items():
         value = getattr(args, name)
         if value not in (None, []) and args.launcher not in launchers:
