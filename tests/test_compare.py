@@ -2,6 +2,7 @@
 launchers with the same metrics, resume after a kill, retries, and one-line errors for bad input."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -290,6 +291,7 @@ def test_compare_writes_report_and_reports_failures(tmp_path):
     for name in ("norm=none", "norm=batch"):
         cmd = (out / "runs" / name / "command.txt").read_text()
         assert "--seed_everything" not in cmd and "--model.net.norm " + name.split("=")[1] in cmd
+        assert f'--wandb.tags=["compare", "{name}"]' in shlex.split(cmd)  # quoted for a shell
         # the run's config (and wandb's) records the sweep it was part of, not the config's default
         config = yaml.safe_load((out / "runs" / name / "csv" / "version_0" / "config.yaml").read_text())
         assert config["compare"]["sweep"] == ["model.net.norm=none,batch,bogus"]

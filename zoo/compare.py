@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -342,9 +343,9 @@ def execute(spec: dict, max_retries: int) -> dict:
             cmd = list(spec["cmd"])
             if (run_dir / "checkpoints" / "last.ckpt").exists():
                 cmd.append("--ckpt_path=last")
-            (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
+            (run_dir / "command.txt").write_text(shlex.join(cmd) + "\n")  # pasted into a shell, it runs
             (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # a stale summary must not speak for this attempt
-            log.write(f"=== attempt {retries + 1}: {' '.join(cmd)}\n")
+            log.write(f"=== attempt {retries + 1}: {shlex.join(cmd)}\n")
             log.flush()
             with subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
                                   cwd=spec["cwd"], preexec_fn=_die_with_parent, pass_fds=(lock,)) as proc:
