@@ -108,13 +108,55 @@ def test_checkpoint_round_trip_rebuilds_the_replaced_norms_bit_identically(tmp_p
     cli.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), cli.model(x), rtol=0, atol=0)
+        torch.testing.assert_close(model.predict_proba(x), model(x).softmax(-1), rtol=0, atol=0)
+    # `test` on the data's test set (the validation images): validate's numbers under test/
+    common = [*cli_args("resnet", run, *TINY_RESNET_ARGS, "--model.norm=group"), f"--ckpt_path={ckpt}"]
+    tested = ZooCLI(args=["test", *common]).trainer.callback_metrics
+    validated = ZooCLI(args=["validate", *common]).trainer.callback_metrics
+    assert {k: tested[f"test/{k}"] for k in ("loss", "top1", "top5")} == {
+        k: validated[f"val/{k}"] for k in ("loss", "top1", "top5")}
+
+
+def test_a_forward_failure_names_the_layer_and_what_would_change_it():
+    tiny_convnext = dict(dims=[8, 8, 8, 8], depths=[1, 1, 1, 1])
+    model = ImageClassification("convnext_atto", num_classes=4, norm="instance", model_kwargs=tiny_convnext).train()
+    with pytest.raises(ValueError, match=r"convnext_atto on 96 x 96 images, at head.norm: instance norm: .*; it "
+                                         r"normalizes the pooled features, one position per sample at any image size"):
+        model(torch.rand(2, 3, 96, 96))  # timm's ConvNeXt normalizes after the pooling
+    with pytest.raises(ValueError, match=r"expected a batch of raw images \(B, C, H, W\), got shape \(3, 32, 32\)"):
+        model(torch.rand(3, 32, 32))
+    small = ImageClassification(num_classes=4, norm="group", **TINY_RESNET).train()
+    with pytest.raises(ValueError, match=r"resnet10t on 8 x 8 images, at layer2.0.bn1: group norm: .*; "
+                                         r"--data.image_size sets the images' size$"):
+        small(torch.rand(2, 3, 8, 8))
+    short = ImageClassification("resnet10t", num_classes=4, model_kwargs={"channels": [16, 32]})
+    with pytest.raises(ValueError, match=r"resnet10t on 32 x 32 images: AttributeError: .*'layer3' "
+                                         r"\(model_kwargs \{'channels': \[16, 32\]\}\)"):
+        short(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"timm could not build resnet10t\(num_classes=4, in_chans=3, "
+                                         r"channels='notalist'\): TypeError: "):
+        ImageClassification("resnet10t", num_classes=4, model_kwargs={"channels": "notalist"})
+
+
+def test_norm_skip_leaves_the_named_classes_as_they_are():
+    """ConvNeXt-V2's GlobalResponseNorm is no registry kind: refused, naming norm_skip, and kept with it."""
+    v2 = dict(model_name="convnextv2_atto", num_classes=4, model_kwargs=dict(dims=[8, 8, 8, 8], depths=[1, 1, 1, 1]))
+    with pytest.raises(ValueError, match="cannot convert GlobalResponseNorm at stages.0.blocks.0.mlp.grn.*; "
+                                         r"norm_skip \(class names\) leaves such modules as they are"):
+        ImageClassification(norm="layer", **v2)
+    model = ImageClassification(norm="rms", norm_skip=["GlobalResponseNorm"], scheduler="none", **v2)
+    grn = [m for m in model.net.modules() if type(m).__name__ == "GlobalResponseNorm"]
+    assert len(grn) == 4 and norm_classes(model.net) - set(map(type, grn)) == {zn.RmsNorm}
+    assert all(math.isfinite(x) for x in train_steps(model, 32, steps=2))
 
 
 ERRORS = {
     "unknown model": (["--model.model_name=resnet10"],
                       "error: model_name 'resnet10' is not a registered timm model; closest names: resnet10t, "),
-    "unknown norm": (["--model.norm=bogus"],
-                     "error: norm='bogus' is not a norm kind; valid kinds: batch, layer, instance, group, rms, none"),
+    "upper case": (["--model.model_name=RESNET10T"], "error: model_name 'RESNET10T' is not a registered timm model; "
+                                                     "closest names: resnet10t, "),
+    "unknown norm": (["--model.norm=None"], "error: norm='None' is not a norm kind; valid kinds: batch, layer, "
+                                            "instance, group, rms, none (or null: the network's own norms)"),
     "nothing to replace": (["--model.model_name=test_nfnet", "--model.model_kwargs=null", "--model.norm=group"],
                            "error: norm='group' for test_nfnet: model has no normalization layers to replace; "),
     "rejected kwargs": (["--model.model_kwargs.foo=1", "--model.model_kwargs.bar=2"],

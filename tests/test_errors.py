@@ -127,7 +127,7 @@ def test_subcommands_stages_and_outputs_a_run_cannot_take_are_one_line(tmp_path,
                                               "transformer_seq2seq, unet, unet_paper)"]
     assert run_main(capsys, "export", "--ckpt_path", str(unet_ckpt)) == (
         2, "error: train.py export: the following arguments are required: --out (--help lists the arguments)\n")
-    monkeypatch.delattr(UNetSegmentation, "test_step")  # a task without a test stage, as the LM and classifier
+    monkeypatch.delattr(UNetSegmentation, "test_step")  # a task without a test stage, as the LM
     code, err = run_main(capsys, "test", *tiny_unet_args(tmp_path), f"--ckpt_path={unet_ckpt}")
     assert code == 2 and error_lines(err) == ["error: No `test_step()` method defined to run `Trainer.test`."]
     afile = tmp_path / "afile"

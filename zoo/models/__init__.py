@@ -39,7 +39,8 @@ def norm_arguments(model_name: str, norm: str | None = None, conv_norm: str | No
     model (its norms are replaced after construction). Unknown kinds and contradictions are refused."""
     for name, kind in (("norm", norm), ("conv_norm", conv_norm), ("token_norm", token_norm)):
         if kind is not None and kind not in NORM_KINDS:
-            raise ValueError(f"{name}={kind!r} is not a norm kind; valid kinds: {', '.join(NORM_KINDS)}")
+            raise ValueError(f"{name}={kind!r} is not a norm kind; valid kinds: {', '.join(NORM_KINDS)} (or null: the "
+                             "network's own norms)")
     # norm sets both; one of them given away from the official norms too would be silently overridden
     clash = [f"{k}={v!r}" for k, v, official in (("conv_norm", conv_norm, "batch"), ("token_norm", token_norm, "layer"))
              if norm is not None and v not in (None, official)]
@@ -54,12 +55,13 @@ def norm_arguments(model_name: str, norm: str | None = None, conv_norm: str | No
     return {}
 
 
-def create_model(model_name: str, *, norm: str | None = None, conv_norm: str | None = None,
+def create_model(model_name: str, *, norm: str | None = None, norm_skip=(), conv_norm: str | None = None,
                  token_norm: str | None = None, pretrained: bool = False, **kwargs) -> nn.Module:
     """`timm.create_model(model_name, pretrained=pretrained, **kwargs)` with any `zoo.norm` kind for its norms.
 
     norm: every norm of the network becomes this kind: through MambaVision's own arguments, for every other
-    model by `zoo.norm.replace_norms` once timm has built it (None keeps the network's own norms).
+    model by `zoo.norm.replace_norms` once timm has built it (None keeps the network's own norms), which
+    leaves the classes `norm_skip` names as they are.
     conv_norm, token_norm: MambaVision's (`norm_arguments`). With `pretrained`, the network is built as
     published and its norms are then converted: the replaced ones keep only the affine parameters (warned).
 
@@ -75,8 +77,12 @@ def create_model(model_name: str, *, norm: str | None = None, conv_norm: str | N
         unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         if isinstance(e, TypeError) and unexpected:
             raise ValueError(rejected_kwargs(model_name, kwargs, unexpected[1])) from e
-        if not pretrained:
+        if not pretrained and isinstance(e, ValueError):
             raise
+        if not pretrained:  # a value of the wrong type or shape, which timm does not check
+            call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+            raise ValueError(f"timm could not build {model_name}({call}): {type(e).__name__}: "
+                             f"{' '.join(str(e).split())}") from e
         text = " ".join(str(e).split())  # long for torch's size mismatches: cut, but not a download's advice
         reason = (f"their shapes differ from this network's: model_kwargs {kwargs} change its architecture"
                   if "size mismatch" in text or "of other shapes" in text
@@ -88,14 +94,29 @@ def create_model(model_name: str, *, norm: str | None = None, conv_norm: str | N
         mambavision.convert_norms(net, own["conv_norm"], own["token_norm"])
     elif replaced:
         try:
-            replace_norms(net, norm)
+            replace_norms(net, norm, skip=tuple(norm_skip))
         except (ValueError, TypeError) as e:
-            raise ValueError(f"norm={norm!r} for {model_name}: {e}; norm=null keeps its own norms") from e
+            skip = "; norm_skip (class names) leaves such modules as they are" if "cannot convert" in str(e) else ""
+            raise ValueError(f"norm={norm!r} for {model_name}: {e}{skip}; norm=null keeps its own norms") from e
     if replaced and pretrained:
         given = f"norm={norm!r}" if norm is not None else f"conv_norm={own['conv_norm']!r}, token_norm={own['token_norm']!r}"
         warnings.warn(f"pretrained=True with {given}: the replaced norm layers start from the pretrained affine "
                       "parameters only (the weight, and the bias where the new kind has one)", stacklevel=2)
     return net
+
+
+def failing_module(exc: BaseException, net: nn.Module) -> tuple[str | None, nn.Module | None]:
+    """(name, module) of the innermost submodule of `net` whose code raised `exc` (from the traceback's
+    frames), or (None, None): where a forward failed, for its error message."""
+    names = {id(m): n for n, m in net.named_modules() if n}
+    found = (None, None)
+    tb = exc.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_locals.get("self")
+        if id(module) in names:
+            found = (names[id(module)], module)
+        tb = tb.tb_next
+    return found
 
 
 def check_model_name(model_name: str) -> None:
@@ -107,7 +128,7 @@ def check_model_name(model_name: str) -> None:
         raise ValueError(f"model_name {model_name!r}: give a timm architecture name; for published weights "
                          "add their tag and pretrained=True (e.g. model_name 'resnet10t.c3_in1k')")
     if not timm.is_model(model_name):
-        close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.5)
+        close = difflib.get_close_matches(model_name.lower(), timm.list_models(), n=5, cutoff=0.5)
         raise ValueError(f"model_name {model_name!r} is not a registered timm model; closest names: "
                          f"{', '.join(close) or 'none'} (timm.list_models() lists them all)")
     arch, tag = split_model_name_tag(model_name)

@@ -10,7 +10,7 @@ The surgery is a function of the plain-data hyper-parameters, so `zoo.load` rebu
 Training as MambaVision's official recipe, scaled down: cross-entropy with label smoothing, AdamW with
 norm weights, biases, layer scales and the SSM's A_log / D excluded from weight decay (`zoo.optim`), a
 per-step cosine schedule with linear warm-up (`zoo.optim.lr_schedule`). Validation reports loss and
-top-1 / top-k accuracy (torchmetrics) and saves a grid of validation images with their predicted
+top-1 / top-k accuracy (torchmetrics; `test` the same on the data's test set) and saves a grid of validation images with their predicted
 and true classes each epoch. `predict` writes `predictions.csv` (one row per image: name, then the
 top-k class names and probabilities). Class names travel in the checkpoint.
 """
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
-from zoo.models import create_model
+from zoo.models import create_model, failing_module
 from zoo.optim import check_schedule
 from zoo.samples import image_grid, log_image
 from zoo.scaling import InputScaler
@@ -42,6 +42,8 @@ class ImageClassification(ZooModule):
         num_classes, in_chans: head size and input channels.
         norm: a `zoo.norm` kind for every norm of the network, put in by `zoo.norm.replace_norms`
             (MambaVision: sets both conv_norm and token_norm); None keeps the network's own norms.
+        norm_skip: class names of norm-like modules `replace_norms` leaves as they are (its `skip`), e.g.
+            ["GlobalResponseNorm"] for ConvNeXt-V2, whose GRN no registry kind replaces.
         conv_norm, token_norm: MambaVision's own norm arguments (other models refuse them): the norm of
             the stem, conv stages and final norm (None: official batch), and of the mixer/attention
             blocks (None: official layer); `norm` sets both (refused next to a non-official one).
@@ -71,6 +73,7 @@ class ImageClassification(ZooModule):
         num_classes: int = 1000,
         in_chans: int = 3,
         norm: Optional[str] = None,
+        norm_skip: Optional[list[str]] = None,
         conv_norm: Optional[str] = None,
         token_norm: Optional[str] = None,
         model_kwargs: Optional[dict[str, Any]] = None,
@@ -92,13 +95,13 @@ class ImageClassification(ZooModule):
         check_schedule(scheduler, ("cosine", "none"))
         if num_classes < 2 or top_k < 1:
             raise ValueError(f"need num_classes >= 2 and top_k >= 1, got {num_classes} and {top_k}")
-        own = {"num_classes", "in_chans", "norm", "conv_norm", "token_norm", "pretrained"} & set(model_kwargs or {})
+        own = {"num_classes", "in_chans", "norm", "norm_skip", "conv_norm", "token_norm", "pretrained"} & set(model_kwargs or {})
         if own:  # (the model's num_classes follows the data's)
             where = ", ".join(("data." if k == "num_classes" else "model.") + k for k in sorted(own))
             raise ValueError(f"model_kwargs {sorted(own)} are the task's own arguments; set them as {where}")
         self.save_hyperparameters()
-        self._net_args = dict(num_classes=num_classes, in_chans=in_chans, norm=norm, conv_norm=conv_norm,
-                              token_norm=token_norm, **(model_kwargs or {}))
+        self._net_args = dict(num_classes=num_classes, in_chans=in_chans, norm=norm, norm_skip=norm_skip or (),
+                              conv_norm=conv_norm, token_norm=token_norm, **(model_kwargs or {}))
         self.net = create_model(model_name, **self._net_args)
         if grad_checkpointing:
             self.net.set_grad_checkpointing(True)
@@ -107,18 +110,40 @@ class ImageClassification(ZooModule):
         k = min(top_k, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_topk = MulticlassAccuracy(num_classes, top_k=k, average="micro")
+        self.test_top1, self.test_topk = self.val_top1.clone(), self.val_topk.clone()
 
     # ------------------------------------------------------------------ model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) raw images -> (B, num_classes) logits."""
+        if x.dim() != 4:
+            raise ValueError(f"expected a batch of raw images (B, C, H, W), got shape {tuple(x.shape)}")
         try:
             return self.net(self.input_scaler(x))
-        except (AssertionError, ValueError) as e:  # timm asserts fixed input sizes; zoo's norms refuse tiny maps
-            model = self.hparams.model_name
+        except (AssertionError, ValueError, TypeError, AttributeError) as e:  # (model_kwargs timm does not check)
+            raise ValueError(self._forward_error(e, x)) from e
+
+    def _forward_error(self, e: BaseException, x: torch.Tensor) -> str:
+        """What to say when the network refused a batch: where, and what changes it. timm asserts fixed
+        input sizes and zoo's norms refuse statistics of one value, which the image size may change,
+        except in the head, after the global pooling (one position per sample at any size)."""
+        model, hp = self.hparams.model_name, self.hparams
+        name, module = failing_module(e, self.net)
+        text = " ".join(str(e).split()).rstrip(".")
+        at = f"{model} on {x.shape[-2]} x {x.shape[-1]} images" + (f", at {name}" if name else "")
+        head = getattr(self.net, "pretrained_cfg", {}).get("classifier", "").rpartition(".")[0]  # timm's: head.fc
+        if type(module).__module__ == "zoo.norm" and head and name.startswith(head + "."):
+            return (f"{at}: {text}; it normalizes the pooled features, one position per sample at any image size: "
+                    f"norm={hp.norm!r} cannot, a norm that does not pool over positions can (layer, rms, batch)")
+        if isinstance(e, AssertionError) or type(module).__module__ == "zoo.norm":
             sizes = "--data.image_size sets the images' size" + (
                 ", --model.model_kwargs.img_size the model's" if "img_size" in inspect.signature(type(self.net)).parameters else "")
-            raise ValueError(f"{model} on {x.shape[-2]} x {x.shape[-1]} images: {' '.join(str(e).split()).rstrip('.')}; {sizes}") from e
+            return f"{at}: {text}; {sizes}"
+        return f"{at}: {type(e).__name__}: {text} (model_kwargs {hp.model_kwargs})"
+
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) raw images -> (B, num_classes) class probabilities."""
+        return self(images).float().softmax(-1)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -151,14 +176,22 @@ class ImageClassification(ZooModule):
         self.log("train/top1", acc, batch_size=len(logits))
         return loss
 
-    def validation_step(self, batch, batch_idx):
+    def _evaluate(self, batch, stage: str) -> torch.Tensor:
         logits = self(batch["image"])
         labels = batch["label"]
-        self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True, batch_size=len(logits))
-        self.val_top1.update(logits, labels)  # logged as metrics: Lightning computes and resets them per epoch
-        self.val_topk.update(logits, labels)
-        self.log("val/top1", self.val_top1, prog_bar=True)
-        self.log(f"val/top{self.val_topk.top_k}", self.val_topk)
+        top1, topk = getattr(self, f"{stage}_top1"), getattr(self, f"{stage}_topk")
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=True, batch_size=len(logits))
+        top1.update(logits, labels)  # logged as metrics: Lightning computes and resets them per epoch
+        topk.update(logits, labels)
+        self.log(f"{stage}/top1", top1, prog_bar=True)
+        self.log(f"{stage}/top{topk.top_k}", topk)
+        return logits
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def validation_step(self, batch, batch_idx):
+        logits, labels = self._evaluate(batch, "val"), batch["label"]
         n = self.hparams.sample_images
         if batch_idx == 0 and n:
             pred = logits[:n].argmax(1).tolist()
@@ -168,7 +201,7 @@ class ImageClassification(ZooModule):
             log_image(self, "val/samples (predicted; green = right)", grid)
 
     def predict_step(self, batch, batch_idx):
-        return {"probs": self(batch["image"]).float().softmax(-1), "name": batch["name"]}
+        return {"probs": self.predict_proba(batch["image"]), "name": batch["name"]}
 
     def write_predictions(self, outputs, batch, out_dir: Path) -> None:
         """Appends to `<out_dir>/predictions.csv`: name, label_1, prob_1, ..., label_k, prob_k (most
