@@ -49,7 +49,7 @@ def synthetic_data() -> dict:
                 "curves": curves, "links": links,
                 "stats": {"train samples/s": 100.0 + p, "peak memory (MB)": 50.5, "params": 7400, "wall time (s)": None},
             })
-    cols = ["point", "metric", "n", "mean", "std", "95% CI", "best mean", "best step", "failed seeds"]
+    cols = ["point", "metric", "n", "mean", "std", "95% CI", "best mean", "best step (mean)", "failed seeds"]
     # means 9 / 10 / null / 0.5: numeric order differs from text order ("10" < "9"), null goes last
     rows = [["norm=batch", "val/loss", 3, 9.0, 0.1, "[8.8, 9.2]", 8.9, 40, ""],
             ["norm=group", "val/loss", 2, 10.0, 0.1, "[9.1, 10.9]", 9.9, 40, "2"],

@@ -838,7 +838,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
 
 
 def aggregate_table(st: dict) -> tuple[list[str], list[list]]:
-    header = ["point", "metric", "n", "mean", "std", "95% CI", "best mean", "best step", "failed seeds"]
+    header = ["point", "metric", "n", "mean", "std", "95% CI", "best mean", "best step (mean)", "failed seeds"]
     rows = [[a["point"], a["metric"], a["n"], a["mean"], a["std"], _ci(a),
              (a.get("best") or {}).get("mean"), (a.get("best_step") or {}).get("mean"),
              ", ".join(map(str, a.get("failed_seeds") or []))] for a in st["aggregate"]]
@@ -927,7 +927,8 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
            "multiple comparisons.", ""]
     md += md_table(*paired_table(st))
     md += ["", "## Per sweep point (over seeds)", "", f"Final values; `best` is the best {metric} ({mode}) "
-           "over the run's validations and the step it was reached at.", ""]
+           "over the run's validations and the step it was reached at, each averaged over seeds (a mean step "
+           "need not be one that validated).", ""]
     md += md_table(*aggregate_table(st))
     md += ["", "## Runs", ""]
     md += md_table(*table(runs))
