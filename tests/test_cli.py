@@ -15,6 +15,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from zoo.models.config import flat
 from zoo.cli import ZooCLI, error_line, run_tags, wandb_mode
+from zoo.export import export
 from zoo.scaling import InputScaler
 from zoo.tasks.segmentation import UNetSegmentation
 from tests.conftest import ROOT, StopAfterFirstEpoch, assert_same_weights, interrupted_then_resumed, tiny_unet_args
@@ -106,7 +107,11 @@ def test_last_ckpt_holds_the_steps_after_the_last_validation(tmp_path):
     cli = fit(tmp_path / "a", "--trainer.max_steps=5")
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 5
-    assert json.loads((tmp_path / "a" / "summary.json").read_text())["global_step"] == 5
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert (summary["global_step"], summary["val_step"]) == (5, 4)  # val/ metrics: of the step-4 validation
+    export(last, tmp_path / "exported")
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "## Final metrics (step 5)" in card and "the run's last validation, at step 4" in card
     x = torch.rand(1, 1, 68, 68) * 255
     cli.model.eval()
     torch.testing.assert_close(zoo.load(last)(x), cli.model(x), rtol=0, atol=0)
@@ -118,8 +123,8 @@ def test_last_ckpt_holds_the_steps_after_the_last_validation(tmp_path):
     fit(tmp_path / "a", "--trainer.max_steps=5", "--ckpt_path=last")
     assert last.stat().st_mtime_ns == written
     again = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert (again["metrics"], again["global_step"], again["epochs"]) == (
-        summary["metrics"], summary["global_step"], summary["epochs"])
+    assert (again["metrics"], again["global_step"], again["epochs"], again["val_step"]) == (
+        summary["metrics"], summary["global_step"], summary["epochs"], summary["val_step"])
 
     fit(tmp_path / "b", "--trainer.max_steps=1")  # before the first validation
     assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1

@@ -47,6 +47,9 @@ class RunSummary(Callback):
     with what it logs itself. So a run killed after its last checkpoint, and resumed from it with no
     step left to train, still reports the final metrics rather than none.
 
+    `val_step` is the step of the last validation, whose values the `val/` metrics are: a run that ends
+    between validations has trained on since (`global_step`).
+
     Each checkpoint also carries the run's wandb run id (`wandb_id`), so a resumed fit continues that
     wandb run (`ZooCLI`) instead of starting another.
     """
@@ -56,6 +59,7 @@ class RunSummary(Callback):
         self.error: str | None = None
         self.earlier_peak_mb: float | None = None  # from the checkpoint a resumed run started from
         self.earlier_metrics: dict = {}  # likewise
+        self.val_step: int | None = None  # likewise
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.trainer = trainer  # for state_dict
@@ -79,6 +83,10 @@ class RunSummary(Callback):
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self.last = None  # validation time is not training time
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.val_step = trainer.global_step
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self.error = f"{type(exception).__name__}: {exception}"
@@ -104,11 +112,12 @@ class RunSummary(Callback):
     def state_dict(self) -> dict:
         wandb_ids = [lg.version for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
         return {"peak_memory_mb": self._peak_mb(), "metrics": self._metrics(self.trainer),
-                "wandb_id": wandb_ids[0] if wandb_ids else None}
+                "wandb_id": wandb_ids[0] if wandb_ids else None, "val_step": self.val_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.earlier_peak_mb = state_dict.get("peak_memory_mb")
         self.earlier_metrics = dict(state_dict.get("metrics", {}))
+        self.val_step = state_dict.get("val_step")
 
     def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_rank != 0:
@@ -122,6 +131,7 @@ class RunSummary(Callback):
             "wall_time_s": time.perf_counter() - self.t0,
             "train_samples_per_s": self.samples / self.train_time if self.train_time > 0 else None,
             "global_step": trainer.global_step,
+            "val_step": self.val_step,
             # epochs trained in, the last possibly partial: Lightning's epoch counter moves on when a
             # max_steps stop ends an epoch, but not in a resumed run with no step left to train
             "epochs": trainer.fit_loop.epoch_progress.current.started,

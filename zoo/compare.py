@@ -823,7 +823,7 @@ def _ci(a: dict | None) -> str:
 
 def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     metrics = sorted({m for r in runs for m in r.summary.get("metrics", {}) if m.startswith("val/")})
-    header = ["run", "status", *metrics, "train samples/s", "peak memory (MB)", "params", "wall time (s)"]
+    header = ["run", "status", *metrics, "val step", "train samples/s", "peak memory (MB)", "params", "wall time (s)"]
     rows = []
     for r in runs:
         s = r.summary
@@ -831,7 +831,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             r.status, f"failed: {s.get('error') or 'no summary written'}")
         if r.retries:
             status += f" ({r.retries} retries)"
-        rows.append([r.name, status, *(_fmt(s.get("metrics", {}).get(m)) for m in metrics),
+        rows.append([r.name, status, *(_fmt(s.get("metrics", {}).get(m)) for m in metrics), _fmt(s.get("val_step")),
                      _fmt(s.get("train_samples_per_s")), _fmt(s.get("peak_memory_mb")),
                      _fmt(s.get("params")), _fmt(s.get("wall_time_s"))])
     return header, rows
@@ -926,13 +926,14 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
            f"and a two-sided paired t-test at {alpha}; p-values are per comparison, not corrected for "
            "multiple comparisons.", ""]
     md += md_table(*paired_table(st))
-    md += ["", "## Per sweep point (over seeds)", "", f"Final values; `best` is the best {metric} ({mode}) "
+    md += ["", "## Per sweep point (over seeds)", "", f"Final values (`val/`: at the last validation); `best` is the best {metric} ({mode}) "
            "over the run's validations and the step it was reached at, each averaged over seeds (a mean step "
            "need not be one that validated).", ""]
     md += md_table(*aggregate_table(st))
     md += ["", "## Runs", ""]
     md += md_table(*table(runs))
-    md += ["", "Throughput counts training batches only (data loading included, first batch of each epoch "
+    md += ["", "The `val/` values are those of each run's last validation, at `val step` (a run that ends "
+           "between validations trained on after it). Throughput counts training batches only (data loading included, first batch of each epoch "
            "excluded; a resumed run's last segment). Peak memory: CUDA allocator peak on GPU; on CPU, the "
            "process's peak resident memory (data, model and framework included).", "", "## Curves", ""]
     md += [f"![{p.stem}]({_rel(p, out)})" for p in plots]

@@ -336,7 +336,11 @@ def model_card(config: dict, summary: dict | None, repo_id: str | None = None) -
     elif timm_ok is False:
         lines += ["", f"Not loadable with timm: {config['timm_reason']}."]
     if summary:
-        lines += ["", f"## Final metrics (step {summary.get('global_step')})", "", "| metric | value |", "|---|---|"]
+        step, val_step = summary.get("global_step"), summary.get("val_step")
+        lines += ["", f"## Final metrics (step {step})", ""]
+        if val_step is not None and val_step != step:  # the run ended between validations
+            lines += [f"The `val/` metrics are of the run's last validation, at step {val_step}.", ""]
+        lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                   for k, v in summary.get("metrics", {}).items()]
     return "\n".join(lines) + "\n"
