@@ -14,7 +14,7 @@ import yaml
 from tests.conftest import ROOT, tiny_unet_args
 from zoo.cli import main as cli_main
 from zoo.compare import (execute, normalize_overrides, parse_baseline, parse_seeds, parse_sweeps, plan_runs,
-                          prepare_out, read_curves)
+                          prepare_out, read_curves, same_overrides)
 
 TINY = [a for a in tiny_unet_args("IGNORED") if not a.startswith("--trainer.default_root_dir")]
 
@@ -219,6 +219,13 @@ def test_an_override_spelled_either_way_is_the_same_override(tmp_path):
                                          r"\['--trainer.max_steps=3', '--model.net.norm=batch'\]"):
         prepare_out(out, [str(config)], ["--trainer.max_steps", "3", "--model.net.norm", "batch"], fresh=False)
     assert (out / "runs" / "kept").exists()
+    # another order: the same overrides where order cannot matter (each key once, no config, no +=)
+    prepare_out(out, [str(config)], ["--model.net.norm=batch", "--trainer.max_steps=2"], fresh=False)
+    assert same_overrides(["--a=1", "--b=2"], ["--b=2", "--a=1"])
+    assert not same_overrides(["--a=1", "--a=2"], ["--a=2", "--a=1"])  # the last one wins
+    assert not same_overrides(["--config=x.yaml", "--a=1"], ["--a=1", "--config=x.yaml"])
+    assert not same_overrides(["--c+=[1]", "--c+=[2]"], ["--c+=[2]", "--c+=[1]"])
+    assert not same_overrides(["--c", "-1", "--d=2"], ["--d=2", "--c", "-1"])
 
 
 def test_curve_steps_are_optimizer_steps(tmp_path):

@@ -251,12 +251,21 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
+def same_overrides(a: list[str], b: list[str]) -> bool:
+    """Equal normalized overrides, or the same `--key=value`s in another order where order cannot
+    matter: each key once, and none a config file or an append (`+=`), where the later one wins."""
+    keys = [t.split("=", 1)[0] for t in a]
+    order_free = len(set(keys)) == len(keys) and "--config" not in keys and all(
+        t.startswith("--") and "=" in t and not k.endswith("+") for t, k in zip(a, keys))
+    return a == b or (order_free and sorted(a) == sorted(b))
+
+
 def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool, runs: list[Run] = ()) -> str:
     """Refuses a DIR that holds a comparison of other configs or overrides (results of different
     settings must not mix), or runs that the planned `runs` leave out (they would drop out of its
     report; a plan adding sweep values or seeds is fine); `fresh` deletes the previous comparison
     first. Overrides are compared normalized (`normalize_overrides`), also those of a compare.json
-    written before they were. Returns the comparison's wandb group: made when it starts and kept by
+    written before they were, and in any order where it cannot matter (`same_overrides`). Returns the comparison's wandb group: made when it starts and kept by
     every re-run into DIR."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a directory (it is created if missing)")
@@ -276,7 +285,7 @@ def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool
         elif before["configs"] != state["configs"]:
             differ.append("the config files' contents changed")
         was = normalize_overrides(before["overrides"])
-        if was != overrides:
+        if not same_overrides(was, overrides):
             differ.append(f"overrides: before {was}, now {overrides}")
         if differ:
             raise ValueError(f"--out {out} holds a comparison with other settings ({'; '.join(differ)}); "
