@@ -61,6 +61,7 @@ def test_an_option_the_subcommand_does_not_read_is_refused(tmp_path, capsys, une
     (["--model.nrm=3"], "Option 'nrm' is not accepted"),
     (["--trainer.max_steps=abc"], "error: --trainer.max_steps: Expected a <class 'int'>. Got value: abc"),
     (["--data.crop_size=-3"], "error: crop_size=-3 must be >= 1"),
+    (["--trainer.val_check_interval=0"], "error: trainer.val_check_interval=0: give a number of training batches"),
     (["--model.optimizer=torch.optim.Nope"], "error: --model.optimizer: Type typing.Callable"),
     (["--model.optimizer=torch.optim.Nope"], "module 'torch.optim' has no attribute 'Nope'. Got value: torch.optim.Nope"),
 ])

@@ -72,13 +72,17 @@ def run_tags(model: L.LightningModule, data: L.LightningDataModule | None) -> li
 
 
 class ZooTrainer(L.Trainer):
-    """Lightning's Trainer, with its batch limits annotated int first: `--trainer.limit_val_batches 1` is
-    one batch. Lightning's `Union[float, int]` (which `typing` caches, so `Union[int, float]` is that same
+    """Lightning's Trainer, with its batch limits annotated int first (`--trainer.limit_val_batches 1` is
+    one batch) and a validation interval of 0 batches refused. Lightning's `Union[float, int]` (which `typing` caches, so `Union[int, float]` is that same
     object) makes jsonargparse read it as 1.0, which Lightning takes as the whole set."""
 
     def __init__(self, *, limit_train_batches: int | float | None = None, limit_val_batches: int | float | None = None,
                  limit_test_batches: int | float | None = None, limit_predict_batches: int | float | None = None,
                  **kwargs):
+        every = kwargs.get("val_check_interval")
+        if type(every) is int and every < 1:  # Lightning takes 0 and fails in the first epoch
+            raise ValueError(f"trainer.val_check_interval={every}: give a number of training batches (>= 1), a "
+                             "fraction of an epoch (a float in [0.0, 1.0]), or null (once per epoch)")
         super().__init__(limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches,
                          limit_test_batches=limit_test_batches, limit_predict_batches=limit_predict_batches, **kwargs)
 
