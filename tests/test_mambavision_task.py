@@ -134,7 +134,8 @@ def test_fit_load_and_predict_csv(tmp_path):
 
     raw = torch.load(ckpt, weights_only=True)
     hp = raw["hyper_parameters"]
-    assert hp["token_norm"] == "rms" and hp["conv_norm"] == "batch" and hp["num_classes"] == 8
+    assert hp["token_norm"] == "rms" and hp["conv_norm"] is None and hp["num_classes"] == 8  # None: official
+    assert type(cli.model.net.norm).__name__ == "BatchNormNCHW"  # zoo's batch norm
     assert hp["model_kwargs"]["dim"] == 8 and hp["model_kwargs"]["drop_path_rate"] == 0.05  # merged with the config's
     assert raw["class_names"] == shape_class_names(8)
     model = zoo.load(ckpt)
