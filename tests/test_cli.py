@@ -177,6 +177,9 @@ def test_sample_images_are_logged_at_their_validations_step(tmp_path):
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert recorder.metric_steps == [1, 3]  # validations after steps 2 and 4
     assert sorted(set(recorder.image_steps)) == recorder.metric_steps
+    # both in epoch 0 (4 steps an epoch): a file each, not the second over the first
+    saved = sorted(p.name.rsplit("_epoch", 1)[1] for p in (tmp_path / "samples").glob("*.png"))
+    assert saved == ["000_step0000002.png", "000_step0000004.png"]
 
 
 def test_evaluation_writes_beside_the_training_run_not_into_it(tmp_path):

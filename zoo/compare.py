@@ -804,7 +804,7 @@ def latest_samples(run: Run, out: Path) -> list[Path]:
     """Copies the run's newest sample (image or text) per key into the report folder."""
     newest: dict[tuple[str, str], Path] = {}
     for p in sorted([*(run.dir / "samples").glob("*.png"), *(run.dir / "samples").glob("*.txt")]):
-        newest[p.stem.rsplit("_epoch", 1)[0], p.suffix] = p  # sorted, so the last epoch wins
+        newest[p.stem.rsplit("_epoch", 1)[0], p.suffix] = p  # sorted, so the last validation wins
     copied = []
     for (key, suffix), p in newest.items():
         dest = out / "samples" / f"{run.dir.name}__{key}{suffix}"
@@ -946,7 +946,7 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
            "excluded; a resumed run's last segment). Peak memory: CUDA allocator peak on GPU; on CPU, the "
            "process's peak resident memory (data, model and framework included).", "", "## Curves", ""]
     md += [f"![{p.stem}]({_rel(p, out)})" for p in plots]
-    md += ["", "## Samples (latest validation epoch)", ""]
+    md += ["", "## Samples (latest validation)", ""]
     for r in runs:
         paths = sorted((out / "samples").glob(f"{r.dir.name}__*"))
         if paths:

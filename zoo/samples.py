@@ -45,15 +45,16 @@ def image_grid(images: torch.Tensor, captions: list[str], correct: list[bool], c
 
 
 def _sample_path(module: L.LightningModule, key: str, suffix: str) -> Path | None:
-    """`<run dir>/samples/<key>_epoch<N><suffix>` in fit, `<run dir>/<stage>/samples/...` in validate or
-    test (which must not overwrite the training run's), or None where samples are not written (no
-    trainer, sanity check, not rank zero)."""
+    """`<run dir>/samples/<key>_epoch<E>_step<S><suffix>` in fit, `<run dir>/<stage>/samples/...` in
+    validate or test (which must not overwrite the training run's), or None where samples are not
+    written (no trainer, sanity check, not rank zero)."""
     if module._trainer is None or module.trainer.sanity_checking or not module.trainer.is_global_zero:
         return None
     stem = re.sub(r"[^\w.=-]+", "_", key).strip("_")  # a plain file name: it is linked from report.md
     stage = module.trainer.state.fn.value  # fit, validate, test
     folder = Path(module.trainer.default_root_dir) / ("" if stage == "fit" else stage) / "samples"
-    path = folder / f"{stem}_epoch{module.current_epoch:03d}{suffix}"
+    # one file per validation (several may fall in one epoch); sorted by name, the newest comes last
+    path = folder / f"{stem}_epoch{module.current_epoch:03d}_step{module.global_step:07d}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -65,7 +66,7 @@ def _logger_step(module: L.LightningModule) -> int:
 
 
 def log_image(module: L.LightningModule, key: str, image: np.ndarray) -> Path | None:
-    """Saves an (H, W, 3) uint8 image as `<run dir>/samples/<key>_epoch<N>.png` and logs it to
+    """Saves an (H, W, 3) uint8 image as `<run dir>/samples/<key>_epoch<E>_step<S>.png` and logs it to
     image-capable loggers (wandb). Rank zero only."""
     path = _sample_path(module, key, ".png")
     if path is None:
@@ -78,8 +79,8 @@ def log_image(module: L.LightningModule, key: str, image: np.ndarray) -> Path | 
 
 
 def log_text(module: L.LightningModule, key: str, columns: list[str], rows: list[list[str]]) -> Path | None:
-    """Saves text samples (e.g. prompt / continuation) as `<run dir>/samples/<key>_epoch<N>.txt` (one
-    block per row) and logs them as a table to text-capable loggers (wandb). Rank zero only."""
+    """Saves text samples (e.g. prompt / continuation) as `<run dir>/samples/<key>_epoch<E>_step<S>.txt`
+    (one block per row) and logs them as a table to text-capable loggers (wandb). Rank zero only."""
     path = _sample_path(module, key, ".txt")
     if path is None:
         return None
