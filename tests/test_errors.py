@@ -209,3 +209,17 @@ def test_ckpt_path_last_without_a_checkpoint_starts_a_new_run(tmp_path, capsys):
         f"error: {tmp_path} already holds a run ({tmp_path / 'checkpoints' / 'last.ckpt'}); resume it with "
         "--ckpt_path last, or start a new run in another --trainer.default_root_dir"]
     assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()} == before
+
+
+def test_ckpt_path_best_is_the_runs_best_checkpoint(tmp_path, capsys):
+    ZooCLI(args=["fit", *tiny_unet_args(tmp_path, "--trainer.max_steps=2")])
+    (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    by_name = ZooCLI(args=["validate", *tiny_unet_args(tmp_path), "--ckpt_path=best"])
+    by_path = ZooCLI(args=["validate", *tiny_unet_args(tmp_path), f"--ckpt_path={best}"])
+    assert by_name.trainer.ckpt_path == str(best)
+    assert by_name.trainer.callback_metrics == by_path.trainer.callback_metrics
+    code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path), "--ckpt_path=best")
+    assert code == 2 and error_lines(err) == ["error: --ckpt_path best: fit resumes a run from last; give last, best "
+                                              "(validate, test, predict) or a checkpoint's path"]
+    code, err = run_main(capsys, "test", *tiny_unet_args(tmp_path / "empty"), "--ckpt_path=best")
+    assert code == 2 and error_lines(err)[0].startswith("error: --ckpt_path best: 0 best-*.ckpt in ")

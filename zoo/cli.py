@@ -181,7 +181,8 @@ class ZooCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Checks `--ckpt_path` before anything is built from it, with `zoo.load`'s checks (plain data
         only, a zoo checkpoint, of the task the config builds). `last` means
-        <run dir>/checkpoints/last.ckpt; fit without one starts a new run and says so. Resuming fit
+        <run dir>/checkpoints/last.ckpt (fit without one starts a new run and says so), `best` (not
+        for fit) the run's best-*.ckpt. Resuming fit
         with model arguments other than the checkpoint's is refused; validate/test/predict need a
         checkpoint and build the model with its arguments (as Lightning does), saying which differ."""
         stage = self.config.get("subcommand")
@@ -209,6 +210,13 @@ class ZooCLI(LightningCLI):
                 cfg.ckpt_path = None
                 return
             cfg.ckpt_path = path = str(last)
+        if path == "best":  # as Lightning's `best`, from the files: <run dir>/checkpoints/best-*.ckpt
+            best = sorted(ckpt_dir.glob("best-*.ckpt"))
+            why = "fit resumes a run from last" if stage == "fit" else f"{len(best)} best-*.ckpt in {ckpt_dir}"
+            if stage == "fit" or len(best) != 1:
+                raise ValueError(f"--ckpt_path best: {why}; give last, best (validate, test, predict) or a "
+                                 "checkpoint's path")
+            cfg.ckpt_path = path = str(best[0])
         ckpt = checkpoint.read(path)
         task = checkpoint.task_class(ckpt, path)
         task_name = f"{task.__module__}.{task.__qualname__}"
