@@ -1,9 +1,12 @@
 """The entry point end to end on a tiny U-Net: fit, checkpoints, resume, seeds, predict, load, DDP."""
 import csv
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -180,6 +183,23 @@ def test_sample_images_are_logged_at_their_validations_step(tmp_path):
     # both in epoch 0 (4 steps an epoch): a file each, not the second over the first
     saved = sorted(p.name.rsplit("_epoch", 1)[1] for p in (tmp_path / "samples").glob("*.png"))
     assert saved == ["000_step0000002.png", "000_step0000004.png"]
+
+
+def test_ctrl_c_stops_fit_with_one_line_and_a_resumable_run(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "fit",
+                             *tiny_unet_args(tmp_path, "--trainer.max_steps=400")],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints" / "last.ckpt").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "error: interrupted; the same command with --ckpt_path last resumes it"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["status"], summary["error"]) == ("failed", "interrupted")
 
 
 def test_evaluation_writes_beside_the_training_run_not_into_it(tmp_path):

@@ -89,7 +89,8 @@ class RunSummary(Callback):
             self.val_step = trainer.global_step
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self.error = f"{type(exception).__name__}: {exception}"
+        self.error = "interrupted" if isinstance(exception, KeyboardInterrupt) else \
+            f"{type(exception).__name__}: {exception}"
         if hasattr(self, "t0"):
             self._write(trainer, pl_module)
 

@@ -262,6 +262,14 @@ class ZooCLI(LightningCLI):
         for key, value in data.items():
             self.config[stage]["data"]["init_args"][key] = value
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit:  # Lightning ends a run stopped by Ctrl-C with exit(1), after its graceful stop
+            if self.trainer.interrupted:
+                raise KeyboardInterrupt from None
+            raise
+
     def before_fit(self) -> None:
         if type(self.datamodule).__module__.startswith("zoo.data."):
             # zoo's training samplers (EpochSampler) resume from the fit loop's own progress counters,
@@ -508,8 +516,12 @@ def main(argv: list[str] | None = None) -> None:
 
             sys.exit(export(args[1:], f"{prog} export"))
         ZooCLI(args=None if argv is None else args, prog=prog)
-    except (SystemExit, KeyboardInterrupt):
+    except SystemExit:
         raise
+    except KeyboardInterrupt:
+        resume = "; the same command with --ckpt_path last resumes it" if args[:1] == ["fit"] else ""
+        print(f"error: interrupted{resume}", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         if os.environ.get("ZOO_DEBUG", "") not in ("", "0"):
             raise
