@@ -103,7 +103,7 @@ class StepOfLastCkptAtValidation(Callback):
         self.seen.append((trainer.global_step, on_disk))
 
 
-def test_last_ckpt_holds_the_steps_after_the_last_validation(tmp_path):
+def test_last_ckpt_holds_the_steps_after_the_last_validation(tmp_path, capsys):
     """Validation at steps 2 and 4 of 5: last.ckpt is written once more after the final batch, so it
     holds the weights the summary describes (step 5). A run shorter than one validation interval has its last.ckpt too, so its folder
     is a run. Training on from a run that ended mid-epoch is the longer run."""
@@ -124,6 +124,7 @@ def test_last_ckpt_holds_the_steps_after_the_last_validation(tmp_path):
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     (tmp_path / "a" / "summary.json").unlink()
     fit(tmp_path / "a", "--trainer.max_steps=5", "--ckpt_path=last")
+    assert f"{last} is at step 5, max_steps=5: nothing left to train" in capsys.readouterr().err
     assert last.stat().st_mtime_ns == written
     again = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert (again["metrics"], again["global_step"], again["epochs"], again["val_step"]) == (

@@ -242,6 +242,10 @@ class ZooCLI(LightningCLI):
             print(f"using the checkpoint's model arguments ({what})", file=sys.stderr)
         if stage == "fit":
             self._wandb_id = ckpt.get("callbacks", {}).get(RunSummary.__qualname__, {}).get("wandb_id")
+            steps, done = cfg["trainer"].get("max_steps"), ckpt.get("global_step", 0)
+            if steps not in (None, -1) and done >= steps:  # Lightning only says max_steps was reached
+                print(f"{path} is at step {done}, max_steps={steps}: nothing left to train (a larger "
+                      "--trainer.max_steps trains further)", file=sys.stderr)
         if stage == "fit" and Path(path) == ckpt_dir / "last.ckpt":
             # a best checkpoint the interrupted segment wrote after last.ckpt: the resumed run writes it
             # again, and the checkpoint callback, restored from last.ckpt, would never remove this copy
