@@ -3,6 +3,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,21 @@ class KillAt(Callback):
             except FileExistsError:
                 return
         os.kill(os.getppid() if self.parent else os.getpid(), signal.SIGKILL)
+
+
+class PauseAt(Callback):
+    """Holds the run whose folder is named `run` for `seconds` at the start of the batch after `step`
+    optimizer steps (that step's checkpoint on disk), once it has touched `<run dir>/paused`: a test
+    kills its launcher there, mid-run whatever the machine's load. Not in a resumed run."""
+
+    def __init__(self, step: int, run: str, seconds: float = 120):
+        self.step, self.run, self.seconds = step, run, seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        root = Path(trainer.default_root_dir)
+        if trainer.global_step == self.step and root.name == self.run and trainer.ckpt_path is None:
+            (root / "paused").touch()
+            time.sleep(self.seconds)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """`train.py compare`: one run per sweep point and seed, failures reported, statistics, parallel and Ray
 launchers with the same metrics, resume after a kill, retries, and one-line errors for bad input."""
+import fcntl
 import json
 import os
 import shlex
@@ -363,22 +364,41 @@ def test_slurm_launcher_runs_jobs_and_a_rerun_resumes_a_lost_one(tmp_path, sweep
     assert val_metrics(tmp_path / "out") == subset
 
 
+def run_lock_freed(run_dir, within: float) -> bool:
+    """Whether the lock a run's training process holds (compare.RUN_LOCK) is free within `within` s."""
+    deadline = time.time() + within
+    with open(run_dir / ".lock") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.time() > deadline:
+                    return False
+                time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_killed_compare_reruns_to_the_same_report_and_keeps_finished_runs(tmp_path, sweep_reference):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "compare", *TINY, *SWEEP, "--out", str(out)],
+    # the third run is held after its first checkpoint (step 2), so the kill lands there however loaded
+    # the machine is (a poll for last.ckpt could see it late, with the run finished)
+    pause = json.dumps({"class_path": "tests.conftest.PauseAt", "init_args": {"step": 2, "run": "norm=batch,seed=0"}})
+    sweep = [*SWEEP, f"--trainer.callbacks+={pause}"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "compare", *TINY, *sweep, "--out", str(out)],
                             cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finished = [out / "runs" / "norm=none,seed=0", out / "runs" / "norm=none,seed=3"]
-    deadline = time.time() + 600  # killed once the third run has its first checkpoint
-    while not (out / "runs" / "norm=batch,seed=0" / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
+    deadline = time.time() + 600
+    while not (out / "runs" / "norm=batch,seed=0" / "paused").exists() and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert run_lock_freed(out / "runs" / "norm=batch,seed=0", within=30)  # its process died with the compare
     assert all((f / "summary.json").exists() for f in finished) and not (out / "runs" / "norm=batch,seed=3").exists()
     assert "2 of 4 runs done" in (out / "report.html").read_text()  # rewritten after every finished run
     kept = {p: p.read_bytes() for f in finished for p in f.rglob("*") if p.is_file()}
     mtimes = {p: p.stat().st_mtime_ns for p in kept}
-    rerun = compare(out, *SWEEP)
+    rerun = compare(out, *sweep)
     assert "2 finished before, kept as they are" in rerun.stdout
     assert {p: p.read_bytes() for p in kept} == kept and {p: p.stat().st_mtime_ns for p in kept} == mtimes
     assert val_metrics(out) == val_metrics(sweep_reference())

@@ -59,7 +59,7 @@ def test_timm_loads_the_network_bit_for_bit(name, trained, hub, tmp_path):
     own = {"conv_norm": "group", "token_norm": "rms"} if name == "mambavision" else {}  # MambaVision's own args
     assert config["model_args"] == {"num_classes": h.num_classes, "in_chans": 3, **h.model_kwargs, **own}
     if name == "mambavision":
-        assert config["norm"] == {"norm": None, "conv_norm": "group", "token_norm": "rms"}
+        assert config["norm"] == {"norm": None, "norm_skip": None, "conv_norm": "group", "token_norm": "rms"}
     scaler = original.input_scaler
     size = config["data"]["init_args"]["image_size"]
     assert config["pretrained_cfg"]["input_size"] == [3, size, size]
