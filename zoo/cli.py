@@ -16,7 +16,9 @@ import inspect
 import netrc
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Literal, Optional
@@ -496,10 +498,20 @@ def with_bundled_configs(args: list[str]) -> list[str]:
 SUBCOMMANDS = ("fit", "validate", "test", "predict", "compare", "export")
 
 
+def _interrupt_once(signum, frame):
+    """SIGINT in `fit`: KeyboardInterrupt once, then ignored. A terminal's Ctrl-C reaches a compare's runs
+    and compare forwards one more (it may have been sent to compare alone); a second KeyboardInterrupt
+    would break Lightning's graceful stop, which ignores SIGINT only once it has caught the first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """`train.py` and the `zoo` console script: `zoo fit --config unet ...`."""
     args = sys.argv[1:] if argv is None else list(argv)
     prog = Path(sys.argv[0]).name if argv is None else "train.py"  # `zoo` when run as the console script
+    own_sigint = args[:1] == ["fit"] and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _interrupt_once) if own_sigint else None
     try:
         args = with_bundled_configs(args)
         if argv is None:  # LightningCLI reads sys.argv itself (given args, it warns that both are set)
@@ -532,6 +544,8 @@ def main(argv: list[str] | None = None) -> None:
         print(error_line(e), file=sys.stderr)
         sys.exit(2 if isinstance(e, USER_ERRORS) or _raised_in(e, "jsonargparse") else 1)
     finally:
+        if own_sigint:
+            signal.signal(signal.SIGINT, previous)
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
             sys.modules["wandb"].finish()
 

@@ -356,11 +356,8 @@ def execute(spec: dict, max_retries: int) -> dict:
             (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # a stale summary must not speak for this attempt
             log.write(f"=== attempt {retries + 1}: {shlex.join(cmd)}\n")
             log.flush()
-            # its own session: a terminal's Ctrl-C reaches compare only, which stops each run with one
-            # SIGINT (a second one, from the terminal too, would break Lightning's graceful stop)
             with subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
-                                  cwd=spec["cwd"], preexec_fn=_die_with_parent, pass_fds=(lock,),
-                                  start_new_session=True) as proc:
+                                  cwd=spec["cwd"], preexec_fn=_die_with_parent, pass_fds=(lock,)) as proc:
                 _CHILDREN.add(proc)
                 try:
                     while proc.poll() is None:  # polled: Ray's cancel interrupts Python code, not a blocking wait
