@@ -116,6 +116,13 @@ class KillAt(Callback):
         os.kill(os.getppid() if self.parent else os.getpid(), signal.SIGKILL)
 
 
+def default_sigint() -> None:
+    """preexec_fn of a process a test sends SIGINT as a terminal's Ctrl-C would: a test session started in
+    the background by a non-interactive shell (`make test &`) ignores SIGINT, and so would every process
+    it starts, where a terminal's foreground job does not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class PauseAt(Callback):
     """Holds the run whose folder is named `run` for `seconds` at the start of the batch after `step`
     optimizer steps (that step's checkpoint on disk), once it has touched `<run dir>/paused`: a test

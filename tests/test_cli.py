@@ -21,7 +21,7 @@ from zoo.cli import ZooCLI, error_line, run_tags, wandb_mode
 from zoo.export import export
 from zoo.scaling import InputScaler
 from zoo.tasks.segmentation import UNetSegmentation
-from tests.conftest import ROOT, StopAfterFirstEpoch, assert_same_weights, interrupted_then_resumed, tiny_unet_args
+from tests.conftest import ROOT, StopAfterFirstEpoch, default_sigint, assert_same_weights, interrupted_then_resumed, tiny_unet_args
 
 
 def fit(root, *extra):
@@ -190,7 +190,8 @@ def test_ctrl_c_stops_fit_with_one_line_and_a_resumable_run(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "fit",
                              *tiny_unet_args(tmp_path, "--trainer.max_steps=400")],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 300
     while not (tmp_path / "checkpoints" / "last.ckpt").exists():
         assert time.time() < deadline and proc.poll() is None

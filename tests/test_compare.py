@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import ROOT, tiny_unet_args
+from tests.conftest import ROOT, default_sigint, tiny_unet_args
 from zoo.cli import main as cli_main
 from zoo.compare import (execute, normalize_overrides, parse_baseline, parse_seeds, parse_sweeps, plan_runs,
                           prepare_out, read_curves, same_overrides)
@@ -561,7 +561,7 @@ def test_ctrl_c_stops_a_compare_at_once_and_leaves_its_runs_resumable(tmp_path):
     # a terminal's Ctrl-C: SIGINT to the whole process group (compare and its runs)
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "compare", *TINY, "--trainer.max_steps=40",
                              *SWEEP, "--out", str(out)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_sigint)
     first = out / "runs" / "norm=none,seed=0"
     deadline = time.time() + 300
     while not (first / "checkpoints" / "last.ckpt").exists():  # training, two validations in
@@ -611,7 +611,8 @@ def test_ctrl_c_stops_the_runs_a_cluster_launcher_submitted(launcher, tmp_path, 
         pytest.importorskip("ray")
         request.getfixturevalue("one_ray_at_a_time")
     proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, launcher, str(tmp_path)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 120
     while not all((tmp_path / f"run{i}" / "started").exists() for i in range(2)):
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
