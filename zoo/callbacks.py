@@ -232,9 +232,10 @@ class LastCheckpoint(ModelCheckpoint):
         last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
         final = (trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps) or (
             last_epoch and loop.batch_progress.is_last_batch)
+        if not final or self._should_skip_saving_checkpoint(trainer):
+            return
         # the decision Lightning makes right after this hook (a private method: no public one says it)
-        validates = loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
-        if final and not validates and not self._should_skip_saving_checkpoint(trainer):
+        if not loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
             self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
