@@ -75,8 +75,9 @@ def run_tags(model: L.LightningModule, data: L.LightningDataModule | None) -> li
 
 class ZooTrainer(L.Trainer):
     """Lightning's Trainer, with its batch limits annotated int first (`--trainer.limit_val_batches 1` is
-    one batch) and a validation interval of 0 batches refused. Lightning's `Union[float, int]` (which `typing` caches, so `Union[int, float]` is that same
-    object) makes jsonargparse read it as 1.0, which Lightning takes as the whole set."""
+    one batch) and a validation interval of 0 batches refused. Lightning's `Union[float, int]` (which
+    `typing` caches, so `Union[int, float]` is that same object) makes jsonargparse read it as 1.0,
+    which Lightning takes as the whole set."""
 
     def __init__(self, *, limit_train_batches: int | float | None = None, limit_val_batches: int | float | None = None,
                  limit_test_batches: int | float | None = None, limit_predict_batches: int | float | None = None,

@@ -265,8 +265,8 @@ def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool
     settings must not mix), or runs that the planned `runs` leave out (they would drop out of its
     report; a plan adding sweep values or seeds is fine); `fresh` deletes the previous comparison
     first. Overrides are compared normalized (`normalize_overrides`), also those of a compare.json
-    written before they were, and in any order where it cannot matter (`same_overrides`). Returns the comparison's wandb group: made when it starts and kept by
-    every re-run into DIR."""
+    written before they were, and in any order where it cannot matter (`same_overrides`). Returns the
+    comparison's wandb group: made when it starts and kept by every re-run into DIR."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a directory (it is created if missing)")
     overrides = normalize_overrides(overrides)
@@ -935,14 +935,16 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
            f"and a two-sided paired t-test at {alpha}; p-values are per comparison, not corrected for "
            "multiple comparisons.", ""]
     md += md_table(*paired_table(st))
-    md += ["", "## Per sweep point (over seeds)", "", f"Final values (`val/`: at the last validation); `best` is the best {metric} ({mode}) "
+    md += ["", "## Per sweep point (over seeds)", "",
+           f"Final values (`val/`: at the last validation); `best` is the best {metric} ({mode}) "
            "over the run's validations and the step it was reached at, each averaged over seeds (a mean step "
            "need not be one that validated).", ""]
     md += md_table(*aggregate_table(st))
     md += ["", "## Runs", ""]
     md += md_table(*table(runs))
     md += ["", "The `val/` values are those of each run's last validation, at `val step` (a run that ends "
-           "between validations trained on after it). Throughput counts training batches only (data loading included, first batch of each epoch "
+           "between validations trained on after it). Throughput counts training batches only (data loading "
+           "included, first batch of each epoch "
            "excluded; a resumed run's last segment). Peak memory: CUDA allocator peak on GPU; on CPU, the "
            "process's peak resident memory (data, model and framework included).", "", "## Curves", ""]
     md += [f"![{p.stem}]({_rel(p, out)})" for p in plots]

@@ -77,9 +77,9 @@ def create_model(model_name: str, *, norm: str | None = None, norm_skip=(), conv
         unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         if isinstance(e, TypeError) and unexpected:
             raise ValueError(rejected_kwargs(model_name, kwargs, unexpected[1])) from e
-        if not pretrained and isinstance(e, ValueError):
-            raise
         if not pretrained:  # a value of the wrong type or shape, which timm does not check
+            if isinstance(e, ValueError):  # (timm's and zoo's own ValueErrors say what is wrong)
+                raise
             call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
             raise ValueError(f"timm could not build {model_name}({call}): {type(e).__name__}: "
                              f"{' '.join(str(e).split())}") from e
