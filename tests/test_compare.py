@@ -154,6 +154,24 @@ def test_an_entry_of_a_dict_argument_can_be_swept():
         check_arguments(resnet, [], None, ["model.model_kwrgs.stem_width=8,16"])
 
 
+def test_an_unknown_timm_model_name_is_refused_before_any_run(tmp_path, capsys):
+    """The config's or a swept model_name that timm does not know fails before any run starts, as fit
+    would refuse it in each run."""
+    from zoo.compare import check_arguments
+
+    resnet = [str(ROOT / "configs" / "resnet.yaml")]
+    with pytest.raises(ValueError, match="model_name 'resnet10x' is not a registered timm model; closest names: "):
+        check_arguments(resnet, [], None, ["model.model_name=resnet10t,resnet10x"])
+    with pytest.raises(ValueError, match="model_name 'resnt18' is not a registered timm model"):
+        check_arguments(resnet, ["--model.model_name=resnt18"], "batch", [])
+    assert check_arguments(resnet, [], None, ["model.model_name=resnet10t,resnet18"])[0] == {
+        "model.model_name": ["resnet10t", "resnet18"]}
+    out = tmp_path / "out"
+    assert run_main(capsys, "--config", resnet[0], "--sweep", "model.model_name=resnet10x", "--out",
+                    str(out)).startswith("error: model_name 'resnet10x' is not a registered timm model")
+    assert not out.exists()
+
+
 def test_other_settings_in_the_same_out_are_refused_and_fresh_starts_over(tmp_path):
     config = str(ROOT / "configs" / "unet.yaml")
     prepare_out(tmp_path, [config], ["--trainer.max_steps=4"], fresh=False)

@@ -230,6 +230,12 @@ def check_arguments(configs: list[str], overrides: list[str], norms: str | None,
         close = list(dict.fromkeys(close + difflib.get_close_matches(k, sorted(keys), n=3, cutoff=0.5)))[:3]
         raise ValueError(f"--sweep {k}: no such argument" + (f"; closest: {', '.join(close)}" if close else "")
                          + " (`train.py fit --config ... --print_config` lists every argument)")
+    init = cfg["model"].get("init_args") or {}
+    if "model_name" in init:  # a timm name (`zoo.models.create_model`): a typo fails here, not in every run
+        from zoo.models import check_model_name
+
+        for name in sweeps.get("model.model_name", [init["model_name"]]):
+            check_model_name(name)
     task = class_at(cfg["model"]["class_path"])
     seed = cfg["seed_everything"]
     return (sweeps, *getattr(task, "monitor", ("val/loss", "min")), seed if type(seed) is int else None)

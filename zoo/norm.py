@@ -841,7 +841,7 @@ def replace_norms(model: nn.Module, kind: str, *, skip=(), **kwargs) -> list[tup
             them), nn.SyncBatchNorm, frozen batch norms, nn.InstanceNorm1d, a LayerNorm over several
             trailing dims, a subclass that overrides its base's forward, an uninitialized lazy norm.
         ValueError when `model` is itself a norm, has nothing to replace ("model has no
-            normalization layers to replace", listing the recognised classes), or `kind` is unknown.
+            normalization layers to replace", naming the families it converts), or `kind` is unknown.
         ValueError / TypeError from build_norm, prefixed with the module's name: bad kwargs, or a C
             and layout the kind refuses (instance on nc, num_groups not dividing C, ...).
     """
@@ -893,8 +893,11 @@ def replace_norms(model: nn.Module, kind: str, *, skip=(), **kwargs) -> list[tup
         e.add_note("pass skip=(class or class name, ...) to leave such modules as they are")
         raise e
     if not found:
-        names = sorted({c.__name__ for c in _known_norms()})
-        raise ValueError("model has no normalization layers to replace; recognised classes: " + ", ".join(names))
+        known = _known_norms()
+        *families, last = dict.fromkeys(family for family, _, _ in known.values())
+        families = f"{', '.join(families)} and {last}"
+        raise ValueError(f"model has no normalization layers to replace (replace_norms converts {len(known)} torch, timm "
+                         f"and zoo classes of the {families} families, e.g. BatchNorm2d, LayerNorm2d, BatchNormAct2d)")
 
     fallback = _first_float(model)
     new, rows = {}, []
