@@ -187,6 +187,31 @@ def test_resume_with_another_seed_or_injected_optimizer_is_refused(tmp_path, cap
                                                           "with the checkpoint's, or start a new run in another "
                                                           "--trainer.default_root_dir")
     assert ZooCLI(args=["fit", *tiny_unet_args(tmp_path, *sgd), "--ckpt_path=last"]).trainer.global_step == 4
+    capsys.readouterr()
+
+
+def test_resume_with_other_data_settings_warns_naming_them(tmp_path, capsys):
+    # allowed, as in Lightning, but said: the resumed run trains on other batches; the arguments that
+    # only say how batches are loaded or what predict reads are not worth a line
+    ZooCLI(args=["fit", *tiny_unet_args(tmp_path, "--trainer.max_steps=2")])
+    capsys.readouterr()
+    ZooCLI(args=["fit", *tiny_unet_args(tmp_path, "--trainer.max_steps=3", f"--data.predict_dir={tmp_path}"),
+                 "--ckpt_path=last"])
+    assert "warning" not in capsys.readouterr().err
+    cli = ZooCLI(args=["fit", *tiny_unet_args(tmp_path, "--trainer.max_steps=4", "--data.batch_size=1",
+                                              "--data.sigma=4.0"), "--ckpt_path=last"])
+    assert ("warning: resuming with other data settings than the checkpoint's (data.batch_size: checkpoint "
+            "2, now 1, data.sigma: checkpoint 5.0, now 4.0): the resumed run trains on other batches than "
+            "the interrupted one would have") in capsys.readouterr().err
+    assert cli.trainer.global_step == 4 and cli.datamodule.hparams.batch_size == 1
+    # a checkpoint written before the data settings were recorded: nothing to compare them with
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    settings = ckpt["callbacks"]["ResumeSettings"]["settings"]
+    ckpt["callbacks"]["ResumeSettings"]["settings"] = {k: v for k, v in settings.items() if not k.startswith("data.")}
+    torch.save(ckpt, last)
+    ZooCLI(args=["fit", *tiny_unet_args(tmp_path, "--trainer.max_steps=5"), "--ckpt_path=last"])
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_predict_uses_the_checkpoints_model_arguments_and_says_so(tmp_path, capsys, unet_ckpt):

@@ -34,6 +34,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from zoo import checkpoint
 from zoo.callbacks import AtomicCheckpointIO, LastCheckpoint, ResumeSettings, RunSummary, StepSeed, WritePredictions
+from zoo.data.contract import ZooDataModule
 from zoo.files import remove_stray_temp_files
 from zoo.models.config import flat
 from zoo.tasks.base import PRESET_KEYS, SCHEDULE_KEYS, ZooModule, preset_settings_set
@@ -231,11 +232,16 @@ class ZooCLI(LightningCLI):
         given = flat(cfg["model"].get("init_args") or {})
         differ = {k: (v, given[k]) for k, v in flat(hparams).items()
                   if not k.startswith("_") and k in given and v != given[k]}
+        data_differ = {}
         if stage == "fit":
             saved = ckpt.get("callbacks", {}).get(ResumeSettings.__qualname__, {}).get("settings")
             now = resume_settings(cfg)
-            differ.update({k: (saved.get(k), now.get(k)) for k in sorted(set(saved or {}) | set(now))
-                           if saved is not None and saved.get(k) != now.get(k)})
+            if saved is not None and not any(k.startswith("data.") for k in saved):  # saved before they were
+                now = {k: v for k, v in now.items() if not k.startswith("data.")}
+            changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved or {}) | set(now))
+                       if saved is not None and saved.get(k) != now.get(k)}
+            data_differ = {k: v for k, v in changed.items() if k.startswith("data.")}
+            differ.update({k: v for k, v in changed.items() if k not in data_differ})
         if differ:
             what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" + (f" (data.{k} follows)" if k in LINKED else "")
                              for k, (a, b) in differ.items())
@@ -243,6 +249,10 @@ class ZooCLI(LightningCLI):
                 raise ValueError(f"cannot resume {path} with other model arguments or settings ({what}); resume "
                                  "with the checkpoint's, or start a new run in another --trainer.default_root_dir")
             print(f"using the checkpoint's model arguments ({what})", file=sys.stderr)
+        if data_differ:  # allowed, as in Lightning, but the run is then not the one it continues
+            what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in data_differ.items())
+            print(f"warning: resuming with other data settings than the checkpoint's ({what}): the resumed run "
+                  "trains on other batches than the interrupted one would have", file=sys.stderr)
         if stage == "fit":
             self._wandb_id = ckpt.get("callbacks", {}).get(RunSummary.__qualname__, {}).get("wandb_id")
             steps, done = cfg["trainer"].get("max_steps"), ckpt.get("global_step", 0)
@@ -319,10 +329,19 @@ class ZooCLI(LightningCLI):
 
 def resume_settings(cfg) -> dict:
     """What a resumed fit must share with the run it resumes besides the model's hyper-parameters
-    (`ResumeSettings`), flat and plain: the seed, and the injected optimizer and schedule."""
+    (`ResumeSettings`), flat and plain: the seed and the injected optimizer and schedule (refused if
+    changed), and the data's class and arguments but those that do not change what fit trains on
+    (`ZooDataModule.resume_free`; warned if changed)."""
     init = cfg["model"].get("init_args") or {}
-    return flat({"seed_everything": cfg.get("seed_everything"),
-                 "model": {"optimizer": init.get("optimizer"), "lr_scheduler": init.get("lr_scheduler")}})
+    data = cfg.get("data") or {}
+    cls = class_at(data["class_path"]) if data.get("class_path") else None
+    free = cls.resume_free if isinstance(cls, type) and issubclass(cls, ZooDataModule) else ()
+    settings = flat({"seed_everything": cfg.get("seed_everything"),
+                     "model": {"optimizer": init.get("optimizer"), "lr_scheduler": init.get("lr_scheduler")},
+                     "data": {"class_path": data.get("class_path"),
+                              **{k: v for k, v in (data.get("init_args") or {}).items() if k not in free}}})
+    # plain data in the checkpoint (weights_only): a path or other object as its text
+    return {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v) for k, v in settings.items()}
 
 
 # Values a model and its data must agree on: the data's is the one source, and the model's follows

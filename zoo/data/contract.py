@@ -41,6 +41,11 @@ class DataInfo:
 class ZooDataModule(L.LightningDataModule):
     """A LightningDataModule that states what it hands its task (`info`)."""
 
+    # Arguments that do not change what `fit` trains on (how batches are loaded, what predict reads or
+    # writes): a resumed fit may change them without a warning (`zoo.cli.resume_settings`).
+    resume_free: tuple[str, ...] = ("num_workers", "predict_dir", "predict_path", "max_new_tokens", "greedy",
+                                    "cache_dir")
+
     def info(self) -> DataInfo:
         """The `DataInfo` of the data set up so far (fields not provided stay None)."""
         return DataInfo()
