@@ -1,5 +1,7 @@
 """Bad or unusual inputs to the datamodules: images of more than 8 bits, empty splits, skipped files,
 paths of the wrong kind, text encodings, class counts and duplicate sketch files."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -193,6 +195,12 @@ def test_synthetic_images_as_files_are_predicted_as_validation_sees_them(tmp_pat
         assert torch.equal(files.predict_set[i]["image"], dm.val_set[i]["image"].float())
     with pytest.raises(ValueError, match=r"^crop_pct=0.9 is for folder data \(root\)"):
         ImagesDataModule(crop_pct=0.9)
+    with pytest.raises(ValueError, match=r"^crop_pct=0.875 is for folder data \(root\)"):  # timm's default too
+        ImagesDataModule(crop_pct=0.875)
+    # folder data: timm's evaluation resize to S / crop_pct (0.875 unless given), then the center crop
+    for crop_pct, side in ((None, math.floor(64 / 0.875)), (1.0, 64), (0.5, 128)):
+        resize = ImagesDataModule(root=str(tmp_path), image_size=64, crop_pct=crop_pct)._transform(False).transforms[0]
+        assert resize.size == side, crop_pct
 
 
 def test_classifier_warns_about_files_outside_class_folders(tmp_path):

@@ -158,7 +158,7 @@ def _timm_config(model, tensors: dict[str, torch.Tensor], data: dict) -> dict:
     cfg = {k: own[k] for k in ("interpolation", "crop_pct", "crop_mode", "fixed_input_size", "first_conv",
                                "classifier") if k in own}
     init = data.get("init_args", {})
-    cfg |= {k: init[k] for k in ("interpolation", "crop_pct") if k in init}  # zoo's evaluation transform
+    cfg |= {k: init[k] for k in ("interpolation", "crop_pct") if init.get(k) is not None}  # zoo's eval transform
     if "root" in init:  # ImagesDataModule's (synthetic images: not cropped)
         cfg["crop_pct"] = ImagesDataModule.eval_crop_pct(init)
     size = init.get("image_size")

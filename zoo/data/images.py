@@ -220,8 +220,9 @@ class ImagesDataModule(ZooDataModule):
         num_train, num_val: synthetic split sizes.
         batch_size: training and validation batch size.
         augment: training augmentation: synthetic, random horizontal flips; folder, timm's train transform.
-        crop_pct, interpolation: folder data's eval transform (resize to S / crop_pct, center crop S); the
-            synthetic data's image files (predict_dir) are only resized (`eval_crop_pct`).
+        crop_pct, interpolation: folder data's eval transform (resize to S / crop_pct, center crop S;
+            crop_pct None: timm's 0.875); the synthetic data's image files (predict_dir) are only resized
+            (`eval_crop_pct`), so crop_pct is refused there.
         scaler_images: number of training images the scaler is fitted on (evenly spaced; synthetic: all).
         seed: seed of the synthetic data; with the run's seed (`training_seed`), of the training order
             and augmentation.
@@ -231,7 +232,7 @@ class ImagesDataModule(ZooDataModule):
 
     def __init__(self, root: str | None = None, input_norm: str = "zscore", image_size: int = 64,
                  num_classes: int = 8, num_train: int = 4000, num_val: int = 512, batch_size: int = 64,
-                 augment: bool = True, crop_pct: float = CROP_PCT, interpolation: str = "bicubic",
+                 augment: bool = True, crop_pct: float | None = None, interpolation: str = "bicubic",
                  scaler_images: int = 512, seed: int = 0, num_workers: int = 0, predict_dir: str | None = None):
         super().__init__()
         if input_norm not in SCALER_KINDS:
@@ -242,9 +243,9 @@ class ImagesDataModule(ZooDataModule):
                                    ("seed", seed, 0)):
             if int(value) < least:
                 raise ValueError(f"{name}={value} must be >= {least}")
-        if not 0 < crop_pct <= 1:
+        if crop_pct is not None and not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct={crop_pct} must be in (0, 1]")
-        if root is None and crop_pct != CROP_PCT:
+        if root is None and crop_pct is not None:
             raise ValueError(f"crop_pct={crop_pct} is for folder data (root): the synthetic images are made at "
                              "image_size and never cropped, so image files given to them are only resized")
         if root is None:
@@ -271,7 +272,7 @@ class ImagesDataModule(ZooDataModule):
         """The center crop of the evaluation transform for these init args: `crop_pct` for folder data;
         1 (none) for the synthetic images, which the model saw uncropped at image_size, so that an
         image file of them is predicted as the validation image is."""
-        return 1.0 if init_args.get("root") is None else init_args.get("crop_pct", CROP_PCT)
+        return 1.0 if init_args.get("root") is None else init_args.get("crop_pct") or CROP_PCT
 
     # ------------------------------------------------------------------ setup
 
