@@ -158,7 +158,7 @@ ERRORS = {
     "unknown norm": (["--model.norm=None"], "error: norm='None' is not a norm kind; valid kinds: batch, layer, "
                                             "instance, group, rms, none (or null: the network's own norms)"),
     "nothing to replace": (["--model.model_name=test_nfnet", "--model.model_kwargs=null", "--model.norm=group"],
-                           "error: norm='group' for test_nfnet: model has no normalization layers to replace; "),
+                           "error: norm='group' for test_nfnet: model has no normalization layers to replace ("),
     "rejected kwargs": (["--model.model_kwargs.foo=1", "--model.model_kwargs.bar=2"],
                         "error: model_kwargs ['foo', 'bar'] are not arguments of resnet10t (timm class ResNet); "
                         "it takes: block, layers, num_classes, "),
