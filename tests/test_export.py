@@ -196,11 +196,38 @@ def test_a_failed_export_leaves_no_half_folder(trained, tmp_path, monkeypatch):
 def test_a_re_export_swaps_the_folders_in_one_step(trained, tmp_path, monkeypatch):
     ckpt, out = trained("unet"), tmp_path / "out"
     export.export(ckpt, out)
-    (out / "README.md").write_text("the earlier export")  # to tell the two apart
+    earlier = (out / "model.safetensors").stat().st_ino  # to tell the two apart
     monkeypatch.setattr(export.os, "rename", None)  # two renames would leave no `out` between them
     export.export(ckpt, out)
-    assert "the earlier export" not in (out / "README.md").read_text() and isinstance(zoo.load(out), UNetSegmentation)
+    assert (out / "model.safetensors").stat().st_ino != earlier and isinstance(zoo.load(out), UNetSegmentation)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the earlier export removed
+
+
+def test_a_re_export_keeps_what_it_did_not_write(trained, tmp_path, capsys):
+    """A Hub repository cloned, its card edited, then exported into again (`hf download`, `git clone`):
+    the clone's .git, the user's files and the edited card stay; the export's own files are new."""
+    ckpt, out = trained("unet"), tmp_path / "out"
+    export.export(ckpt, out)
+    card = (out / "README.md").read_text()
+    export.export(ckpt, out)  # nothing of the user's: nothing kept, nothing said
+    assert "kept" not in capsys.readouterr().err and (out / "README.md").read_text() == card
+    (out / ".git" / "objects").mkdir(parents=True)
+    (out / ".git" / "objects" / "ab").write_bytes(b"object")
+    (out / ".git" / "HEAD").symlink_to("objects/ab")
+    (out / "notes.txt").write_text("mine")
+    (out / "README.md").write_text(card + "\nMy notes on this model.\n")
+    (out / "model.safetensors").write_bytes(b"stale")  # the export's own: rewritten
+    mine = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "model.safetensors"
+            and p.name != "config.json"}
+    code, err = run_main(capsys, "export", "--ckpt_path", str(ckpt), "--out", str(out))
+    assert code == 0 and "kept from the earlier export: .git, README.md, notes.txt (README.md: edited since the " \
+        "earlier export; delete it for a new card)" in err
+    assert {p: (out / p).read_bytes() for p in mine} == mine and os.readlink(out / ".git" / "HEAD") == "objects/ab"
+    assert_same_weights(zoo.load(out), zoo.load(ckpt))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (out / "README.md").unlink()  # deleted: a new card
+    export.export(ckpt, out)
+    assert (out / "README.md").read_text() == card and (out / "notes.txt").read_text() == "mine"
 
 
 def test_exports_into_one_folder_take_turns(trained, tmp_path):

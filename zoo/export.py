@@ -21,7 +21,8 @@ A folder (format 1) holds:
   `extra_state`, the state_dict's non-tensor entries (the scaler's kind); `aliases` {name: stored
   name}; `weights_prefix` (above; missing in folders written before it: ""); and, for people, `norm`
   (the norm hyper-parameters, nested ones as dotted names: `net.norm`), `data` (the datamodule's
-  hyper-parameters) and `source` (checkpoint file name, sha256, epoch, step).
+  hyper-parameters), `source` (checkpoint file name, sha256, epoch, step) and `card_sha256` (the
+  card as written, so that a re-export keeps one edited since).
   An image classifier's config.json also says `timm_compatible`. If true, it holds timm's own keys
   (`timm.models.load_model_config_from_hf` reads them): `architecture`, `model_args` (the
   `timm.create_model` arguments that rebuild the network), `num_classes`, `num_features`,
@@ -42,10 +43,12 @@ import ctypes
 import errno
 import fcntl
 import glob
+import hashlib
 import importlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import safetensors.torch
@@ -75,7 +78,8 @@ CONFIG_TYPES = {"format": int, "task": str, "hyper_parameters": dict, "task_stat
 
 def export(ckpt_path: str | Path, out: str | Path, repo_id: str | None = None) -> Path:
     """Writes the export folder of a zoo checkpoint to `out` and returns it. `out` must not exist, be
-    empty, or be an earlier export of the same checkpoint (same sha256), which is replaced. The
+    empty, or be an earlier export of the same checkpoint (same sha256), which is replaced but for
+    the entries the export does not write and an edited card (`_kept_entries`). The
     folder is written beside `out` under a temporary name and renamed, so a kill leaves no half folder.
     `repo_id`: the Hub repository it is meant for, shown in the model card."""
     ckpt_path, out = Path(ckpt_path), Path(out)
@@ -114,13 +118,19 @@ def export(ckpt_path: str | Path, out: str | Path, repo_id: str | None = None) -
     summary_file = ckpt_dir.parent / SUMMARY_FILE
     in_run = ckpt_dir.name == "checkpoints" and summary_file.is_file()
     summary = json.loads(summary_file.read_text()) if in_run else None
+    card = model_card(config, summary, repo_id).encode()
+    config["card_sha256"] = hashlib.sha256(card).hexdigest()  # a re-export keeps a card edited since
     # metadata format "pt": what the ecosystem's safetensors loaders (transformers) look for
     files = {file: safetensors.torch.save(part, metadata={"format": "pt"}) for file, part in stored.items()}
-    files |= {CONFIG: _to_json(config, ckpt_path).encode(), CARD: model_card(config, summary, repo_id).encode()}
+    files |= {CONFIG: _to_json(config, ckpt_path).encode(), CARD: card}
+    keep = _kept_entries(out) if replace else []
     try:
-        _write_folder(out, files, replace)
+        _write_folder(out, files, replace, keep)
     except OSError as e:
         raise type(e)(f"cannot write the export folder {str(out)!r}: {e}") from None
+    if keep:
+        edited = " (README.md: edited since the earlier export; delete it for a new card)" if CARD in keep else ""
+        print(f"kept from the earlier export: {', '.join(keep)}{edited}", file=sys.stderr)
     return out
 
 
@@ -221,6 +231,21 @@ def _check_out(out: Path, digest: str) -> bool:
     return True
 
 
+def _kept_entries(out: Path) -> list[str]:
+    """What a re-export into the earlier export `out` keeps (sorted): every entry the export does not
+    write (a Hub clone's .git, the user's files), and README.md when it is not the card that export
+    wrote (edited since; timm's push_to_hf_hub likewise keeps a repository's card)."""
+    own = {WEIGHTS, TASK_WEIGHTS, CONFIG, CARD}
+    keep = [p.name for p in out.iterdir() if p.name not in own]
+    try:
+        written = json.loads((out / CONFIG).read_text()).get("card_sha256")
+    except (OSError, ValueError, AttributeError):
+        written = None
+    if (out / CARD).is_file() and sha256_of(out / CARD) != written:  # (written None: before it was recorded)
+        keep.append(CARD)
+    return sorted(keep)
+
+
 def _split_state(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
     """A state_dict as (tensors to store, {alias: stored name}, non-tensor entries). A tensor that is
     another one (same memory, offset, shape, strides, dtype: a tied weight) is stored once; the stored
@@ -250,11 +275,12 @@ def _to_json(config: dict, ckpt_path: Path) -> str:
     return json.dumps(config, indent=2) + "\n"
 
 
-def _write_folder(out: Path, files: dict[str, bytes], replace: bool) -> None:
+def _write_folder(out: Path, files: dict[str, bytes], replace: bool, keep: list[str] = ()) -> None:
     """Writes `files` into a temporary folder beside `out`, then renames it to `out`. Replacing an
-    earlier export moves it aside first (POSIX renames a folder only over an empty one). Exports into
-    one parent folder take turns (a lock on that folder), so the temporary folders found there are
-    strays, not a running export's."""
+    earlier export moves it aside first (POSIX renames a folder only over an empty one); its entries
+    `keep` are linked (or copied) into the new folder first, so a kill at any moment loses none of
+    them. Exports into one parent folder take turns (a lock on that folder), so the temporary folders
+    found there are strays, not a running export's."""
     if out.parent.exists() and not out.parent.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(out.parent))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,6 +295,8 @@ def _write_folder(out: Path, files: dict[str, bytes], replace: bool) -> None:
             for name, data in files.items():
                 with atomic_open(tmp / name) as f:  # flushed to disk before the folder is renamed
                     f.write(data)
+            for name in keep:
+                _link_tree(out / name, tmp / name)
             if not (replace and out.exists()):  # (another export may have put it there while this one waited)
                 os.rename(tmp, out)
             elif not _exchange(tmp, out):  # where the filesystem cannot swap: `out` is missing for a moment
@@ -279,6 +307,25 @@ def _write_folder(out: Path, files: dict[str, bytes], replace: bool) -> None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         os.close(lock)  # (releases the lock)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """`src` (a file, folder or symlink) at `dst`, its files hard-linked where the filesystem allows
+    (a .git with large objects is not copied), else copied; replaces a file at `dst`."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if dst.is_file():
+        dst.unlink()
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    else:
+        link(src, dst)
 
 
 def _exchange(a: Path, b: Path) -> bool:
