@@ -115,6 +115,15 @@ def test_last_ckpt_holds_the_steps_after_the_last_validation(tmp_path, capsys):
     export(last, tmp_path / "exported")
     card = (tmp_path / "exported" / "README.md").read_text()
     assert "## Final metrics (step 5)" in card and "the run's last validation, at step 4" in card
+    # an earlier checkpoint's card has its own validation's metrics, read back from the CSV log
+    (best,) = (tmp_path / "a" / "checkpoints").glob("best-*.ckpt")
+    step = torch.load(best, weights_only=True)["global_step"]
+    rows = list(csv.DictReader(open(tmp_path / "a" / "csv" / "version_0" / "metrics.csv")))
+    loss = [float(r["val/loss"]) for r in rows if r["val/loss"] and int(r["step"]) == step - 1]  # (CSV: step - 1)
+    export(best, tmp_path / "best")
+    card = (tmp_path / "best" / "README.md").read_text()
+    assert f"## Metrics of this checkpoint (its validation at step {step})" in card and "went on to step 5" in card
+    assert step in (2, 4) and len(loss) == 1 and f"| val/loss | {loss[0]:.4g} |" in card
     x = torch.rand(1, 1, 68, 68) * 255
     cli.model.eval()
     torch.testing.assert_close(zoo.load(last)(x), cli.model(x), rtol=0, atol=0)

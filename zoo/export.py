@@ -31,8 +31,9 @@ A folder (format 1) holds:
   of [0, 255] images, on timm's [0, 1] ones: shift / 255, scale / 255). If false (the network is
   not what timm.create_model builds: norms replaced after creation by `norm`, or any difference a
   rebuild finds), `timm_reason` says why, and there are no timm keys: timm refuses the folder.
-- `README.md`: a model card (model, norm, data, final metrics of the run's summary.json; how to load
-  it with timm, or why not).
+- `README.md`: a model card (model, norm, data, the metrics of its weights: the run's summary.json for
+  its final checkpoint, its validation's from the run's CSV logs for an earlier one such as
+  best-*.ckpt; how to load it with timm, or why not).
 
 Nothing is unpickled: reading takes JSON and safetensors only. Hub downloads go through
 `huggingface_hub.snapshot_download` (its cache, HF_HOME, HF_ENDPOINT and revision pinning).
@@ -118,6 +119,8 @@ def export(ckpt_path: str | Path, out: str | Path, repo_id: str | None = None) -
     summary_file = ckpt_dir.parent / SUMMARY_FILE
     in_run = ckpt_dir.name == "checkpoints" and summary_file.is_file()
     summary = json.loads(summary_file.read_text()) if in_run else None
+    if summary and ckpt.get("global_step") != summary.get("global_step"):  # not the run's end (best-*.ckpt)
+        summary = _metrics_at(ckpt_dir.parent, ckpt.get("global_step"), summary.get("global_step"))
     card = model_card(config, summary, repo_id).encode()
     config["card_sha256"] = hashlib.sha256(card).hexdigest()  # a re-export keeps a card edited since
     # metadata format "pt": what the ecosystem's safetensors loaders (transformers) look for
@@ -132,6 +135,16 @@ def export(ckpt_path: str | Path, out: str | Path, repo_id: str | None = None) -
         edited = " (README.md: edited since the earlier export; delete it for a new card)" if CARD in keep else ""
         print(f"kept from the earlier export: {', '.join(keep)}{edited}", file=sys.stderr)
     return out
+
+
+def _metrics_at(run_dir: Path, step: int, run_end: int) -> dict | None:
+    """The `val/` metrics of the run's validation at `step` (from its CSV logs), as the card reads a
+    summary (`run_end`: the run's last step); None when no validation ran at that step."""
+    from zoo.compare import read_curves
+
+    metrics = {k: v for k, curve in read_curves(run_dir).items() if k.startswith("val/")
+               for s, v in curve if s == step}
+    return {"global_step": step, "val_step": step, "metrics": metrics, "run_end": run_end} if metrics else None
 
 
 def _data_config(hparams: dict) -> dict:
@@ -384,7 +397,11 @@ def model_card(config: dict, summary: dict | None, repo_id: str | None = None) -
         lines += ["", f"Not loadable with timm: {config['timm_reason']}."]
     if summary:
         step, val_step = summary.get("global_step"), summary.get("val_step")
-        lines += ["", f"## Final metrics (step {step})", ""]
+        if "run_end" in summary:  # an earlier checkpoint's (`_metrics_at`)
+            lines += ["", f"## Metrics of this checkpoint (its validation at step {step})", "",
+                      f"The run went on to step {summary['run_end']}; its final metrics are in its summary.json.", ""]
+        else:
+            lines += ["", f"## Final metrics (step {step})", ""]
         if val_step is not None and val_step != step:  # the run ended between validations
             lines += [f"The `val/` metrics are of the run's last validation, at step {val_step}.", ""]
         lines += ["| metric | value |", "|---|---|"]
