@@ -49,7 +49,10 @@ def test_fit_writes_run_dir_and_load_restores_model(tmp_path):
     raw = torch.load(ckpt, weights_only=True)
     hp = raw["hyper_parameters"]
     assert hp["net"]["norm"] == "group"
-    assert all(isinstance(v, (str, int, float, bool, type(None))) for v in flat(hp).values())
+    plain = (str, int, float, bool, type(None))
+    assert all(isinstance(v, plain) or isinstance(v, list) and all(isinstance(x, plain) for x in v)
+               for v in flat(hp).values())
+    assert hp["optimizer"]["class_path"] == "torch.optim.Adam"  # the config's, as it gave it
 
     model = zoo.load(ckpt)
     assert isinstance(model, UNetSegmentation) and not model.training

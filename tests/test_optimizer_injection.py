@@ -1,7 +1,7 @@
 """One `configure_optimizers` for every task (`ZooModule`): the paper preset from the hparams, or an
 optimizer / schedule injected LightningCLI-style (`--model.optimizer SGD --model.optimizer.lr 0.1`),
 always over zoo's parameter groups."""
-import inspect
+import json
 import subprocess
 import sys
 
@@ -13,7 +13,9 @@ import zoo
 from tests.conftest import ROOT, tiny_unet_args
 from zoo.checkpoint import read
 from zoo.cli import ZooCLI
+from zoo.export import export
 from zoo.optim import param_groups
+from zoo.tasks.base import PRESET_KEYS, SCHEDULE_KEYS
 from zoo.tasks.segmentation import UNetSegmentation
 
 
@@ -79,8 +81,19 @@ def test_cli_injection_trains_and_checkpoint_loads(tmp_path):
     # StepLR per epoch (LightningCLI's default interval), not per step: 4 steps = one epoch of 8 samples
     assert ckpt["global_step"] == 4 and ckpt["lr_schedulers"][0]["last_epoch"] == 1
     assert groups[0]["lr"] == pytest.approx(0.05 * 0.5)
-    assert not {"optimizer", "lr_scheduler"} & set(ckpt["hyper_parameters"])
+    # the hparams say what the run trained with: the injected ones as the CLI gave them, no preset settings
+    hp = ckpt["hyper_parameters"]
+    assert hp["optimizer"]["class_path"] == "torch.optim.SGD" and hp["lr_scheduler"]["init_args"]["gamma"] == 0.5
+    assert (hp["optimizer"]["init_args"]["lr"], hp["optimizer"]["init_args"]["momentum"]) == (0.05, 0.5)
+    assert not set(PRESET_KEYS + SCHEDULE_KEYS) & set(hp)
     assert isinstance(zoo.load(tmp_path / "checkpoints" / "last.ckpt"), UNetSegmentation)
+    export(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "exported")
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "- optimizer: `torch.optim.SGD` (lr=0.05, momentum=0.5, weight_decay=0.0; all its arguments" in card
+    assert "- lr_scheduler: `torch.optim.lr_scheduler.StepLR` (step_size=1, gamma=0.5; all its arguments" in card
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["training"] == {k: hp[k] for k in ("optimizer", "lr_scheduler")}
+    assert not set(PRESET_KEYS + SCHEDULE_KEYS) & set(config["hyper_parameters"])
 
 
 def test_cli_refuses_preset_setting_with_injected_optimizer(tmp_path):
@@ -101,8 +114,7 @@ def test_an_injected_optimizer_sets_a_config_files_preset_settings_aside_and_say
                        "--config", str(tmp_path / "preset.yaml")])
     assert ("the injected optimizer does not use the config's lr=0.5, momentum=0.9; left at the defaults"
             in capsys.readouterr().err)
-    defaults = inspect.signature(UNetSegmentation.__init__).parameters
-    assert (cli.model.hparams.lr, cli.model.hparams.momentum) == (defaults["lr"].default, defaults["momentum"].default)
+    assert not {"lr", "momentum"} & set(cli.model.hparams)  # what the run did not use is not recorded
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 0.001  # the injected Adam's own
 
 

@@ -111,12 +111,17 @@ def task_class(ckpt: dict, path: str | Path = "<checkpoint>") -> type:
     return _TASKS[name]
 
 
+# A task's injected optimizer and schedule (`zoo.tasks.base`): in the hparams as their config, for
+# people; a class path read from a file is never imported, so nothing rebuilds them from it.
+INJECTED = ("optimizer", "lr_scheduler")
+
+
 def inference_hparams(ckpt: dict) -> dict:
     """The task's constructor arguments from a checkpoint. An injected optimizer / scheduler is saved as
     its config (class path and init_args): inference needs neither, and a class path read from a file
     is never imported."""
     return {k: v for k, v in ckpt.get("hyper_parameters", {}).items()
-            if not k.startswith("_") and k not in ("optimizer", "lr_scheduler")}
+            if not k.startswith("_") and k not in INJECTED}
 
 
 def upgrade_hparams(cls: type, hparams: dict) -> dict:

@@ -34,6 +34,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from zoo import checkpoint
 from zoo.callbacks import AtomicCheckpointIO, LastCheckpoint, ResumeSettings, RunSummary, StepSeed, WritePredictions
+from zoo.checkpoint import INJECTED
 from zoo.data.contract import ZooDataModule
 from zoo.files import remove_stray_temp_files
 from zoo.models.config import flat
@@ -228,7 +229,10 @@ class ZooCLI(LightningCLI):
             raise checkpoint.CheckpointError(
                 f"checkpoint {path!r} holds a {task_name} model, but the config builds "
                 f"{cfg['model']['class_path']}; use the config it was trained with")
-        hparams = checkpoint.upgrade_hparams(task, ckpt.get("hyper_parameters", {}))
+        # (an injected optimizer / schedule: compared through ResumeSettings, and a class path read from
+        # a file is never imported)
+        hparams = checkpoint.upgrade_hparams(task, {k: v for k, v in ckpt.get("hyper_parameters", {}).items()
+                                                    if k not in INJECTED})
         given = flat(cfg["model"].get("init_args") or {})
         differ = {k: (v, given[k]) for k, v in flat(hparams).items()
                   if not k.startswith("_") and k in given and v != given[k]}

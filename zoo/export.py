@@ -21,7 +21,8 @@ A folder (format 1) holds:
   `extra_state`, the state_dict's non-tensor entries (the scaler's kind); `aliases` {name: stored
   name}; `weights_prefix` (above; missing in folders written before it: ""); and, for people, `norm`
   (the norm hyper-parameters, nested ones as dotted names: `net.norm`), `data` (the datamodule's
-  hyper-parameters), `source` (checkpoint file name, sha256, epoch, step) and `card_sha256` (the
+  hyper-parameters), `training` (an injected optimizer / schedule, as the CLI gave it: class_path and
+  init_args), `source` (checkpoint file name, sha256, epoch, step) and `card_sha256` (the
   card as written, so that a re-export keeps one edited since).
   An image classifier's config.json also says `timm_compatible`. If true, it holds timm's own keys
   (`timm.models.load_model_config_from_hf` reads them): `architecture`, `model_args` (the
@@ -59,7 +60,7 @@ from timm.models import get_arch_name
 
 from zoo import checkpoint
 from zoo.callbacks import SUMMARY_FILE
-from zoo.checkpoint import HUB_PREFIX, CheckpointError
+from zoo.checkpoint import HUB_PREFIX, INJECTED, CheckpointError
 from zoo.data.images import ImagesDataModule
 from zoo.files import TEMP_MARK, atomic_open, sha256_of
 from zoo.models import norm_arguments
@@ -106,6 +107,8 @@ def export(ckpt_path: str | Path, out: str | Path, repo_id: str | None = None) -
         "aliases": aliases,
         "weights_prefix": prefix,
         "norm": {k: v for k, v in flat(hparams).items() if "norm" in k},
+        # the injected optimizer / schedule as the CLI gave them (else the task's preset hyper-parameters)
+        "training": {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in INJECTED},
         "data": data,
         "source": {"checkpoint": ckpt_path.name, "sha256": digest, "epoch": ckpt.get("epoch"),
                    "global_step": ckpt.get("global_step")},
@@ -349,6 +352,12 @@ def _exchange(a: Path, b: Path) -> bool:
     return rename2 is not None and rename2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0
 
 
+def _main_args(injected: dict) -> str:
+    """The arguments of an injected optimizer / schedule a reader looks for first."""
+    return ", ".join(f"{k}={v}" for k, v in (injected.get("init_args") or {}).items()
+                     if k in ("lr", "weight_decay", "momentum", "step_size", "gamma", "T_max", "mode"))
+
+
 def model_card(config: dict, summary: dict | None, repo_id: str | None = None) -> str:
     """A short README.md: what the model is, its norm and data, how to load it, its final metrics."""
     task = config["task"].rsplit(".", 1)[-1]
@@ -373,6 +382,8 @@ def model_card(config: dict, summary: dict | None, repo_id: str | None = None) -
         f"- norm: {norms}",
         f"- input scaling: {scaling or 'none'} (fitted on the training split; give the model raw inputs)",
         f"- data: `{data_class}` ({', '.join(f'{k}={v}' for k, v in data.get('init_args', {}).items())})",
+        *(f"- {k}: `{v.get('class_path')}` ({_main_args(v)}; all its arguments in config.json's training)"
+          for k, v in config.get("training", {}).items() if isinstance(v, dict)),
         "",
         "```python",
         "import zoo",

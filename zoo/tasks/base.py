@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from zoo import checkpoint
+from zoo.checkpoint import INJECTED
 from zoo.data.contract import DataInfo, ZooDataModule
 from zoo.models.config import flat
 from zoo.optim import lr_schedule, param_groups
@@ -22,8 +23,6 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.o
 # Hyper-parameters that only the preset optimizer / schedule read (injected ones take their own init_args).
 PRESET_KEYS = ("lr", "weight_decay", "betas", "eps", "momentum")
 SCHEDULE_KEYS = ("scheduler", "warmup_steps", "min_lr_ratio", "min_lr", "decay_rate")
-# Left out of the hparams: a callable is not plain data; the run's config.yaml records what the CLI injected.
-INJECTED = ("optimizer", "lr_scheduler")
 
 
 def preset_settings_set(task: type, values, keys: tuple[str, ...]) -> list[str]:
@@ -78,17 +77,22 @@ class ZooModule(L.LightningModule):
             self.input_scaler.copy_from(scaler)
 
     def save_hyperparameters(self, *args, ignore=(), frame=None, logger: bool = True) -> None:
-        """Lightning's, minus the injected optimizer and schedule, with network configs as dicts (so
-        checkpoints load with weights_only), and refusing preset settings that an injected optimizer
-        would leave unused (checked here, before any work starts)."""
-        super().save_hyperparameters(*args, ignore=[*INJECTED, *ignore], frame=frame or inspect.currentframe().f_back,
+        """Lightning's, with network configs as dicts (so checkpoints load with weights_only), refusing
+        preset settings that an injected optimizer or schedule would leave unused (checked here, before
+        any work starts) and leaving them out, so that the hparams say what the run trains with: the
+        injected one as the CLI gives it (class_path and init_args; a callable from Python is not plain
+        data and is left out too)."""
+        super().save_hyperparameters(*args, ignore=list(ignore), frame=frame or inspect.currentframe().f_back,
                                      logger=logger)
-        for hp in (self._hparams, self._hparams_initial):  # a network config is stored as plain data
-            hp.update({k: dataclasses.asdict(v) for k, v in hp.items() if dataclasses.is_dataclass(v)})
         if self._optimizer_fn is not None:
             self._refuse_preset_settings(PRESET_KEYS, "optimizer")
         if self._scheduler_fn is not None:
             self._refuse_preset_settings(SCHEDULE_KEYS, "lr_scheduler")
+        unused = [*(PRESET_KEYS if self._optimizer_fn else ()), *(SCHEDULE_KEYS if self._scheduler_fn else ())]
+        for hp in (self._hparams, self._hparams_initial):
+            hp.update({k: dataclasses.asdict(v) for k, v in hp.items() if dataclasses.is_dataclass(v)})
+            for k in [k for k in hp if k in unused or (k in INJECTED and not isinstance(hp[k], dict))]:
+                del hp[k]
 
     def configure_optimizers(self):
         """One optimizer over `param_groups` (no weight decay on norms, biases, embeddings):
