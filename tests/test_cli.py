@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -279,8 +280,16 @@ def test_predict_writes_probability_maps_and_masks(tmp_path):
     for name, size in [("a", (37, 53)), ("b", (64, 40))]:
         Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(images / f"{name}.png")
     out = tmp_path / "pred"
-    ZooCLI(args=["predict", *tiny_unet_args(tmp_path / "run"), f"--data.predict_dir={images}",
-                 f"--predict_out={out}", f"--ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"])
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # the config's run directory (another one than the checkpoint's) gets nothing: predict writes to
+        # its folder only, its config.yaml beside its outputs, and restores no checkpoint callback
+        ZooCLI(args=["predict", *tiny_unet_args(tmp_path / "elsewhere"), f"--data.predict_dir={images}",
+                     f"--predict_out={out}", f"--ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"])
+    assert not (tmp_path / "elsewhere").exists() and (out / "config.yaml").is_file()
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
     probs = np.load(out / "a_probs.npy")
     assert probs.shape == (2, 37, 53)
     np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)

@@ -165,7 +165,7 @@ class ZooCLI(LightningCLI):
             loggers.append(TensorBoardLogger(save_dir=str(root), name="tb", version="", default_hp_metric=False))
         mode = wandb_mode(cfg["wandb"]["mode"])
         os.environ["WANDB_MODE"] = mode  # decided once, before any wandb.init
-        if mode != "disabled" and stage != "predict":
+        if mode != "disabled":
             w = cfg["wandb"]
             self._dump_config()  # the full resolved config, as plain data
             loggers.append(WandbLogger(
@@ -306,10 +306,21 @@ class ZooCLI(LightningCLI):
         kwargs["default_root_dir"] = str(root)
         if not trainer_cfg.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
-        if trainer_cfg.get("logger") in (None, True):
+        if stage == "predict":
+            # it logs nothing and writes only to its folder: its config.yaml (LightningCLI's, written to
+            # the trainer's log_dir, the root without a logger) goes beside its outputs
+            out = Path(cfg["predict_out"] or root / "predictions")
+            if out.exists() and not out.is_dir():
+                raise NotADirectoryError(f"--predict_out {str(out)!r} is a file; give a folder (created if missing)")
+            kwargs["default_root_dir"], kwargs["logger"] = str(out), False
+        elif trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = self._loggers(cfg, root, self.model, stage)
         callbacks = list(trainer_cfg.get("callbacks") or [])
-        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        own_checkpoint = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+        if stage != "fit" and not own_checkpoint:
+            # nothing to checkpoint (Lightning's default one would only restore the run's state, and warn)
+            kwargs["enable_checkpointing"] = False
+        elif not own_checkpoint:
             metric, mode = getattr(self.model, "monitor", (None, "min"))
             callbacks += [
                 ModelCheckpoint(dirpath=root / "checkpoints", filename="best-{epoch}-{step}", monitor=metric,
@@ -323,9 +334,6 @@ class ZooCLI(LightningCLI):
         if stage != "fit":  # RunSummary (fit only) keeps state in checkpoints, which evaluation does not need
             warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
         if stage == "predict":
-            out = Path(cfg["predict_out"] or root / "predictions")
-            if out.exists() and not out.is_dir():
-                raise NotADirectoryError(f"--predict_out {str(out)!r} is a file; give a folder (created if missing)")
             callbacks.append(WritePredictions(out))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
