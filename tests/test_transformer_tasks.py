@@ -4,6 +4,9 @@ import csv
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 import types
 import warnings
 
@@ -17,7 +20,7 @@ from zoo.data.seq2seq import Seq2SeqDataModule, cmudict_pairs, collate_pairs, ma
 from zoo.data.text import BOS, EOS, PAD, UNK, LMDataModule, Tokenizer, stdlib_corpus
 from zoo.tasks.language import LanguageModel
 from zoo.tasks.seq2seq import Seq2Seq
-from tests.conftest import cli_args
+from tests.conftest import ROOT, cli_args
 
 torch.set_num_threads(1)
 
@@ -297,6 +300,15 @@ def test_seq2seq_fit_load_test_and_predict(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match=r"^input 'a{40}'\.\.\. has 70 tokens, more than the model's max_len=64$"):
         model.transform(["ab", "a" * 70])
+    (tmp_path / "long.txt").write_text("a" * 70 + "\n")
+    # from the command line, with the progress bar drawing on stdout: in a log of both, the error line
+    # is a line of its own (the bar is ended first)
+    log = subprocess.run([sys.executable, str(ROOT / "train.py"), "predict", *s2s_args(tmp_path / "run"),
+                          "--trainer.enable_progress_bar=true", f"--data.predict_path={tmp_path / 'long.txt'}",
+                          f"--predict_out={tmp_path / 'long'}", f"--ckpt_path={ckpt}"], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert log.returncode == 2 and "Predicting" in log.stdout
+    assert f"error: input '{'a' * 40}'... has 70 tokens, more than the model's max_len=64" in log.stdout.splitlines()
     inputs = tmp_path / "in.txt"
     inputs.write_text('abcd\nba\na\tb"c\n')
     out = tmp_path / "pred"

@@ -538,6 +538,17 @@ def _interrupt_once(signum, frame):
     raise KeyboardInterrupt
 
 
+def _end_progress_bars() -> None:
+    """Closes the progress bars a failed run left drawing (Lightning's tqdm bars, on stdout, closed at
+    exit otherwise), so that its error line starts a line of its own in a terminal and in a log."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    bars = list(getattr(tqdm, "_instances", None) or ())
+    for bar in bars:
+        bar.close()
+    if any(not bar.leave for bar in bars):
+        print(flush=True)  # a bar that clears its line on close leaves the cursor on that line
+
+
 def main(argv: list[str] | None = None) -> None:
     """`train.py` and the `zoo` console script: `zoo fit --config unet ...`."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -573,6 +584,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if os.environ.get("ZOO_DEBUG", "") not in ("", "0"):
             raise
+        _end_progress_bars()
         print(error_line(e), file=sys.stderr)
         sys.exit(2 if isinstance(e, USER_ERRORS) or _raised_in(e, "jsonargparse") else 1)
     finally:
