@@ -114,7 +114,9 @@ def test_export_predicts_like_the_checkpoint(name, trained, tmp_path, capsys, mo
     if name == "unet":  # the fitted scaler: buffers in the safetensors, kind in config.json
         assert loaded.input_scaler.kind == "zscore" and loaded.input_scaler.fitted
         assert config["extra_state"] == {"input_scaler._extra_state": {"kind": "zscore", "fitted": True}}
-        assert "input scaling: zscore" in card
+        assert "input scaling: zscore (fitted on the training split" in card
+    if name == "lm":
+        assert "- input scaling: none\n" in card
     if name == "lm":  # the tokenizer travels as JSON; the tied embedding is stored once and stays tied
         assert loaded.tokenizers == original.tokenizers and config["task_state"]["tokenizers"]["text"]["tokens"]
         assert config["aliases"] == {"net.head.weight": "net.embed.tok.weight"}

@@ -67,6 +67,9 @@ def test_timm_loads_the_network_bit_for_bit(name, trained, hub, tmp_path):
     assert config["pretrained_cfg"]["std"] == [v / 255 for v in scaler.scale.tolist()]
     card = (out / "README.md").read_text()
     assert "library_name: timm" in card and 'timm.create_model("hf-hub:ORG/NAME", pretrained=True)' in card
+    # a norm left at null is the network's own, not the registry's `none`
+    title = "conv_norm=group, token_norm=rms" if name == "mambavision" else "its own norms"
+    assert f"# ImageClassification ({title})\n" in card and "- norm: norm=null (the network's own)" in card
 
     hub.publish("org/classifier", folder_files(out))
     from_hub = timm.create_model("hf-hub:org/classifier", pretrained=True)

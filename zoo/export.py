@@ -361,7 +361,10 @@ def _main_args(injected: dict) -> str:
 def model_card(config: dict, summary: dict | None, repo_id: str | None = None) -> str:
     """A short README.md: what the model is, its norm and data, how to load it, its final metrics."""
     task = config["task"].rsplit(".", 1)[-1]
-    norms = ", ".join(f"{k}={v}" for k, v in config["norm"].items()) or "not a hyper-parameter"
+    kinds = {k: v for k, v in config["norm"].items() if not k.endswith("norm_skip")}
+    # None: the network's own norms (a timm model's as built; MambaVision's official batch / layer)
+    title = ", ".join(f"{k}={v}" for k, v in kinds.items() if v is not None) or "its own norms"
+    norms = ", ".join(f"{k}={v}" if v is not None else f"{k}=null (the network's own)" for k, v in kinds.items())
     data = config["data"]
     data_class = str(data.get("class_path", "unknown datamodule")).rsplit(".", 1)[-1]
     scaling = ", ".join(str(v.get("kind")) for k, v in config["extra_state"].items()
@@ -373,14 +376,15 @@ def model_card(config: dict, summary: dict | None, repo_id: str | None = None) -
         f"tags: [zoo, {task}{', timm, image-classification' if timm_ok else ''}]",
         *(["library_name: timm", "pipeline_tag: image-classification"] if timm_ok else []),
         "---",
-        f"# {task} ({norms})",
+        f"# {task} ({title})",
         "",
         (f"Exported by zoo's `train.py export` from `{source['checkpoint']}` "
          f"(epoch {source['epoch']}, step {source['global_step']}, sha256 `{source['sha256'][:16]}...`)."),
         "",
         f"- model: `{config['task']}`",
-        f"- norm: {norms}",
-        f"- input scaling: {scaling or 'none'} (fitted on the training split; give the model raw inputs)",
+        f"- norm: {norms or 'not a hyper-parameter'}",
+        (f"- input scaling: {scaling} (fitted on the training split; give the model raw inputs)"
+         if scaling not in ("", "none") else "- input scaling: none"),
         f"- data: `{data_class}` ({', '.join(f'{k}={v}' for k, v in data.get('init_args', {}).items())})",
         *(f"- {k}: `{v.get('class_path')}` ({_main_args(v)}; all its arguments in config.json's training)"
           for k, v in config.get("training", {}).items() if isinstance(v, dict)),
