@@ -150,7 +150,8 @@ def test_out_folder_is_never_overwritten_by_something_else(trained, tmp_path, ca
 
     code, err = run_main(capsys, "export", "--ckpt_path", str(other), "--out", str(out))
     assert code == 2 and error_lines(err) == [
-        f"error: --out {str(out)!r} is not empty and is not an export of this checkpoint; give a new or empty folder"]
+        f"error: --out {str(out)!r} holds the export of another checkpoint (last.ckpt at step 2: another run's, or "
+        "last.ckpt trained on since); give a new or empty folder"]
     assert json.loads((out / "config.json").read_text())["task"].endswith("UNetSegmentation")
 
     (tmp_path / "notes").mkdir()
@@ -461,7 +462,8 @@ def test_load_from_the_hub_pinned_and_cached(trained, hub, tmp_path):
 def test_unknown_hub_ids_are_one_line(hub, trained, tmp_path):
     hub.publish("org/model", folder_files(export.export(trained("unet"), tmp_path / "out")))
     for spec, message in (("hf-hub:org/nope", f"hf-hub:org/nope: no model repository 'org/nope' on {hub.url}"),
-                          ("hf-hub:org/model@v9", "hf-hub:org/model@v9: 'org/model' has no revision 'v9'")):
+                          ("hf-hub:org/model@v9", "hf-hub:org/model@v9: 'org/model' has no revision 'v9'"),
+                          ("hf-hub:bad name", "hf-hub:bad name: Repo id must use alphanumeric chars")):
         with pytest.raises(CheckpointError) as info:
             zoo.load(spec)
         assert error_line(info.value).startswith(f"error: {message}") and len(error_line(info.value).splitlines()) == 1

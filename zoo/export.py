@@ -88,7 +88,7 @@ def export(ckpt_path: str | Path, out: str | Path, repo_id: str | None = None) -
     ckpt = checkpoint.read(ckpt_path)  # refuses missing, truncated, pickled-code and foreign files
     model = checkpoint.build(ckpt, ckpt_path)
     digest = sha256_of(ckpt_path)
-    replace = _check_out(out, digest)
+    replace = _check_out(out, digest, ckpt_path.name)
 
     tensors, aliases, extra_state = _split_state(model.state_dict())
     task_state: dict = {}
@@ -228,9 +228,10 @@ def _name(cls: type | None) -> str:
     return "none" if cls is None else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _check_out(out: Path, digest: str) -> bool:
+def _check_out(out: Path, digest: str, name: str) -> bool:
     """Whether `out` holds an earlier export of the checkpoint with this sha256 (to be replaced).
-    Refuses a file, and a non-empty folder that is anything else."""
+    Refuses a file, and a non-empty folder that is anything else (naming the checkpoint of an export:
+    another run's, or a checkpoint file called `name` trained on since)."""
     if not out.exists():
         return False
     if not out.is_dir():
@@ -238,13 +239,18 @@ def _check_out(out: Path, digest: str) -> bool:
     if not any(out.iterdir()):
         return False
     try:
-        earlier = json.loads((out / CONFIG).read_text())["source"]["sha256"]
+        source = json.loads((out / CONFIG).read_text())["source"]
+        earlier = source["sha256"]
     except (OSError, ValueError, KeyError, TypeError):  # no config.json, or not an export's
-        earlier = None
-    if earlier != digest:
-        raise ValueError(f"--out {str(out)!r} is not empty and is not an export of this checkpoint; "
-                         "give a new or empty folder")
-    return True
+        source, earlier = {}, None
+    if earlier == digest:
+        return True
+    if earlier is not None:  # its weights are not these: replacing it would lose them
+        again = f", or {name} trained on since" if source.get("checkpoint") == name else ""
+        raise ValueError(f"--out {str(out)!r} holds the export of another checkpoint ({source.get('checkpoint')} at "
+                         f"step {source.get('global_step')}: another run's{again}); give a new or empty folder")
+    raise ValueError(f"--out {str(out)!r} is not empty and is not an export of this checkpoint; "
+                     "give a new or empty folder")
 
 
 def _kept_entries(out: Path) -> list[str]:
@@ -526,8 +532,8 @@ def download(spec: str) -> Path:
     """`hf-hub:ORG/NAME[@REVISION]` -> the local folder of that snapshot, downloaded once into the
     Hugging Face cache (a commit hash as REVISION pins it; a branch or tag follows the Hub)."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     repo_id, _, revision = spec[len(HUB_PREFIX):].partition("@")
     try:
@@ -538,6 +544,9 @@ def download(spec: str) -> Path:
                               "or gated and you are not logged in with access)") from None
     except RevisionNotFoundError:
         raise CheckpointError(f"{spec}: {repo_id!r} has no revision {revision!r}") from None
+    except HFValidationError as e:  # a name the Hub cannot have
+        raise CheckpointError(f"{spec}: {' '.join(str(e).split()).rstrip('.')}; give hf-hub:ORG/NAME[@REVISION]") \
+            from None
     except (LocalEntryNotFoundError, HfHubHTTPError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{spec}: cannot download from {constants.ENDPOINT}, and it is not in the cache "
