@@ -215,10 +215,15 @@ def test_resume_with_other_data_settings_warns_naming_them(tmp_path, capsys):
 
 
 def test_predict_uses_the_checkpoints_model_arguments_and_says_so(tmp_path, capsys, unet_ckpt):
-    cli = ZooCLI(args=["predict", *tiny_unet_args(tmp_path, "--model.net.norm=batch", "--data.num_classes=3"),
+    cli = ZooCLI(args=["predict", *tiny_unet_args(tmp_path, "--model.net.norm=batch", "--data.num_classes=3",
+                                                  "--data.input_norm=robust"),
                        f"--ckpt_path={unet_ckpt}", f"--predict_out={tmp_path / 'pred'}"])
+    err = capsys.readouterr().err
     assert ("using the checkpoint's model arguments (net.norm: checkpoint 'none', now 'batch', "
-            "num_classes: checkpoint 2, now 3 (data.num_classes follows))") in capsys.readouterr().err
+            "num_classes: checkpoint 2, now 3 (data.num_classes follows))") in err
+    assert ("the model scales its inputs as trained, input_norm='zscore' fitted on its training split; "
+            "--data.input_norm 'robust' is not used (fit reads it)") in err
+    assert cli.model.input_scaler.kind == "zscore"
     # a value the model and the data share (LINKED) follows the checkpoint in both
     assert cli.model.hparams.num_classes == cli.datamodule.hparams.num_classes == 2
     assert [np.load(p).shape[0] for p in (tmp_path / "pred").glob("*_probs.npy")] == [2, 2]

@@ -253,6 +253,12 @@ class ZooCLI(LightningCLI):
                 raise ValueError(f"cannot resume {path} with other model arguments or settings ({what}); resume "
                                  "with the checkpoint's, or start a new run in another --trainer.default_root_dir")
             print(f"using the checkpoint's model arguments ({what})", file=sys.stderr)
+        trained = ckpt.get("datamodule_hyper_parameters", {}).get("input_norm")
+        given_norm = ((cfg.get("data") or {}).get("init_args") or {}).get("input_norm")
+        if stage != "fit" and None not in (trained, given_norm) and trained != given_norm:
+            # the scaler is fitted in fit only: the model carries the checkpoint's
+            print(f"the model scales its inputs as trained, input_norm={trained!r} fitted on its training split; "
+                  f"--data.input_norm {given_norm!r} is not used (fit reads it)", file=sys.stderr)
         if data_differ:  # allowed, as in Lightning, but the run is then not the one it continues
             what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in data_differ.items())
             print(f"warning: resuming with other data settings than the checkpoint's ({what}): the resumed run "

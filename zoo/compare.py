@@ -778,6 +778,7 @@ def plot_curves(runs: list[Run], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     curves = {run.name: read_curves(run.dir) for run in runs if run.dir.exists()}
     metrics = sorted({m for c in curves.values() for m in c if m.startswith(("train/", "val/"))})
@@ -794,6 +795,7 @@ def plot_curves(runs: list[Run], out: Path) -> list[Path]:
                         marker="o" if len(steps) < 20 else None, markersize=3, alpha=0.8)
                 labelled.add(run.point)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
