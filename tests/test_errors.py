@@ -148,6 +148,8 @@ def test_foreign_truncated_and_code_checkpoints_are_refused_naming_the_file(tmp_
     truncated.write_bytes(unet_ckpt.read_bytes()[:5000])
     plain = tmp_path / "plain.ckpt"
     torch.save({"weights": torch.zeros(2)}, plain)
+    untagged = tmp_path / "untagged.ckpt"  # a task whose on_save_checkpoint left out ZooModule's
+    torch.save({k: v for k, v in ckpt.items() if k != "zoo"}, untagged)
     marker = tmp_path / "ran"
 
     class Payload:  # unpickling it would create the marker file
@@ -158,7 +160,11 @@ def test_foreign_truncated_and_code_checkpoints_are_refused_naming_the_file(tmp_
     torch.save({**ckpt, "payload": Payload()}, evil, pickle_protocol=pickle.HIGHEST_PROTOCOL)
     cases = {lm: "holds a zoo.tasks.language.LanguageModel model, but the config builds "
                  "zoo.tasks.segmentation.UNetSegmentation",
-             truncated: "is truncated or corrupt", plain: "is not a zoo checkpoint",
+             truncated: "is truncated or corrupt",
+             plain: "is not a zoo checkpoint: it lacks the 'zoo' and 'state_dict' entries that zoo's trainer writes "
+                    "(found 'weights')",
+             untagged: "is not a zoo checkpoint: it lacks the 'zoo' entry that zoo's trainer writes (a task that "
+                       "overrides on_save_checkpoint must call super().on_save_checkpoint(checkpoint), which writes",
              evil: "is refused: it is not plain data"}
     for path, message in cases.items():
         for stage in ("predict", "fit"):

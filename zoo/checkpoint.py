@@ -71,12 +71,15 @@ def read(path: str | Path, map_location="cpu") -> dict:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
         raise CheckpointError(f"checkpoint {str(path)!r} is not a torch checkpoint, or is truncated or corrupt "
                               f"({type(e).__name__}: {detail})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("zoo"), dict) or "state_dict" not in ckpt:
-        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is not a zoo checkpoint: it lacks the 'zoo' and 'state_dict' "
-            f"entries that zoo's trainer writes (found {keys})"
-        )
+    missing = [k for k in ("zoo", "state_dict") if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), dict)]
+    if missing:
+        found = type(ckpt).__name__ if not isinstance(ckpt, dict) else ", ".join(map(repr, sorted(ckpt)))
+        # a Lightning checkpoint without the tag: a task whose on_save_checkpoint did not call ZooModule's
+        why = (" (a task that overrides on_save_checkpoint must call super().on_save_checkpoint(checkpoint), "
+               "which writes 'zoo')" if missing == ["zoo"] and "pytorch-lightning_version" in ckpt else "")
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a zoo checkpoint: it lacks the "
+                              f"{' and '.join(map(repr, missing))} entr{'ies' if len(missing) > 1 else 'y'} that "
+                              f"zoo's trainer writes{why} (found {found})")
     return ckpt
 
 

@@ -39,7 +39,11 @@ class ZooModule(L.LightningModule):
     name; a network config, `zoo.models.config`, is stored as a dict), set `self.input_scaler` (a
     `zoo.scaling.InputScaler`) if their inputs are scaled, and may set `monitor = (metric, "min" |
     "max")` for the best-checkpoint callback. Defining a subclass registers it, so its checkpoints load
-    (`zoo.checkpoint.task_class`).
+    (`zoo.checkpoint.task_class`). A subclass that keeps state of its own (class names, vocabularies)
+    overrides `on_save_checkpoint` / `on_load_checkpoint` as plain data and calls
+    `super().on_save_checkpoint(checkpoint)`, which tags the checkpoint as zoo's; its `optimizer` /
+    `lr_scheduler` arguments are typed `Optional[OptimizerCallable]` / `Optional[LRSchedulerCallable]`,
+    so that the CLI can inject them.
     """
 
     monitor: tuple[str, str] = ("val/loss", "min")
