@@ -269,7 +269,9 @@ def test_model_and_data_overrides_and_print_config(tmp_path):
 def test_unknown_norm_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError) as raised:
         fit(tmp_path, "--model.net.norm=bogus")
-    assert error_line(raised.value) == "error: unknown norm kind 'bogus'; valid kinds: batch, layer, instance, group, rms, none"
+    assert error_line(raised.value) == ("error: unknown norm kind 'bogus'; valid kinds: batch, layer, instance, group, rms, "
+                                        "none (yours: register it with zoo.norm.register_norm, in a module that "
+                                        "train.py imports with --import MODULE)")
 
 
 def test_predict_writes_probability_maps_and_masks(tmp_path):

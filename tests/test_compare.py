@@ -286,14 +286,16 @@ def test_compare_writes_report_and_reports_failures(tmp_path):
     assert "report:" in proc.stdout
     assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == (  # the others finished and are reported
         "error: 1 of 3 runs failed (norm=bogus: unknown norm kind 'bogus'; valid kinds: batch, layer, instance, "
-        "group, rms, none); the report lists each, and the same command re-runs them")
+        "group, rms, none (yours: register it with zoo.norm.register_norm, in a module that train.py imports with "
+        "--import MODULE)); the report lists each, and the same command re-runs them")
     assert "warning: model.net.norm value(s) ['bogus'] are not registered norms" in proc.stderr
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
     assert runs["norm=none"]["status"] == "ok" and runs["norm=batch"]["status"] == "ok"
     # the failed run's reason is its own error line, not the CLI's internals
     assert runs["norm=bogus"]["status"] == "failed"
-    assert runs["norm=bogus"]["error"] == "unknown norm kind 'bogus'; valid kinds: batch, layer, instance, group, rms, none"
+    assert runs["norm=bogus"]["error"].startswith("unknown norm kind 'bogus'; valid kinds: batch, layer, instance, "
+                                                  "group, rms, none (yours: register it")
     report = (out / "report.md").read_text()
     rows = [line for line in report.split("## Runs")[1].splitlines() if line.startswith("| norm=")]
     assert len(rows) == 3 and "failed" in rows[2]

@@ -40,7 +40,8 @@ def test_bad_norm_is_one_line_from_the_command_line(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert proc.returncode == 2
-    assert lines[-1] == "error: unknown norm kind 'bogus'; valid kinds: batch, layer, instance, group, rms, none"
+    assert lines[-1] == ("error: unknown norm kind 'bogus'; valid kinds: batch, layer, instance, group, rms, none (yours: "
+                         "register it with zoo.norm.register_norm, in a module that train.py imports with --import MODULE)")
     assert len(lines) <= 2 and "Traceback" not in proc.stderr  # at most Lightning's "Seed set to 0" before it
     debug = subprocess.run([sys.executable, "train.py", "fit", *tiny_unet_args(tmp_path, "--model.net.norm=bogus")],
                            cwd=ROOT, capture_output=True, text=True,

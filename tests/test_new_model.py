@@ -75,6 +75,27 @@ class TinyData(L.LightningDataModule):
         return torch.utils.data.DataLoader(self.data, self.batch_size)
 '''
 
+NORM_MODULE = '''
+"""A user's norm, outside zoo: each row divided by its root mean square, times a learned scale."""
+import torch
+from torch import nn
+
+from zoo.norm import register_norm
+
+
+class RowScale(nn.Module):
+    def __init__(self, num_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+
+    def forward(self, x):
+        return x * x.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt() * self.weight
+
+
+register_norm("rowscale", lambda num_features, layout: RowScale(num_features), layouts=("nc",),
+              pools_positions=False, pools_batch=False)
+'''
+
 CONFIG = '''
 seed_everything: 0
 compare:
@@ -134,6 +155,25 @@ def test_a_model_defined_outside_zoo_fits_loads_and_compares(tmp_path, monkeypat
     assert {r["values"]["model.net.norm"]: r["status"] for r in runs.values()} == {"batch": "ok", "layer": "ok"}
     assert all(r["global_step"] == 6 and "val/loss" in r["metrics"] for r in runs.values())
     assert "norm=layer vs norm=batch" in (out / "report.md").read_text()
+
+    # a norm of the user's: a module named with --import registers it, for fit and for compare's runs
+    (tmp_path / "my_norm.py").write_text(NORM_MODULE)
+    refused = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", "tiny.yaml",
+                              "--model.net.norm=rowscale", f"--trainer.default_root_dir={tmp_path / 'mine'}"],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert refused.returncode == 2 and refused.stderr.splitlines()[-1].startswith(
+        "error: unknown norm kind 'rowscale'; valid kinds: ") and "--import MODULE" in refused.stderr
+    train("fit", "--import", "my_norm", "--config", "tiny.yaml", "--model.net.norm=rowscale",
+          f"--trainer.default_root_dir={tmp_path / 'mine'}")
+    with pytest.raises(CheckpointError, match=r"last.ckpt': its model cannot be built here: unknown norm kind "
+                                              r"'rowscale'"):
+        zoo.load(tmp_path / "mine" / "checkpoints" / "last.ckpt")  # not imported in this process
+    printed = train("compare", "--config", "tiny.yaml", "--norms", "rowscale", "--import=my_norm", "--out",
+                    str(tmp_path / "cmp_mine")).stdout
+    (run,) = json.loads((tmp_path / "cmp_mine" / "results.json").read_text())["runs"].values()
+    assert "1 runs" in printed and run["status"] == "ok" and run["global_step"] == 6
+    command = (tmp_path / "cmp_mine" / "runs" / "norm=rowscale" / "command.txt").read_text()
+    assert " fit --import=my_norm " in command  # so that the run's command works on its own
 
 
 def test_make_train_uses_the_configs_own_sweep():

@@ -171,7 +171,10 @@ def build(ckpt: dict, path: str | Path, expected: type | None = None, strict: bo
     """The eval-mode model of a checkpoint that `read` returned (`path`: for messages)."""
     cls = task_class(ckpt, path)
     check_expected(cls, expected, path)
-    model = cls(**upgrade_hparams(cls, inference_hparams(ckpt)))
+    try:
+        model = cls(**upgrade_hparams(cls, inference_hparams(ckpt)))
+    except ValueError as e:  # e.g. a norm kind that a module not imported here registered
+        raise CheckpointError(f"checkpoint {str(path)!r}: its model cannot be built here: {e}") from e
     model.on_load_checkpoint(ckpt)
     model.load_state_dict(ckpt["state_dict"], strict=strict)
     return model.eval()

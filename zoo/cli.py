@@ -113,7 +113,8 @@ class ZooCLI(LightningCLI):
             # parse errors raise (main prints them as one line) instead of printing usage and exiting
             parser_kwargs={"description": f"zoo: `{prog} fit|validate|test|predict` are LightningCLI's (below); "
                            f"`{prog} compare` trains a config over several norms and seeds and reports the "
-                           f"comparison; `{prog} export` writes an inference-only folder (each: --help).",
+                           f"comparison; `{prog} export` writes an inference-only folder (each: --help). "
+                           "Every subcommand takes --import MODULE (repeatable): your module, imported first.",
                            "exit_on_error": False,
                            # `--trainer.max_step 4` must be refused, not read as --trainer.max_steps
                            "allow_abbrev": False},
@@ -534,6 +535,35 @@ def with_bundled_configs(args: list[str]) -> list[str]:
 
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict", "compare", "export")
+IMPORT_HELP = ("import this module first (repeatable): yours, registering norms or defining models, tasks or data "
+               "that the config or arguments name")
+
+
+def import_modules(names: list[str]) -> None:
+    """`--import MODULE`: the user's module, imported first, as a config's class_path is (named on the
+    command line, never read from a file)."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ValueError(f"--import {name}: cannot import it ({e}); give a module on the Python path") from None
+
+
+def take_imports(args: list[str]) -> tuple[list[str], list[str]]:
+    """`args` without their `--import MODULE` / `--import=MODULE` items (LightningCLI does not know the
+    option), and those modules."""
+    rest, modules, i = [], [], 0
+    while i < len(args):
+        if args[i] == "--import" and i + 1 < len(args):
+            modules.append(args[i + 1])
+            i += 2
+            continue
+        if args[i].startswith("--import="):
+            modules.append(args[i].split("=", 1)[1])
+        else:
+            rest.append(args[i])
+        i += 1
+    return rest, modules
 
 
 def _interrupt_once(signum, frame):
@@ -563,6 +593,9 @@ def main(argv: list[str] | None = None) -> None:
     previous = signal.signal(signal.SIGINT, _interrupt_once) if own_sigint else None
     try:
         args = with_bundled_configs(args)
+        if args[:1] and args[0] in SUBCOMMANDS[:4]:
+            args, modules = take_imports(args)
+            import_modules(modules)
         if argv is None:  # LightningCLI reads sys.argv itself (given args, it warns that both are set)
             sys.argv[1:] = args
         if not args or not (args[0].startswith("-") or args[0] in SUBCOMMANDS):

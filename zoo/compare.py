@@ -313,8 +313,8 @@ def prepare_out(out: Path, configs: list[str], overrides: list[str], fresh: bool
 # running one run (locally, or inside a Ray task: plain data in, plain data out)
 
 def run_spec(run: Run, configs: list[str], overrides: list[str], group: str, env: dict[str, str],
-             sweeps: dict[str, list[str]]) -> dict:
-    cmd = [sys.executable, "-m", "zoo.cli", "fit"]
+             sweeps: dict[str, list[str]], imports: list[str] = ()) -> dict:
+    cmd = [sys.executable, "-m", "zoo.cli", "fit", *(f"--import={m}" for m in imports)]
     for c in configs:
         cmd += ["--config", str(Path(c).resolve())]
     cmd += overrides
@@ -974,7 +974,7 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
 # entry point
 
 def main(argv: list[str], prog: str = "train.py compare") -> int:
-    from zoo.cli import ArgumentParser
+    from zoo.cli import IMPORT_HELP, ArgumentParser, import_modules
 
     p = ArgumentParser(
         prog=prog,
@@ -1008,6 +1008,8 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
                    "gpus_per_node=1, mem_gb=32")
     p.add_argument("--max-retries", type=int, default=1, help="retries of a run whose process dies")
     p.add_argument("--fresh", action="store_true", help="delete the comparison in --out and start over")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help=IMPORT_HELP + " (every run imports it too)")
     args, overrides = p.parse_known_args(argv)
     stray = [o for o in overrides if o.startswith("-") and not o.startswith("--")]
     if stray:
@@ -1026,6 +1028,7 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
     if args.max_retries < 0 or not 0 < args.alpha < 1:
         raise ValueError(f"--max-retries must be >= 0 and --alpha in (0, 1); got {args.max_retries}, {args.alpha}")
+    import_modules(args.imports)
     sweeps, metric, mode, config_seed = check_arguments(args.config, overrides, args.norms, args.sweep)
     seeds = parse_seeds(args.seeds)
     slurm = parse_slurm(args.slurm)
@@ -1041,7 +1044,7 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
         unknown = [v for v in sweeps[key] if v not in NORM_KINDS]
         if unknown:
             raise ValueError(f"unknown norm(s) {unknown}; valid kinds: {', '.join(NORM_KINDS)} (a norm you registered "
-                             f"yourself: use --sweep {key}=... and import it from your config's module)")
+                             "yourself: give the module that registers it with --import MODULE)")
     for key, values in sweeps.items():
         warn_unregistered_norms(key, values)
     if args.launcher == "local":
@@ -1058,7 +1061,7 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
     threads = cpu_threads(args.jobs or 1) if args.launcher == "local" else cpus
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(threads),
            **{k: os.environ[k] for k in ("WANDB_MODE", "ZOO_CPU_KERNELS", "PYTHONPATH") if k in os.environ}}
-    specs = [run_spec(r, args.config, overrides, group, env, sweeps) for r in todo]
+    specs = [run_spec(r, args.config, overrides, group, env, sweeps, args.imports) for r in todo]
     report_kw = dict(metric=metric, mode=mode, baseline=baseline, alpha=args.alpha)
 
     def on_done(run: Run, result: dict) -> None:
@@ -1125,4 +1128,4 @@ def warn_unregistered_norms(key: str, values: list[str]) -> None:
     unknown = [v for v in values if v not in NORM_KINDS]
     if key.startswith("model.") and key.endswith("norm") and unknown:
         print(f"compare: warning: {key} value(s) {unknown} are not registered norms ({', '.join(NORM_KINDS)}); "
-              "their runs will fail unless your config's module registers them", file=sys.stderr)
+              "their runs will fail unless a module given with --import registers them", file=sys.stderr)

@@ -574,7 +574,7 @@ def check_login() -> None:
 # command line
 
 def main(argv: list[str], prog: str = "train.py export") -> int:
-    from zoo.cli import ArgumentParser
+    from zoo.cli import IMPORT_HELP, ArgumentParser, import_modules
 
     p = ArgumentParser(
         prog=prog,
@@ -586,15 +586,9 @@ def main(argv: list[str], prog: str = "train.py export") -> int:
     p.add_argument("--out", required=True,
                    help="the folder to write: new, empty, or an earlier export of this checkpoint (replaced)")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload it to this Hub repository (needs a login)")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import this module first (repeatable): the one defining a task written outside zoo, "
-                   "as a config's class_path would for fit")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     args = p.parse_args(argv)
-    for name in args.imports:  # named by the user, as a config's class_path is: never read from the checkpoint
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            raise ValueError(f"--import {name}: cannot import it ({e}); give a module on the Python path") from None
+    import_modules(args.imports)
     if args.push_to_hub:
         check_login()  # before any work
     out = export(args.ckpt_path, args.out, args.push_to_hub)

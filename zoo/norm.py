@@ -384,7 +384,8 @@ _BUILT_IN = frozenset(_FACTORIES)  # models pick their fast paths for these by n
 
 def _check_kind(kind) -> None:
     if not isinstance(kind, str) or kind not in _FACTORIES:
-        raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(_FACTORIES)}")
+        raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(_FACTORIES)} (yours: register it with "
+                         "zoo.norm.register_norm, in a module that train.py imports with --import MODULE)")
 
 
 class _KindNames(Sequence):
