@@ -175,6 +175,26 @@ def test_foreign_truncated_and_code_checkpoints_are_refused_naming_the_file(tmp_
     assert not marker.exists()
 
 
+def test_a_bug_in_the_users_own_code_is_a_failure_naming_its_type(tmp_path, capsys, monkeypatch):
+    """A KeyError in a task's training_step is not bad input: exit 1, its type and the debug switch
+    named, as any failure while running; the same type raised by zoo about its input stays exit 2."""
+    (tmp_path / "buggy_task.py").write_text(
+        "from zoo.tasks.segmentation import UNetSegmentation\n\n\n"
+        "class Buggy(UNetSegmentation):\n"
+        "    def training_step(self, batch, batch_idx):\n"
+        "        return batch['imgs']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, err = run_main(capsys, "fit", "--import", "buggy_task", *tiny_unet_args(tmp_path / "run"),
+                         "--model.class_path=buggy_task.Buggy")
+    assert code == 1 and error_lines(err) == ["error: KeyError: missing key 'imgs' (ZOO_DEBUG=1 shows the traceback)"]
+    code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path / "run2", "--data.crop_size=-1"))
+    assert code == 2 and "KeyError" not in err and error_lines(err)[0].startswith("error: ")
+    code, err = run_main(capsys, "fit", "--import", "no_such_module_here", *tiny_unet_args(tmp_path / "run3"))
+    assert code == 2 and error_lines(err) == [
+        "error: --import no_such_module_here: cannot import it (No module named 'no_such_module_here'); give a "
+        "module on the Python path"]
+
+
 def test_resume_with_other_model_arguments_is_refused(tmp_path, capsys, unet_ckpt):
     code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, "--model.net.norm=batch"), f"--ckpt_path={unet_ckpt}")
     assert code == 2 and error_lines(err) == [

@@ -17,7 +17,9 @@ import netrc
 import os
 import re
 import signal
+import site
 import sys
+import sysconfig
 import threading
 import warnings
 from pathlib import Path
@@ -496,16 +498,35 @@ def error_line(exc: BaseException) -> str:
         message = f"--{key}: {message}"
     if type(exc) is KeyError and len(exc.args) == 1:  # str(KeyError('x')) is just "'x'"
         message = f"missing key {exc.args[0]!r}"
-    if not isinstance(exc, USER_ERRORS) and not _raised_in(exc, "jsonargparse"):
+    if not _raised_in(exc, "jsonargparse") and (not isinstance(exc, USER_ERRORS) or _raised_in_user_code(exc)):
         message = f"{type(exc).__name__}: {message} (ZOO_DEBUG=1 shows the traceback)"
     return f"error: {message}"
 
 
-def _raised_in(exc: BaseException, package: str) -> bool:
+def is_bad_input(exc: BaseException) -> bool:
+    """Bad input (exit status 2): jsonargparse's errors, and errors of the USER_ERRORS types that zoo,
+    a library or Python raised. The same types raised in the user's own code (their task, data or
+    network: a KeyError in training_step) are a failure while running, as any other (exit 1)."""
+    return _raised_in(exc, "jsonargparse") or (isinstance(exc, USER_ERRORS) and not _raised_in_user_code(exc))
+
+
+def _last_frame_file(exc: BaseException) -> str:
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and f"{os.sep}{package}{os.sep}" in tb.tb_frame.f_code.co_filename
+    return tb.tb_frame.f_code.co_filename if tb is not None else ""
+
+
+def _raised_in(exc: BaseException, package: str) -> bool:
+    return f"{os.sep}{package}{os.sep}" in _last_frame_file(exc)
+
+
+def _raised_in_user_code(exc: BaseException) -> bool:
+    """Raised by a Python file outside zoo, the standard library and the installed packages."""
+    file = _last_frame_file(exc)
+    ours = [str(Path(__file__).parent), *site.getsitepackages(), site.getusersitepackages(),
+            *(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib"))]
+    return file.endswith(".py") and not any(file.startswith(p + os.sep) for p in ours)
 
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
@@ -625,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _end_progress_bars()
         print(error_line(e), file=sys.stderr)
-        sys.exit(2 if isinstance(e, USER_ERRORS) or _raised_in(e, "jsonargparse") else 1)
+        sys.exit(2 if is_bad_input(e) else 1)
     finally:
         if own_sigint:
             signal.signal(signal.SIGINT, previous)
