@@ -57,6 +57,19 @@ def test_build_passes_every_field_by_name_and_exactly_the_given_values():
         network_config(Spy)
 
 
+class Loose(nn.Module):
+    def __init__(self, width=4, widths: list = [4, 8], *layers, **extra):  # noqa: B006
+        super().__init__()
+
+
+def test_a_network_the_config_cannot_describe_is_refused_naming_each_argument():
+    with pytest.raises(TypeError) as info:
+        network_config(Loose)
+    assert str(info.value) == ("network_config(Loose): its arguments must be named, annotated and have immutable "
+                               "defaults: *layers, **extra, width (no type annotation), widths (a mutable default "
+                               "[4, 8]; give a tuple)")
+
+
 def test_of_takes_a_config_a_dict_or_none_and_names_unknown_fields():
     cfg = UNetConfig(depth=3)
     assert UNetConfig.of(cfg) is cfg and UNetConfig.of(None) == UNetConfig()

@@ -15,12 +15,20 @@ import torch.nn as nn
 
 def network_config(network: type[nn.Module], given: tuple[str, ...] = ()) -> type:
     """A frozen dataclass `<Network>Config` of `network`'s arguments except `given`, with the network's
-    defaults; `network`'s arguments outside `given` must all have defaults."""
+    defaults; `network`'s arguments outside `given` must all be named, annotated (the CLI parses them
+    by type) and have immutable defaults (a tuple, not a list: the config is frozen)."""
     hints = typing.get_type_hints(network.__init__)
     params = [p for p in inspect.signature(network).parameters.values() if p.name not in given]
-    missing = [p.name for p in params if p.default is p.empty]
-    if missing:
-        raise TypeError(f"{network.__name__}: {missing} have no default; list them in `given`")
+    problems = [f"*{p.name}" if p.kind is p.VAR_POSITIONAL else f"**{p.name}" for p in params
+                if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    params = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    problems += [f"{p.name} (no default; or list it in `given`)" for p in params if p.default is p.empty]
+    problems += [f"{p.name} (no type annotation)" for p in params if p.name not in hints]
+    problems += [f"{p.name} (a mutable default {p.default!r}; give a tuple)" for p in params
+                 if isinstance(p.default, (list, dict, set))]
+    if problems:
+        raise TypeError(f"network_config({network.__name__}): its arguments must be named, annotated and have "
+                        f"immutable defaults: {', '.join(problems)}")
     name = f"{network.__name__}Config"
     cls = dataclasses.make_dataclass(name, [(p.name, hints[p.name], dataclasses.field(default=p.default))
                                             for p in params], frozen=True,
