@@ -195,6 +195,28 @@ def test_a_bug_in_the_users_own_code_is_a_failure_naming_its_type(tmp_path, caps
         "module on the Python path"]
 
 
+def test_a_model_argument_that_is_an_object_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A checkpoint would hold it as the CLI's class_path dict (or an object weights_only refuses), and
+    zoo.load would hand the task that dict: refused when the task saves its hyper-parameters."""
+    (tmp_path / "with_criterion.py").write_text(
+        "from torch import nn\n\nfrom zoo.tasks.segmentation import UNetSegmentation\n\n\n"
+        "class WithCriterion(UNetSegmentation):\n"
+        "    def __init__(self, criterion: nn.Module = nn.CrossEntropyLoss(), **kwargs):\n"
+        "        super().__init__(**kwargs)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, err = run_main(capsys, "fit", "--import", "with_criterion", *tiny_unet_args(tmp_path / "run"),
+                         "--model.class_path=with_criterion.WithCriterion", "--model.criterion=torch.nn.MSELoss")
+    assert code == 2 and error_lines(err) == [
+        "error: model argument criterion is an object (torch.nn.MSELoss): hyper-parameters must be plain "
+        "data (numbers, strings, lists, dicts), which checkpoints load without running code; take a name or its "
+        "settings and build the object in the task"]
+    assert not (tmp_path / "run").exists()
+    from with_criterion import WithCriterion
+
+    with pytest.raises(TypeError, match=r"^model argument criterion is an object \(CrossEntropyLoss\)"):
+        WithCriterion(net={"base_channels": 4, "depth": 2})
+
+
 def test_resume_with_other_model_arguments_is_refused(tmp_path, capsys, unet_ckpt):
     code, err = run_main(capsys, "fit", *tiny_unet_args(tmp_path, "--model.net.norm=batch"), f"--ckpt_path={unet_ckpt}")
     assert code == 2 and error_lines(err) == [

@@ -32,6 +32,11 @@ def preset_settings_set(task: type, values, keys: tuple[str, ...]) -> list[str]:
     return [k for k in keys if k in values and k in defaults and flat({k: values[k]}) != flat({k: defaults[k].default})]
 
 
+def _plain(value) -> bool:
+    return isinstance(value, (str, int, float, bool, type(None))) or (
+        isinstance(value, list) and all(map(_plain, value)))
+
+
 class ZooModule(L.LightningModule):
     """Base class of zoo tasks.
 
@@ -97,6 +102,13 @@ class ZooModule(L.LightningModule):
             hp.update({k: dataclasses.asdict(v) for k, v in hp.items() if dataclasses.is_dataclass(v)})
             for k in [k for k in hp if k in unused or (k in INJECTED and not isinstance(hp[k], dict))]:
                 del hp[k]
+        for key, value in flat({k: v for k, v in self._hparams.items() if k not in INJECTED}).items():
+            # an object (or the CLI's class_path for one) would not come back from a checkpoint
+            if key.endswith(".class_path") or not _plain(value):
+                raise TypeError(f"model argument {key.removesuffix('.class_path')} is an object "
+                                f"({value if key.endswith('.class_path') else type(value).__name__}): hyper-parameters "
+                                "must be plain data (numbers, strings, lists, dicts), which checkpoints load without "
+                                "running code; take a name or its settings and build the object in the task")
 
     def configure_optimizers(self):
         """One optimizer over `param_groups` (no weight decay on norms, biases, embeddings):
