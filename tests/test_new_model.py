@@ -144,6 +144,7 @@ def test_a_model_defined_outside_zoo_fits_loads_and_compares(tmp_path, monkeypat
                               str(exported)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert refused.returncode == 2 and "(train.py export: --import MODULE)" in refused.stderr.splitlines()[-1]
     train("export", "--ckpt_path", ckpt, "--out", str(exported), "--import", "tiny_ext")
+    assert "import tiny_ext  # defines TinyRegression" in (exported / "README.md").read_text()
     x = torch.randn(3, 4)
     torch.testing.assert_close(zoo.load(exported)(x), model(x), rtol=0, atol=0)
 

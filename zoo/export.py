@@ -397,6 +397,8 @@ def model_card(config: dict, summary: dict | None, repo_id: str | None = None) -
         "",
         "```python",
         "import zoo",
+        *([f"import {config['task'].rpartition('.')[0]}  # defines {task}: zoo.load never imports code itself"]
+          if not config["task"].startswith("zoo.") else []),
         f'model = zoo.load("{HUB_PREFIX}{repo_id or "ORG/NAME"}")  # or this folder\'s path; nothing is unpickled',
         "```",
     ]
