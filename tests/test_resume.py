@@ -143,3 +143,45 @@ def test_resume_after_a_kill_during_checkpointing(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not list(ckpt_dir.glob(".*.tmp-*"))  # strays of the killed writer are gone
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+SAMPLED_DATA = '''
+from torch.utils.data import DataLoader
+
+from tiny_ext import TinyData
+from zoo.data.sampling import EpochSampler
+
+
+class SampledData(TinyData):
+    """TinyData whose training order is zoo's resumable EpochSampler."""
+
+    def train_dataloader(self):
+        return DataLoader(self.data, self.batch_size, sampler=EpochSampler.for_training(
+            self, len(self.data), 0, self.batch_size, with_epoch=False))
+'''
+
+
+@pytest.mark.parametrize("data, warned", [("tiny_ext.TinyData", True), ("sampled.SampledData", False)])
+def test_mid_epoch_resume_warning_only_for_loaders_that_cannot_resume(tmp_path, data, warned):
+    """Lightning's 'dataloader is not resumable' warning on a mid-epoch resume is kept for a user's
+    shuffled DataLoader (it cannot continue the interrupted order) and left out for a user's
+    datamodule drawing with EpochSampler, which can, as zoo's own datamodules do."""
+    from tests.test_new_model import CONFIG, MODULE
+
+    (tmp_path / "tiny_ext.py").write_text(MODULE)
+    (tmp_path / "sampled.py").write_text(SAMPLED_DATA)
+    (tmp_path / "tiny.yaml").write_text(CONFIG)
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+
+    def run(steps, *extra):  # 8 batches an epoch: a checkpoint every 2 steps, each mid-epoch
+        return subprocess.run([sys.executable, "-m", "zoo.cli", "fit", "--config", "tiny.yaml", f"--data={data}",
+                               f"--trainer.max_steps={steps}", "--trainer.val_check_interval=2",
+                               f"--trainer.default_root_dir={tmp_path / 'run'}", *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    first = run(2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run(4, "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ("dataloader is not resumable" in " ".join(resumed.stderr.split())) is warned

@@ -8,6 +8,7 @@ import os
 import random
 import resource
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.data import extract_batch_size
 
-from zoo.data.sampling import _seed_int
+from zoo.data.sampling import EpochSampler, _seed_int
 from zoo.files import atomic_open, atomic_write_text
 
 SUMMARY_FILE = "summary.json"
@@ -188,6 +189,13 @@ class ResumeSettings(Callback):
 
     def state_dict(self) -> dict:
         return {"settings": self.settings}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning warns that a loader without state_dict cannot resume mid-epoch; a resuming
+        # EpochSampler's can (it skips by the fit loop's restored counters), any other's keeps the warning.
+        loaders = getattr(trainer.fit_loop._combined_loader, "flattened", [])
+        if loaders and all(isinstance(getattr(d, "sampler", None), EpochSampler) and d.sampler.skip for d in loaders):
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 class StepSeed(Callback):

@@ -300,12 +300,6 @@ class ZooCLI(LightningCLI):
                 raise KeyboardInterrupt from None
             raise
 
-    def before_fit(self) -> None:
-        if type(self.datamodule).__module__.startswith("zoo.data."):
-            # zoo's training samplers (EpochSampler) resume from the fit loop's own progress counters,
-            # so Lightning's warning about loaders without state_dict does not apply to them.
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
-
     def instantiate_trainer(self, **kwargs):
         # run=False (programmatic use, no subcommand) configures a trainer for fit.
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
