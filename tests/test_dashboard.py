@@ -250,11 +250,11 @@ def test_aggregate_table_sorts_numerically_with_nulls_last(page):
     def means():
         return page.locator("#aggregate tbody tr td:nth-child(4)").all_inner_texts()
 
-    assert means() == ["9", "10", "–", "0.5"]  # as given
+    assert means() == ["9", "10", "—", "0.5"]  # as given
     header.click()
-    assert means() == ["0.5", "9", "10", "–"] and header.get_attribute("aria-sort") == "ascending"
+    assert means() == ["0.5", "9", "10", "—"] and header.get_attribute("aria-sort") == "ascending"
     header.click()
-    assert means() == ["10", "9", "0.5", "–"] and header.get_attribute("aria-sort") == "descending"
+    assert means() == ["10", "9", "0.5", "—"] and header.get_attribute("aria-sort") == "descending"
 
 
 def test_runs_table_status_errors_and_links(shared, site):
@@ -276,6 +276,26 @@ def test_runs_table_status_errors_and_links(shared, site):
     assert shared.evaluate("document.querySelectorAll('#runs b, #runs script').length === 0 && !window.pwned")
 
 
+
+
+def test_numbers_read_as_in_report_md(site, tmp_path):
+    """report.md (zoo.compare._fmt) and the page (the browser's toFixed / toPrecision) show the same
+    digits, exact binary ties included (0.15625 is one: Python's own format gives 0.1562)."""
+    from zoo.compare import _fmt
+
+    values = [0.15625, -0.15625, 1234.25, -1234.25, 1234.0, 12345678, 0.5, 999.96, 123.45, 1.5e-7, -1.23456e-8,
+              1.234e-6, 0.000123456, 2 / 3, None]
+    data = synthetic_data()
+    im = data["aggregate"]["columns"].index("mean")
+    template = data["aggregate"]["rows"][0]
+    data["aggregate"]["rows"] = [[v if i == im else c for i, c in enumerate(template)] for v in values]
+    page = site["browser"].new_page()
+    page.goto(write_dashboard(data, tmp_path).as_uri())
+    page.wait_for_selector("body[data-ready]", timeout=20_000)
+    shown = page.locator(f"#aggregate tbody tr td:nth-child({im + 1})").all_inner_texts()
+    page.close()
+    assert shown == [_fmt(v) for v in values]
+    assert shown[:5] == ["0.1563", "-0.1563", "1234.3", "-1234.3", "1,234"]  # by hand
 
 def test_a_short_run_has_a_tick_at_every_step_and_none_between(site, tmp_path):
     data = synthetic_data()

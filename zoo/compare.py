@@ -46,6 +46,7 @@ import time
 import unittest.mock
 import warnings
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 from zoo.callbacks import SUMMARY_FILE
@@ -823,15 +824,26 @@ def latest_samples(run: Run, out: Path) -> list[Path]:
 
 
 def _fmt(value) -> str:
+    """A number as the dashboard shows it (`fmt` in zoo.dashboard), so that report.md and report.html
+    agree digit for digit: whole numbers with thousands separators, |x| >= 1000 to one decimal, else
+    4 significant digits; ties away from zero on the exact binary value, as JavaScript's toFixed and
+    toPrecision round (Python's format rounds them to even: 0.15625 would read 0.1562 here, 0.1563 there)."""
     if value is None:
         return "—"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return str(value)
+    if value == int(value):
+        return f"{int(value):,}"
+    exact = Decimal(value)
+    digits = 1 if abs(value) >= 1000 else 3 - exact.adjusted()  # decimals kept
+    rounded = exact.quantize(Decimal(1).scaleb(-digits), ROUND_HALF_UP)
+    if abs(value) >= 1000:
+        return f"{rounded:f}"
+    if abs(rounded) >= Decimal("1e-6"):
+        return f"{rounded.normalize():f}"
+    sign, digits, exp = rounded.normalize().as_tuple()  # JavaScript's String(number): 1.5e-7 below 1e-6
+    mantissa = ".".join(filter(None, [str(digits[0]), "".join(map(str, digits[1:]))]))
+    return f"{'-' * sign}{mantissa}e{exp + len(digits) - 1}"
 
 
 def _ci(a: dict | None) -> str:

@@ -155,8 +155,9 @@ function el(tag, attrs = {}, ...kids) {
   e.append(...kids.filter(k => k != null));
   return e;
 }
-const fmt = v => v == null ? '–' : typeof v !== 'number' ? String(v)
-  : Number.isInteger(v) ? String(v) : Math.abs(v) >= 1000 ? v.toFixed(1) : String(+v.toPrecision(4));
+// as report.md's (zoo.compare._fmt)
+const fmt = v => v == null ? '—' : typeof v !== 'number' ? String(v) : Number.isInteger(v) ? v.toLocaleString('en-US')
+  : Math.abs(v) >= 1000 ? v.toFixed(1) : String(+v.toPrecision(4));
 
 // TensorBoard's debiased EMA: starts at 0 and divides by 1 - w^n so early values are not pulled to 0.
 function ema(ys, w) {
