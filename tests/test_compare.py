@@ -101,6 +101,15 @@ def test_bad_input_gets_one_line_before_any_run(tmp_path, capsys, monkeypatch):
                                                       "mean --trainer.max_steps?",
         ("--norms", "batch", "--baseline", "model.net.norm=group"): "error: --baseline 'model.net.norm=group' must be",
         ("--norms", "batch", "--metric", "val/iou_fg"): "error: --metric 'val/iou_fg': expected NAME:min or NAME:max",
+        # tested once (the monitored one always is): two rows of one metric could say better and worse
+        ("--norms", "batch", "--metric", "val/loss:max"): "error: --metric val/loss:max: val/loss is the task's "
+                                                          "monitored metric, always tested (min)",
+        ("--norms", "batch", "--metric", "val/dice_fg:max", "--metric", "val/dice_fg:min"):
+            "error: --metric val/dice_fg:min: val/dice_fg is given twice",
+        # a value its runs would refuse, before the others train (and are kept by a corrected re-run)
+        ("--norms", "batch", "--sweep", "data.batch_size=2,two"): "error: --sweep data.batch_size: value 'two' is "
+                                                                  "refused: --data: ",
+        ("--norms", "batch", "--alpha", "5"): "error: --alpha 5.0: must be between 0 and 1",
         ("--compare.sweep=[]",): "error: nothing to compare; give --norms a,b,... or --sweep KEY=v1,v2, or set "
                                  "compare.sweep in the config",
         # an option the chosen launcher does not read would be silently ignored
@@ -276,6 +285,44 @@ def test_a_metric_no_run_logs_is_refused_after_the_report(tmp_path, capsys, monk
     results = json.loads((out / "results.json").read_text())
     assert {p["metric"] for p in results["paired"]} == {"val/loss", "val/dice_fg"}
     assert not any("nope" in v for v in results["verdicts"]) and (out / "report.md").is_file()
+
+
+def test_a_comparison_whose_runs_never_validated_is_an_error(tmp_path, capsys, monkeypatch):
+    """Runs that ended before their first validation log no monitored metric: the comparison of
+    nothing says why, instead of verdicts that read as if every seed failed."""
+    import zoo.compare as c
+
+    monkeypatch.setattr(c, "execute", lambda spec, max_retries: {
+        "summary": {"status": "ok", "metrics": {"train/loss": 0.4}, "val_step": None}, "retries": 0})
+    line = run_main(capsys, *TINY, "--norms", "none,batch", "--out", str(tmp_path / "out"))
+    assert line == ("error: val/loss, the task's monitored metric: no run logged it, so nothing is compared; the runs "
+                    "log no val/ metric: they ended before their first validation (--trainer.val_check_interval)")
+
+
+def test_report_plots_the_mean_over_finished_seeds_on_common_steps(tmp_path, monkeypatch):
+    """report.md's curves as the dashboard's: per point one labelled line, the mean of its finished
+    seeds on the steps they all logged (a failed seed drawn, not averaged), and a seed line each."""
+    import matplotlib.figure
+
+    from zoo.compare import plot_curves
+
+    runs = plan_runs({"model.net.norm": ["none", "batch"]}, tmp_path, [0, 1, 2])
+    logged = {0: "0,2,,1.0\n0,5,,0.6\n0,7,,0.5\n", 1: "0,2,,2.0\n0,5,,1.0\n", 2: "0,2,,9.0\n"}
+    for r in runs:
+        (r.dir / "csv" / "version_0").mkdir(parents=True)
+        (r.dir / "csv" / "version_0" / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n" + logged[r.seed])
+        r.status = "failed" if r.seed == 2 else "ok"
+        r.summary = {"status": r.status}
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    plot_curves(runs, tmp_path)
+    (ax,) = figures[0].axes
+    means = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines
+             if not line.get_label().startswith("_")}
+    # seeds 0 and 1 share steps 3 and 6 (CSV steps + 1): means 1.5, 0.8; seed 2 failed
+    expected = ([3, 6], [pytest.approx(1.5), pytest.approx(0.8)])
+    assert means == {"norm=none (n=2)": expected, "norm=batch (n=2)": expected}
+    assert len(ax.lines) == 2 * (3 + 1) and len(ax.collections) == 2  # a line per seed and per mean; a band each
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ two-sided p = 1 - t / sqrt(2 + t^2). Each test names the wrong implementation it
 import math
 
 import pytest
+import scipy.stats
 
 from zoo.stats import aggregate, holm_adjust, paired, summarize, verdicts
 
@@ -209,11 +210,14 @@ def test_paired_failed_seed_on_either_side_excluded():
 
 
 def test_paired_tie_all_zero_differences():
-    # Identical at every seed: 0/0 in the t statistic (scipy gives nan); reported as a tie, p = 1.
+    # Identical at every seed: 0/0 in the t statistic (scipy gives nan): no p-value is made up.
     rows = [run("b", s, v) for s, v in enumerate([0.3, 0.5, 0.4])] + [run("x", s, v) for s, v in enumerate([0.3, 0.5, 0.4])]
     (r,) = paired(rows, "val/loss", baseline="b")
-    assert (r["mean_diff"], r["std_diff"], r["p_value"], r["significant"], r["better"]) == (0.0, 0.0, 1.0, False, None)
-    assert r["verdict"] == "x vs b on val/loss: identical at every seed (difference 0), p = 1, n = 3: not significant"
+    assert math.isnan(scipy.stats.ttest_rel([0.3, 0.5, 0.4], [0.3, 0.5, 0.4]).pvalue)
+    assert (r["mean_diff"], r["std_diff"], r["t"], r["p_value"], r["significant"], r["better"]) == \
+        (0.0, 0.0, None, None, None, None)
+    assert r["verdict"] == ("x vs b on val/loss: identical at every seed (difference 0), n = 3: no variance, so a "
+                            "t-test cannot be computed; few seeds: low power")
 
 
 @pytest.mark.parametrize("base,point", [([1.0, 2.0, 3.0], [1.5, 2.5, 3.5]),  # exact differences 0.5
@@ -226,8 +230,8 @@ def test_paired_zero_variance_nonzero_differences(base, point):
     d = point[0] - base[0]
     assert r["mean_diff"] == pytest.approx(d) and r["std_diff"] == 0.0
     assert (r["t"], r["p_value"], r["significant"], r["better"], r["ci_low"], r["ci_high"]) == (None,) * 6
-    assert r["verdict"] == (f"x vs b on val/loss: +{d:.3g} at every seed, n = 3: same difference at every "
-                            "seed (no variance); a t-test cannot be computed")
+    assert r["verdict"] == (f"x vs b on val/loss: +{d:.3g} at every seed, n = 3: no variance, so a t-test cannot "
+                            "be computed; few seeds: low power")
 
 
 def test_paired_rejects_bad_arguments():

@@ -193,7 +193,7 @@ def check_arguments(configs: list[str], overrides: list[str], norms: str | None,
     (None: not a number, e.g. `true`, a random one)."""
     from jsonargparse import Namespace
 
-    from zoo.cli import ZooCLI, class_at
+    from zoo.cli import ZooCLI, class_at, error_line
 
     class ParseOnly(ZooCLI):
         def _parse_ckpt_path(self):
@@ -211,7 +211,8 @@ def check_arguments(configs: list[str], overrides: list[str], norms: str | None,
     args = ["fit"] + [a for c in configs for a in ("--config", c)] + overrides
     with warnings.catch_warnings():  # LightningCLI warns when given args while sys.argv holds compare's own
         warnings.simplefilter("ignore")
-        cfg = ParseOnly(args=args).config["fit"]
+        cli = ParseOnly(args=args)
+    cfg = cli.config["fit"]
     # the network config's norm (zoo.models.config), or the task's own for tasks without one
     norm_key = "model.net.norm" if cfg.get("model.init_args.net.norm") is not None else "model.norm"
     sweeps = parse_sweeps(norms, sweep_specs if norms or sweep_specs else cfg["compare"]["sweep"], norm_key)
@@ -231,6 +232,13 @@ def check_arguments(configs: list[str], overrides: list[str], norms: str | None,
         close = list(dict.fromkeys(close + difflib.get_close_matches(k, sorted(keys), n=3, cutoff=0.5)))[:3]
         raise ValueError(f"--sweep {k}: no such argument" + (f"; closest: {', '.join(close)}" if close else "")
                          + " (`train.py fit --config ... --print_config` lists every argument)")
+    for key, values in sweeps.items():  # each value as its run will parse it: a wrong type fails here
+        for value in values:
+            try:
+                cli.parser.parse_args([*args, f"--{key}={value}"])
+            except Exception as e:  # noqa: BLE001  (jsonargparse's errors have no common type)
+                raise ValueError(f"--sweep {key}: value {value!r} is refused: {error_line(e).removeprefix('error: ')}") \
+                    from None
     init = cfg["model"].get("init_args") or {}
     if "model_name" in init:  # a timm name (`zoo.models.create_model`): a typo fails here, not in every run
         from zoo.models import check_model_name
@@ -773,31 +781,40 @@ def statistics(runs: list[Run], metric: str, mode: str, baseline: dict[str, str]
 # report
 
 def plot_curves(runs: list[Run], out: Path) -> list[Path]:
-    """Static PNGs for report.md: per metric, the mean over seeds of every point (runs of one point
-    drawn in one color when seeds vary)."""
+    """Static PNGs for report.md, drawn as the dashboard draws them unsmoothed: per metric and point,
+    the mean over its finished seeds (over all while none has finished) on the steps they share, a
+    min-max band over them, and each seed as a thin line (dotted: not finished)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from matplotlib.ticker import MaxNLocator
 
     curves = {run.name: read_curves(run.dir) for run in runs if run.dir.exists()}
     metrics = sorted({m for c in curves.values() for m in c if m.startswith(("train/", "val/"))})
-    colors = {p: f"C{i % 10}" for i, p in enumerate(dict.fromkeys(r.point for r in runs))}
+    points = list(dict.fromkeys(r.point for r in runs))
     paths = []
     for metric in metrics:
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        labelled = set()
-        for run in runs:
-            c = curves.get(run.name, {})
-            if metric in c:
-                steps, values = zip(*c[metric])
-                ax.plot(steps, values, color=colors[run.point], label=None if run.point in labelled else run.point,
-                        marker="o" if len(steps) < 20 else None, markersize=3, alpha=0.8)
-                labelled.add(run.point)
+        for i, point in enumerate(points):
+            series = [(r, dict(curves[r.name][metric])) for r in runs
+                      if r.point == point and curves.get(r.name, {}).get(metric)]
+            if not series:
+                continue
+            use = [c for r, c in series if r.ok] or [c for _, c in series]
+            steps = sorted(set.intersection(*(set(c) for c in use)))
+            values = np.array([[c[x] for x in steps] for c in use]).reshape(len(use), len(steps))
+            color = f"C{i % 10}"
+            for r, c in series:
+                ax.plot(list(c), list(c.values()), color=color, lw=0.8, alpha=0.5, ls="-" if r.ok else ":")
+            ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.18, lw=0)
+            n = sum(r.ok for r, _ in series)
+            ax.plot(steps, values.mean(0), color=color, lw=2, marker="o" if len(steps) < 20 else None, markersize=3,
+                    label=f"{point} ({f'n={n}' if n else 'unfinished'})")
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-        ax.set_title(metric)
+        ax.set_title(f"{metric}: mean over seeds, band min-max", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -1038,8 +1055,10 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
         least = 0 if name == "devices_per_run" else 1  # 0 GPUs: the runs use CPUs
         if isinstance(value, int) and value < least:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
-    if args.max_retries < 0 or not 0 < args.alpha < 1:
-        raise ValueError(f"--max-retries must be >= 0 and --alpha in (0, 1); got {args.max_retries}, {args.alpha}")
+    if args.max_retries < 0:
+        raise ValueError(f"--max-retries {args.max_retries}: must be at least 0")
+    if not 0 < args.alpha < 1:
+        raise ValueError(f"--alpha {args.alpha}: must be between 0 and 1 (e.g. 0.05)")
     import_modules(args.imports)
     sweeps, metric, mode, config_seed = check_arguments(args.config, overrides, args.norms, args.sweep)
     seeds = parse_seeds(args.seeds)
@@ -1048,6 +1067,10 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
         raise ValueError(f"--cpus-per-run {args.cpus_per_run} and --slurm cpus_per_task={slurm['cpus_per_task']} "
                          "both set a job's CPUs; give one")
     also = parse_metrics(args.metric)
+    for i, (name, _) in enumerate(also):
+        if name == metric or name in [n for n, _ in also[:i]]:
+            raise ValueError(f"--metric {args.metric[i]}: " + (f"{metric} is the task's monitored metric, always "
+                             f"tested ({mode})" if name == metric else f"{name} is given twice"))
     baseline = parse_baseline(args.baseline, sweeps)
     if args.norms:
         from zoo.norm import NORM_KINDS
@@ -1111,11 +1134,15 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
     report = write_report(runs, out, args.config, overrides, sweeps, also=logged, **report_kw)
     print(f"checkpoints: {(out / 'runs').resolve()}/<run>/checkpoints/last.ckpt")
     print(f"report: {(out / 'report.html').resolve()}\n        {report.resolve()}")
-    if unlogged and any(r.ok for r in runs):  # (with no run ok, the runs' failures are what to report)
+    if any(r.ok for r in runs):  # (with no run ok, the runs' failures are what to report)
         names = sorted({m for r in runs if r.ok for m in r.summary.get("metrics", {}) if m.startswith("val/")})
-        raise ValueError(f"--metric {', '.join(map(repr, unlogged))}: no run logged "
-                         f"{'it' if len(unlogged) == 1 else 'them'}; the runs log "
-                         f"{', '.join(names) or 'no val/ metric'}")
+        logs = f"the runs log {', '.join(names)}" if names else ("the runs log no val/ metric: they ended before their "
+                                                                 "first validation (--trainer.val_check_interval)")
+        if logged_only(runs, ((metric, mode),))[1]:  # a comparison of nothing is not a result
+            raise ValueError(f"{metric}, the task's monitored metric: no run logged it, so nothing is compared; {logs}")
+        if unlogged:
+            raise ValueError(f"--metric {', '.join(map(repr, unlogged))}: no run logged "
+                             f"{'it' if len(unlogged) == 1 else 'them'}; {logs}")
     failed = [r for r in runs if not r.ok]
     if failed:  # reported after the others finished, and said by the exit status (as Ray Tune raises)
         print(f"error: {len(failed)} of {len(runs)} runs failed ({failed[0].name}: {failed[0].summary.get('error')}"

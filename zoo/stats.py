@@ -95,9 +95,8 @@ def paired(rows: list[dict], metric: str, baseline: str, mode: str = "min",
 
     Edge cases (significant / p_value):
       n = 0: nothing in common -> None / None.     n = 1: too few seeds to test -> None / None.
-      every difference 0 (a tie): False / 1.0 (t = 0 by convention; scipy would give nan).
-      the same non-zero difference at every seed: zero variance, t is +-inf and the t-test is
-        undefined -> None / None, said so in the verdict rather than reporting a p of 0 or nan.
+      the same difference at every seed, 0 (a tie) or not: zero variance, the t-test is undefined
+        (scipy gives nan or +-inf) -> None / None, said so in the verdict rather than made up.
       n = 2..4: the test is reported, and the verdict warns "few seeds: low power".
     """
     if mode not in ("min", "max"):
@@ -128,12 +127,11 @@ def paired(rows: list[dict], metric: str, baseline: str, mode: str = "min",
             res["case"] = "none"
         elif len(d) == 1:
             res["case"] = "one"
-        elif all(abs(v) <= tol for v in d):
-            res.update(case="tie", mean_diff=0.0, std_diff=0.0, ci_low=0.0, ci_high=0.0,
-                       t=0.0, p_value=1.0)
         elif max(d) - min(d) <= tol:
-            # t = mean / (0 / sqrt(n)): scipy gives +-inf and p = 0 (or nan); neither is a result.
-            res.update(case="constant", std_diff=0.0, ci_low=None, ci_high=None)
+            # t = mean / (0 / sqrt(n)): scipy gives +-inf or nan and p = 0 or nan; neither is a result.
+            tie = all(abs(v) <= tol for v in d)
+            res.update(case="tie" if tie else "constant", std_diff=0.0, ci_low=None, ci_high=None,
+                       **({"mean_diff": 0.0} if tie else {}))
         else:
             test = _st.ttest_rel(x, b)
             res.update(case="test", t=float(test.statistic), p_value=float(test.pvalue))
@@ -219,11 +217,9 @@ def _verdict(r: dict, confidence: float, alpha: float, holm: bool) -> str:
         text = head + "no seed where both runs finished with a finite value; nothing to compare"
     elif case == "one":
         text = head + f"{_num(r['mean_diff'], True)} at seed {r['seeds'][0]}, n = 1: too few seeds to test"
-    elif case == "tie":
-        text = head + f"identical at every seed (difference 0), p = 1, n = {n}: not significant"
-    elif case == "constant":
-        text = (head + f"{_num(r['mean_diff'], True)} at every seed, n = {n}: same difference at "
-                "every seed (no variance); a t-test cannot be computed")
+    elif case in ("tie", "constant"):
+        same = "identical at every seed (difference 0)" if case == "tie" else f"{_num(r['mean_diff'], True)} at every seed"
+        text = head + f"{same}, n = {n}: no variance, so a t-test cannot be computed"
     else:
         p = r["p_value"]
         ptxt = "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
@@ -233,8 +229,8 @@ def _verdict(r: dict, confidence: float, alpha: float, holm: bool) -> str:
                 f"to {_num(r['ci_high'])}), {ptxt}, n = {n}: ")
         text += f"significant at {alpha:g}, {r['point']} {r['better']}" if r["significant"] \
             else f"not significant at {alpha:g}"
-        if n < 5:
-            text += "; few seeds: low power"
+    if 1 < n < 5:
+        text += "; few seeds: low power"
     if r["excluded_seeds"]:
         listed = ", ".join(str(s) for s in r["excluded_seeds"])
         text += f" (excluded seeds {listed}: failed, missing or not finite on one side)"
