@@ -120,9 +120,14 @@ def test_checkpoint_round_trip_rebuilds_the_replaced_norms_bit_identically(tmp_p
 def test_a_forward_failure_names_the_layer_and_what_would_change_it():
     tiny_convnext = dict(dims=[8, 8, 8, 8], depths=[1, 1, 1, 1])
     model = ImageClassification("convnext_atto", num_classes=4, norm="instance", model_kwargs=tiny_convnext).train()
-    with pytest.raises(ValueError, match=r"convnext_atto on 96 x 96 images, at head.norm: instance norm: .*; it "
-                                         r"normalizes the pooled features, one position per sample at any image size"):
+    pooled = (r"\(the output would be constant\)\. It normalizes pooled features, one position per sample at any "
+              r"image size: norm='(instance|group)' cannot, a norm with statistics per position or over the batch can "
+              r"\(batch, layer, rms, none\)$")  # (not the norm's own advice: a larger feature map cannot help)
+    with pytest.raises(ValueError, match=r"convnext_atto on 96 x 96 images, at head.norm: instance norm: .*" + pooled):
         model(torch.rand(2, 3, 96, 96))  # timm's ConvNeXt normalizes after the pooling
+    rexnet = ImageClassification("rexnet_100", num_classes=4, norm="group", model_kwargs={"width_mult": 0.5}).train()
+    with pytest.raises(ValueError, match=r"at features.3.se.bn: group norm: .*" + pooled):
+        rexnet(torch.rand(2, 3, 32, 32))  # a squeeze-excitation block's norm, inside the network
     with pytest.raises(ValueError, match=r"expected a batch of raw images \(B, C, H, W\), got shape \(3, 32, 32\)"):
         model(torch.rand(3, 32, 32))
     small = ImageClassification(num_classes=4, norm="group", **TINY_RESNET).train()
@@ -148,6 +153,18 @@ def test_norm_skip_leaves_the_named_classes_as_they_are():
     grn = [m for m in model.net.modules() if type(m).__name__ == "GlobalResponseNorm"]
     assert len(grn) == 4 and norm_classes(model.net) - set(map(type, grn)) == {zn.RmsNorm}
     assert all(math.isfinite(x) for x in train_steps(model, 32, steps=2))
+    one = ImageClassification(norm="rms", norm_skip="GlobalResponseNorm", scheduler="none", **v2)  # a str is one name
+    assert sum(type(m).__name__ == "GlobalResponseNorm" for m in one.net.modules()) == 4
+    # a name that matches nothing, or one with nothing to convert, would leave the user's intent undone unsaid
+    with pytest.raises(ValueError, match=r"norm_skip: no module of the model is a 'GlobalResponseNrom' \(its "
+                                         r"normalization layers: GlobalResponseNorm, LayerNorm2d\)"):
+        ImageClassification(norm="rms", norm_skip=["GlobalResponseNorm", "GlobalResponseNrom"], **v2)
+    with pytest.raises(ValueError, match=r"^norm_skip=\['GlobalResponseNorm'\] is read only when norm converts the "
+                                         r"network's norms \(replace_norms\), and norm is None$"):
+        ImageClassification(norm_skip=["GlobalResponseNorm"], **v2)
+    with pytest.raises(ValueError, match=r"^grad_checkpointing=True: inception_v3 does not support it \(gradient "
+                                         r"checkpointing not supported\)$"):
+        ImageClassification("inception_v3", num_classes=4, grad_checkpointing=True)
 
 
 ERRORS = {

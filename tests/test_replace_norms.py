@@ -272,9 +272,25 @@ def test_nothing_to_replace():
                                          r"and simple families, e.g. BatchNorm2d") as e:
         replace_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Identity()), "group")
     assert len(str(e.value)) < 250  # one readable line, not every class name
-    nfnet = timm.create_model("test_nfnet", pretrained=False)  # NormFreeBlock: a container, not a norm
-    with pytest.raises(ValueError, match="no normalization layers"):
-        replace_norms(nfnet, "group")
+    for skipinit in (False, True):  # NormFreeBlock: a container, not a norm (with skipinit, its own gain too)
+        nfnet = timm.create_model("test_nfnet", pretrained=False, skipinit=skipinit)
+        with pytest.raises(ValueError, match="^model has no normalization layers"):
+            replace_norms(nfnet, "group")
+    resnet = timm.create_model("resnet10t", pretrained=False)
+    for skip in ("BatchNorm2d", nn.BatchNorm2d):
+        with pytest.raises(ValueError, match=r"^nothing left to replace: skip leaves out every normalization layer of "
+                                             r"the model \(14 modules skipped\)$"):
+            replace_norms(resnet, "group", skip=skip)
+
+
+def test_a_skip_entry_that_matches_no_module_is_refused():
+    model = nn.Sequential(nn.BatchNorm2d(4), PixelNorm())
+    with pytest.raises(ValueError, match=r"^skip: no module of the model is a 'BatchNorm2D', 'LayerNorm' \(its "
+                                         r"normalization layers: BatchNorm2d, PixelNorm\); give classes or class names"):
+        replace_norms(model, "group", skip=("PixelNorm", "BatchNorm2D", nn.LayerNorm))
+    with pytest.raises(TypeError, match=r"^skip: give classes or class names, got \(3,\)"):
+        replace_norms(model, "group", skip=3)
+    assert type(model[0]) is nn.BatchNorm2d
 
 
 @pytest.mark.parametrize("module, message", [

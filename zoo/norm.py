@@ -700,8 +700,10 @@ def _classify(m: nn.Module) -> tuple[str, object]:
     if name in _REFUSED:
         return "refuse", _REFUSED[name]
     # a torch norm, or a leaf named like a norm (own parameters or buffers, or no children): a norm we
-    # do not know. Norm-named containers (ConvNormAct, NormMlpClassifierHead, NormFreeBlock) are walked.
-    if isinstance(m, _TORCH_NORM_BASES) or ("norm" in name.lower() and (_has_own_state(m) or not m._modules)):
+    # do not know. Norm-named containers (ConvNormAct, NormMlpClassifierHead, NormFreeBlock) are walked
+    # (a norm+act layer's children hold no parameters; NormFreeBlock's own gain beside its convs is no norm)
+    if isinstance(m, _TORCH_NORM_BASES) or ("norm" in name.lower() and not any(
+            True for child in m.children() for _ in child.parameters()) and (_has_own_state(m) or not m._modules)):
         return "refuse", "replace_norms does not know this normalization class"
     return "descend", None
 
@@ -842,16 +844,18 @@ def replace_norms(model: nn.Module, kind: str, *, skip=(), **kwargs) -> list[tup
             them), nn.SyncBatchNorm, frozen batch norms, nn.InstanceNorm1d, a LayerNorm over several
             trailing dims, a subclass that overrides its base's forward, an uninitialized lazy norm.
         ValueError when `model` is itself a norm, has nothing to replace ("model has no
-            normalization layers to replace", naming the families it converts), or `kind` is unknown.
+            normalization layers to replace", naming the families it converts; or `skip` leaves out
+            all), an entry of `skip` matches no module (naming the model's norm classes), or `kind`
+            is unknown.
         ValueError / TypeError from build_norm, prefixed with the module's name: bad kwargs, or a C
             and layout the kind refuses (instance on nc, num_groups not dividing C, ...).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"replace_norms: model must be an nn.Module, got {type(model).__name__}")
     _check_kind(kind)
-    skip = (skip,) if isinstance(skip, (type, str)) else tuple(skip)
-    skip_types = tuple(s for s in skip if isinstance(s, type))
-    skip_names = {s for s in skip if isinstance(s, str)}
+    skip = tuple(skip) if isinstance(skip, (list, tuple, set, frozenset)) else (skip,)
+    if any(not isinstance(s, (str, type)) for s in skip):
+        raise TypeError(f"skip: give classes or class names, got {skip!r}")
 
     verdict, info = _classify(model)
     if verdict == "norm":
@@ -863,10 +867,16 @@ def replace_norms(model: nn.Module, kind: str, *, skip=(), **kwargs) -> list[tup
     slots: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, old norm)
     found: dict[int, tuple[str, nn.Module, tuple]] = {}  # id(old norm) -> (qualified name, old, spec)
     walked = {id(model)}
+    skipped = set()  # ids of the modules `skip` leaves out
+
+    def matches(m: nn.Module, entry) -> bool:
+        return type(m).__name__ == entry if isinstance(entry, str) else isinstance(m, entry)
 
     def walk(parent: nn.Module, prefix: str) -> None:
         for attr, child in parent._modules.items():
-            if child is None or isinstance(child, skip_types) or type(child).__name__ in skip_names:
+            if child is not None and any(matches(child, entry) for entry in skip):
+                skipped.add(id(child))
+            if child is None or id(child) in skipped:
                 continue
             if id(child) in found:  # shared norm: swap it here too, report it once
                 slots.append((parent, attr, child))
@@ -886,6 +896,11 @@ def replace_norms(model: nn.Module, kind: str, *, skip=(), **kwargs) -> list[tup
 
     if verdict == "descend":
         walk(model, "")
+    unused = [getattr(e, "__name__", e) for e in skip if not any(matches(m, e) for m in model.modules())]
+    if unused:  # a misspelt class name would leave the norms it meant converted
+        norms = sorted({type(m).__name__ for m in model.modules() if _classify(m)[0] != "descend"})
+        raise ValueError(f"skip: no module of the model is a {', '.join(map(repr, unused))} (its normalization layers: "
+                         f"{', '.join(norms) or 'none'}); give classes or class names of its modules")
     if problems:  # one entry per class and reason, naming up to 3 modules
         e = ValueError("replace_norms cannot convert " + "; ".join(
             f"{cls} at {', '.join(names[:3])}{f' (and {len(names) - 3} more)' if len(names) > 3 else ''}: {why}"
@@ -897,6 +912,9 @@ def replace_norms(model: nn.Module, kind: str, *, skip=(), **kwargs) -> list[tup
         known = _known_norms()
         *families, last = dict.fromkeys(family for family, _, _ in known.values())
         families = f"{', '.join(families)} and {last}"
+        if skipped:
+            raise ValueError(f"nothing left to replace: skip leaves out every normalization layer of the model "
+                             f"({len(skipped)} modules skipped)")
         raise ValueError(f"model has no normalization layers to replace (replace_norms converts {len(known)} torch, timm "
                          f"and zoo classes of the {families} families, e.g. BatchNorm2d, LayerNorm2d, BatchNormAct2d)")
 

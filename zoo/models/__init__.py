@@ -70,6 +70,9 @@ def create_model(model_name: str, *, norm: str | None = None, norm_skip=(), conv
     them and the ones it takes), a norm kind the network cannot take, weights that do not load."""
     check_model_name(model_name)
     own = norm_arguments(model_name, norm, conv_norm, token_norm)
+    if norm_skip and (norm is None or own):
+        raise ValueError(f"norm_skip={norm_skip!r} is read only when norm converts the network's norms (replace_norms)"
+                         + ("; MambaVision builds its norms from its arguments" if own else ", and norm is None"))
     try:  # MambaVision is published with its official norms
         net = timm.create_model(model_name, pretrained=pretrained, **kwargs, **({} if pretrained else own))
     except Exception as e:  # noqa: BLE001  (timm and huggingface_hub raise many kinds: no such weights or tag,
@@ -94,10 +97,11 @@ def create_model(model_name: str, *, norm: str | None = None, norm_skip=(), conv
         mambavision.convert_norms(net, own["conv_norm"], own["token_norm"])
     elif replaced:
         try:
-            replace_norms(net, norm, skip=tuple(norm_skip))
+            replace_norms(net, norm, skip=norm_skip)
         except (ValueError, TypeError) as e:
             skip = "; norm_skip (class names) leaves such modules as they are" if "cannot convert" in str(e) else ""
-            raise ValueError(f"norm={norm!r} for {model_name}: {e}{skip}; norm=null keeps its own norms") from e
+            text = "norm_" + str(e) if str(e).startswith("skip:") else str(e)  # (replace_norms' skip is norm_skip)
+            raise ValueError(f"norm={norm!r} for {model_name}: {text}{skip}; norm=null keeps its own norms") from e
     if replaced and pretrained:
         given = f"norm={norm!r}" if norm is not None else f"conv_norm={own['conv_norm']!r}, token_norm={own['token_norm']!r}"
         warnings.warn(f"pretrained=True with {given}: the replaced norm layers start from the pretrained affine "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,6 +28,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.models import create_model, failing_module
+from zoo.norm import NORM_KINDS, norm_spec
 from zoo.optim import check_schedule
 from zoo.samples import image_grid, log_image
 from zoo.scaling import InputScaler
@@ -103,8 +105,11 @@ class ImageClassification(ZooModule):
         self._net_args = dict(num_classes=num_classes, in_chans=in_chans, norm=norm, norm_skip=norm_skip or (),
                               conv_norm=conv_norm, token_norm=token_norm, **(model_kwargs or {}))
         self.net = create_model(model_name, **self._net_args)
-        if grad_checkpointing:
-            self.net.set_grad_checkpointing(True)
+        try:
+            if grad_checkpointing:
+                self.net.set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError, AttributeError) as e:  # timm's ways of saying "not supported"
+            raise ValueError(f"grad_checkpointing=True: {model_name} does not support it ({e})") from None
         self.input_scaler = InputScaler(in_chans)
         self.class_names = [str(k) for k in range(num_classes)]
         k = min(top_k, num_classes)
@@ -126,20 +131,42 @@ class ImageClassification(ZooModule):
     def _forward_error(self, e: BaseException, x: torch.Tensor) -> str:
         """What to say when the network refused a batch: where, and what changes it. timm asserts fixed
         input sizes and zoo's norms refuse statistics of one value, which the image size may change,
-        except in the head, after the global pooling (one position per sample at any size)."""
+        except where the network has pooled its features (a head, an SE block): one position per sample
+        at any size."""
         model, hp = self.hparams.model_name, self.hparams
         name, module = failing_module(e, self.net)
         text = " ".join(str(e).split()).rstrip(".")
         at = f"{model} on {x.shape[-2]} x {x.shape[-1]} images" + (f", at {name}" if name else "")
-        head = getattr(self.net, "pretrained_cfg", {}).get("classifier", "").rpartition(".")[0]  # timm's: head.fc
-        if type(module).__module__ == "zoo.norm" and head and name.startswith(head + "."):
-            return (f"{at}: {text}; it normalizes the pooled features, one position per sample at any image size: "
-                    f"norm={hp.norm!r} cannot, a norm that does not pool over positions can (layer, rms, batch)")
+        if type(module).__module__ == "zoo.norm" and self._one_position_at_any_size(module, x):
+            ok = [k for k in NORM_KINDS if not norm_spec(k).pools_positions or norm_spec(k).pools_batch]
+            constant = "(the output would be constant)."  # zoo.norm's advice after it cannot help here
+            text = " ".join(str(e).split()).partition(constant)[0] + constant
+            return (f"{at}: {text} It normalizes pooled features, one position per sample at any image size: "
+                    f"norm={hp.norm!r} cannot, a norm with statistics per position or over the batch can "
+                    f"({', '.join(ok)})")
         if isinstance(e, AssertionError) or type(module).__module__ == "zoo.norm":
             sizes = "--data.image_size sets the images' size" + (
                 ", --model.model_kwargs.img_size the model's" if "img_size" in inspect.signature(type(self.net)).parameters else "")
             return f"{at}: {text}; {sizes}"
         return f"{at}: {type(e).__name__}: {text} (model_kwargs {hp.model_kwargs})"
+
+    def _one_position_at_any_size(self, norm: torch.nn.Module, x: torch.Tensor) -> bool:
+        """Whether `norm` still sees one position per sample on two of the images at twice their size
+        (a network that takes one size only, as a ViT, cannot tell: False)."""
+        shapes = []
+        hook = norm.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape))
+        training = self.net.training
+        try:
+            self.net.eval()  # (no batch statistics updated)
+            with torch.no_grad():
+                self.net(F.interpolate(self.input_scaler(x[:2]).float(), scale_factor=2.0))
+        except Exception:  # noqa: BLE001  (the norm raising again is expected; anything else: cannot tell)
+            pass
+        finally:
+            hook.remove()
+            self.net.train(training)
+        positions = lambda s: s[1] if getattr(norm, "layout", "") == "nlc" else math.prod(s[2:])  # noqa: E731
+        return bool(shapes) and all(positions(s) == 1 for s in shapes)
 
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) raw images -> (B, num_classes) class probabilities."""
