@@ -18,6 +18,7 @@ import zoo
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from zoo.models.config import flat
+from zoo.callbacks import RunSummary
 from zoo.cli import ZooCLI, error_line, run_tags, wandb_mode
 from zoo.export import export
 from zoo.scaling import InputScaler
@@ -94,6 +95,11 @@ def test_resume_from_last_is_exact(tmp_path):
     first_peak = first["callbacks"]["RunSummary"]["peak_memory_mb"]
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert first_peak > 0 and summary["peak_memory_mb"] >= first_peak
+    # and its wall time: the summary's is both segments'
+    first_wall = first["callbacks"]["RunSummary"]["wall_time_s"]
+    (run_summary,) = [c for c in resumed.trainer.callbacks if isinstance(c, RunSummary)]
+    assert first_wall > 0 and run_summary.earlier_wall_s == first_wall
+    assert summary["wall_time_s"] == pytest.approx(first_wall + time.perf_counter() - run_summary.t0, abs=0.5)
 
 
 class StepOfLastCkptAtValidation(Callback):

@@ -42,7 +42,9 @@ class RunSummary(Callback):
     size (`ru_maxrss`: data, model, framework and all). Not the training working set: the allocator
     reuses what data setup freed, so "peak during fit minus size at fit start" came out near 0 for some
     runs. A resumed run reports the peak over all its segments (each checkpoint carries the peak so
-    far); throughput and wall time are its last segment's.
+    far) and the wall time of fit summed over them (each checkpoint carries the time so far: a killed
+    segment's time after its last checkpoint is lost, the steps it re-trains count); throughput is its
+    last segment's.
 
     Metrics: each checkpoint also carries the metrics logged so far, which a resumed segment updates
     with what it logs itself. So a run killed after its last checkpoint, and resumed from it with no
@@ -61,6 +63,7 @@ class RunSummary(Callback):
         self.earlier_peak_mb: float | None = None  # from the checkpoint a resumed run started from
         self.earlier_metrics: dict = {}  # likewise
         self.val_step: int | None = None  # likewise
+        self.earlier_wall_s = 0.0  # likewise
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.trainer = trainer  # for state_dict
@@ -114,12 +117,17 @@ class RunSummary(Callback):
     def state_dict(self) -> dict:
         wandb_ids = [lg.version for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
         return {"peak_memory_mb": self._peak_mb(), "metrics": self._metrics(self.trainer),
-                "wandb_id": wandb_ids[0] if wandb_ids else None, "val_step": self.val_step}
+                "wandb_id": wandb_ids[0] if wandb_ids else None, "val_step": self.val_step,
+                "wall_time_s": self._wall_s()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.earlier_peak_mb = state_dict.get("peak_memory_mb")
         self.earlier_metrics = dict(state_dict.get("metrics", {}))
         self.val_step = state_dict.get("val_step")
+        self.earlier_wall_s = state_dict.get("wall_time_s", 0.0)
+
+    def _wall_s(self) -> float:
+        return self.earlier_wall_s + time.perf_counter() - self.t0
 
     def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_rank != 0:
@@ -130,7 +138,7 @@ class RunSummary(Callback):
             "status": "failed" if self.error else "ok",
             "error": self.error,
             "params": sum(p.numel() for p in pl_module.parameters()),
-            "wall_time_s": time.perf_counter() - self.t0,
+            "wall_time_s": self._wall_s(),
             "train_samples_per_s": self.samples / self.train_time if self.train_time > 0 else None,
             "global_step": trainer.global_step,
             "val_step": self.val_step,

@@ -981,9 +981,9 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
     md += md_table(*table(runs))
     md += ["", "The `val/` values are those of each run's last validation, at `val step` (a run that ends "
            "between validations trained on after it). Throughput counts training batches only (data loading "
-           "included, first batch of each epoch "
-           "excluded; a resumed run's last segment). Peak memory: CUDA allocator peak on GPU; on CPU, the "
-           "process's peak resident memory (data, model and framework included).", "", "## Curves", ""]
+           "included, first batch of each epoch excluded; a resumed run's last segment). Wall time: of fit (process "
+           "start-up excluded), summed over a resumed run's segments. Peak memory: CUDA allocator peak on GPU; on CPU, "
+           "the process's peak resident memory (data, model and framework included).", "", "## Curves", ""]
     md += [f"![{p.stem}]({_rel(p, out)})" for p in plots]
     md += ["", "## Samples (latest validation)", ""]
     for r in runs:
