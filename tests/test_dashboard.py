@@ -45,7 +45,8 @@ def synthetic_data() -> dict:
                 "name": name, "point": point, "seed": seed, "status": status,
                 "error": EVIL if status == "failed" else None, "retries": 1 if status == "failed" else 0,
                 "values": {"model.norm": point.split("=")[1]},
-                "metrics": {"val/loss": val_loss(p, seed, 40)} if status == "ok" else {},
+                "metrics": {"val/loss": val_loss(p, seed, 40), "val/acc": 0.9, "train/loss": 0.1} if status == "ok" else {},
+                "val_step": 40 if status == "ok" else None,
                 "curves": curves, "links": links,
                 "stats": {"train samples/s": 100.0 + p, "peak memory (MB)": 50.5, "params": 7400, "wall time (s)": None},
             })
@@ -260,6 +261,10 @@ def test_aggregate_table_sorts_numerically_with_nulls_last(page):
 def test_runs_table_status_errors_and_links(shared, site):
     rows = shared.locator("#runs tbody tr")
     assert rows.count() == 9
+    header = shared.locator("#runs th").all_inner_texts()  # every val/ metric, the monitored first, as report.md
+    assert header[:10] == ["run", "point", "seed", "status", "retries", "error", "val/loss", "val/acc", "val step",
+                           "train samples/s"]
+    assert rows.nth(0).locator("td").nth(7).inner_text() == "0.9" and rows.nth(0).locator("td").nth(8).inner_text() == "40"
     for i, run in enumerate(site["data"]["runs"]):
         row = rows.nth(i)
         assert row.locator("td").first.inner_text() == run["name"]

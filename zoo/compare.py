@@ -919,7 +919,7 @@ def dashboard_data(runs: list[Run], out: Path, title: str, description: str, met
         "points": list(dict.fromkeys(r.point for r in runs)),
         "runs": [{"name": r.name, "point": r.point, "seed": r.seed, "status": r.status,
                   "error": r.summary.get("error") if r.status == "failed" else None, "retries": r.retries,
-                  "values": r.values, "metrics": r.summary.get("metrics", {}),
+                  "values": r.values, "metrics": r.summary.get("metrics", {}), "val_step": r.summary.get("val_step"),
                   "curves": {k: [list(p) for p in v] for k, v in read_curves(r.dir).items()} if r.dir.exists() else {},
                   "stats": {"train samples/s": s(r, "train_samples_per_s"), "peak memory (MB)": s(r, "peak_memory_mb"),
                             "params": s(r, "params"), "wall time (s)": s(r, "wall_time_s")},

@@ -108,7 +108,8 @@ def _page(data: dict) -> str:
 <label>band <select id="band"><option value="minmax">min–max</option><option value="std">±1 std</option></select></label>
 </div>
 <div id="charts"></div></section>
-<section><h2>Aggregate over seeds</h2><div id="aggregate"></div></section>
+<section><h2>Aggregate over seeds</h2><p class="note">Shaded: the best mean of the monitored metric, which is
+not a test; the paired differences below say which differences are real.</p><div id="aggregate"></div></section>
 <section><h2>Paired differences</h2><div id="paired"></div><ul id="verdicts"></ul></section>
 <section><h2>Runs</h2><div id="runs"></div></section>
 <script type="application/json" id="data">{_json_for_script(data)}</script>
@@ -120,7 +121,7 @@ def _page(data: dict) -> str:
 _CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em auto; max-width: 1400px; padding: 0 1em; color: #222; }
 h1 { font-size: 1.4em; margin: 0 0 .2em; } h2 { font-size: 1.15em; margin: 1.4em 0 .5em; }
-.desc { color: #555; margin: 0 0 .3em; } #progress { margin: 0; }
+.desc, .note { color: #555; margin: 0 0 .3em; } #progress { margin: 0; }
 #controls { display: flex; gap: 1.5em; align-items: center; flex-wrap: wrap; margin-bottom: .5em; }
 #charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: .5em; }
 .chart { border: 1px solid #ddd; min-height: 380px; }
@@ -293,6 +294,8 @@ $('verdicts').append(...(D.verdicts || []).map(v => el('li', {}, v)));
 
 // runs: status, error, retries, monitored metric, stats, and relative links to the run's files
 const statKeys = [...new Set(runs.flatMap(r => Object.keys(r.stats || {})))];
+// every val/ metric, as report.md's runs table (the monitored one first), then the step they are at
+const valKeys = [...new Set([...(D.metric ? [D.metric] : []), ...runs.flatMap(r => Object.keys(r.metrics || {})).filter(k => k.startsWith('val/')).sort()])];
 // each path segment encoded: names hold '=' ',' '#' ...; this also keeps any 'scheme:' inert
 const href = p => String(p).split('/').map(encodeURIComponent).join('/');
 const link = (p, text) => el('a', {href: href(p), target: '_blank', rel: 'noopener'}, text);
@@ -301,10 +304,10 @@ const runRows = runs.map(r => {
   const links = ['config', 'command', 'log', 'checkpoint'].filter(k => L[k]).map(k => link(L[k], k));
   for (const s of L.samples || []) links.push(link(s, String(s).split('/').pop().replace(/^.*__/, '').replace(/\.[^.]*$/, '')));
   return [r.name, r.point, r.seed, el('td', {class: 'status-' + r.status}, String(r.status)), r.retries ?? 0,
-    el('td', {class: 'error'}, r.error ?? ''), r.metrics?.[D.metric] ?? null,
+    el('td', {class: 'error'}, r.error ?? ''), ...valKeys.map(k => r.metrics?.[k] ?? null), r.val_step ?? null,
     ...statKeys.map(k => r.stats?.[k] ?? null), el('td', {class: 'links', 'data-sort': ''}, ...links)];
 });
-$('runs').append(table(['run', 'point', 'seed', 'status', 'retries', 'error', D.metric || 'metric', ...statKeys, 'files'], runRows));
+$('runs').append(table(['run', 'point', 'seed', 'status', 'retries', 'error', ...valKeys, 'val step', ...statKeys, 'files'], runRows));
 
 if (window.Plotly && metrics.length) draw().then(() => { document.body.dataset.ready = '1'; });
 else document.body.dataset.ready = '1';
