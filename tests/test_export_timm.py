@@ -70,6 +70,7 @@ def test_timm_loads_the_network_bit_for_bit(name, trained, hub, tmp_path):
     # a norm left at null is the network's own, not the registry's `none`
     title = "conv_norm=group, token_norm=rms" if name == "mambavision" else "its own norms"
     assert f"# ImageClassification ({title})\n" in card and "- norm: norm=null (the network's own)" in card
+    assert ("token_norm" in card) == (name == "mambavision")  # (null MambaVision-only arguments are not settings)
 
     hub.publish("org/classifier", folder_files(out))
     from_hub = timm.create_model("hf-hub:org/classifier", pretrained=True)

@@ -367,8 +367,10 @@ def _main_args(injected: dict) -> str:
 def model_card(config: dict, summary: dict | None, repo_id: str | None = None) -> str:
     """A short README.md: what the model is, its norm and data, how to load it, its final metrics."""
     task = config["task"].rsplit(".", 1)[-1]
-    kinds = {k: v for k, v in config["norm"].items() if not k.endswith("norm_skip")}
-    # None: the network's own norms (a timm model's as built; MambaVision's official batch / layer)
+    # None: the network's own norms (a timm model's as built; MambaVision's official batch / layer), said
+    # once, by `norm` (a ResNet's unused conv_norm=null, token_norm=null would read as settings)
+    kinds = {k: v for k, v in config["norm"].items()
+             if not k.endswith("norm_skip") and (v is not None or k.rsplit(".", 1)[-1] == "norm")}
     title = ", ".join(f"{k}={v}" for k, v in kinds.items() if v is not None) or "its own norms"
     norms = ", ".join(f"{k}={v}" if v is not None else f"{k}=null (the network's own)" for k, v in kinds.items())
     data = config["data"]
