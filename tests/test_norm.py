@@ -422,8 +422,8 @@ def test_instance_single_value(layout, shape):
 
 
 def test_instance_nc_refused():
-    with pytest.raises(ValueError, match=r"instance norm is undefined for layout 'nc'.*'layer', 'group' or "
-                                         r"'batch'"):
+    with pytest.raises(ValueError, match=r"instance norm is undefined for layout 'nc'.*'layer', 'group', 'rms' or "
+                                         r"'batch' normalize vectors$"):
         build_norm("instance", C, "nc")
 
 

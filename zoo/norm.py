@@ -312,8 +312,8 @@ def _rms(num_features, layout, *, eps=1e-6, elementwise_affine=None, affine=None
 def _instance(num_features, layout, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=False,
               device=None, dtype=None):
     if layout == "nc":
-        raise ValueError("instance norm is undefined for layout 'nc': (N, C) has one value per sample and "
-                         "channel; use 'layer', 'group' or 'batch' for vectors, or layout 'nchw' / 'nlc'")
+        raise ValueError("instance norm is undefined for layout 'nc': vectors (N, C) have one value per sample and "
+                         "channel; 'layer', 'group', 'rms' or 'batch' normalize vectors")
     return InstanceNorm(num_features, layout, eps=eps, momentum=momentum, affine=affine,
                track_running_stats=track_running_stats, device=device, dtype=dtype)
 
