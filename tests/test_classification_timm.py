@@ -179,6 +179,10 @@ ERRORS = {
     "rejected kwargs": (["--model.model_kwargs.foo=1", "--model.model_kwargs.bar=2"],
                         "error: model_kwargs ['foo', 'bar'] are not arguments of resnet10t (timm class ResNet); "
                         "it takes: block, layers, num_classes, "),
+    # the config's model_kwargs (a narrow ResNet's) stay with another model_name
+    "another model": (["--model.model_name=vit_tiny_patch16_224", "--model.model_kwargs.img_size=32"],
+                      "error: model_kwargs ['stem_width', 'channels'] are not arguments of vit_tiny_patch16_224 "
+                      "(timm class VisionTransformer); it takes: "),
 }
 
 
@@ -196,6 +200,8 @@ def test_bad_input_is_one_error_line(tmp_path):
         errors = [line for line in lines if line.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1 and lines[-1] == errors[0], f"{name}: {output}"
         assert errors[0].startswith(ERRORS[name][1]) and "Traceback" not in output, f"{name}: {errors[0]}"
+        if name in ("rejected kwargs", "another model"):
+            assert errors[0].endswith("; model_kwargs null drops all that the config set"), errors[0]
 
 
 def test_hub_and_folder_model_names_are_refused_saying_what_to_give():

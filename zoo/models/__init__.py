@@ -150,5 +150,6 @@ def rejected_kwargs(model_name: str, kwargs: dict, first: str) -> str:
     takes = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     factory = inspect.signature(timm.create_model).parameters
     rejected = [k for k in kwargs if k not in params and k not in factory] or [first]
+    # (a config's model_kwargs are for its own model, and stay when another model_name is given)
     return (f"model_kwargs {rejected} are not arguments of {model_name} (timm class {cls.__name__}); it takes: "
-            f"{', '.join(takes)}")
+            f"{', '.join(takes)}; model_kwargs null drops all that the config set")
