@@ -287,6 +287,20 @@ def test_a_metric_no_run_logs_is_refused_after_the_report(tmp_path, capsys, monk
     assert not any("nope" in v for v in results["verdicts"]) and (out / "report.md").is_file()
 
 
+def test_a_training_metric_is_tested_with_a_warning(tmp_path, capsys, monkeypatch):
+    import zoo.compare as c
+
+    monkeypatch.setattr(c, "execute", lambda spec, max_retries: {
+        "summary": {"status": "ok", "metrics": {"val/loss": 0.5, "train/loss": 0.4}}, "retries": 0})
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["compare", *TINY, "--norms", "none,batch", "--metric", "train/loss:min", "--out", str(tmp_path)])
+    assert exit_info.value.code == 0
+    assert ("compare: warning: --metric train/loss: a training metric's final value is measured on the last training "
+            "batches, not on held-out data") in capsys.readouterr().err
+    assert {p["metric"] for p in json.loads((tmp_path / "results.json").read_text())["paired"]} == {"val/loss",
+                                                                                                   "train/loss"}
+
+
 def test_a_comparison_whose_runs_never_validated_is_an_error(tmp_path, capsys, monkeypatch):
     """Runs that ended before their first validation log no monitored metric: the comparison of
     nothing says why, instead of verdicts that read as if every seed failed."""

@@ -1071,6 +1071,9 @@ def main(argv: list[str], prog: str = "train.py compare") -> int:
         if name == metric or name in [n for n, _ in also[:i]]:
             raise ValueError(f"--metric {args.metric[i]}: " + (f"{metric} is the task's monitored metric, always "
                              f"tested ({mode})" if name == metric else f"{name} is given twice"))
+        if name.startswith("train/"):
+            print(f"compare: warning: --metric {name}: a training metric's final value is measured on the last "
+                  "training batches, not on held-out data; a val/ metric compares the models", file=sys.stderr)
     baseline = parse_baseline(args.baseline, sweeps)
     if args.norms:
         from zoo.norm import NORM_KINDS
