@@ -852,15 +852,15 @@ def _fmt(value) -> str:
     if value == int(value):
         return f"{int(value):,}"
     exact = Decimal(value)
-    digits = 1 if abs(value) >= 1000 else 3 - exact.adjusted()  # decimals kept
-    rounded = exact.quantize(Decimal(1).scaleb(-digits), ROUND_HALF_UP)
+    decimals = 1 if abs(value) >= 1000 else 3 - exact.adjusted()
+    rounded = exact.quantize(Decimal(1).scaleb(-decimals), ROUND_HALF_UP)
     if abs(value) >= 1000:
         return f"{rounded:f}"
     if abs(rounded) >= Decimal("1e-6"):
         return f"{rounded.normalize():f}"
-    sign, digits, exp = rounded.normalize().as_tuple()  # JavaScript's String(number): 1.5e-7 below 1e-6
-    mantissa = ".".join(filter(None, [str(digits[0]), "".join(map(str, digits[1:]))]))
-    return f"{'-' * sign}{mantissa}e{exp + len(digits) - 1}"
+    sign, figures, exp = rounded.normalize().as_tuple()  # JavaScript's String(number): 1.5e-7 below 1e-6
+    mantissa = ".".join(filter(None, [str(figures[0]), "".join(map(str, figures[1:]))]))
+    return f"{'-' * sign}{mantissa}e{exp + len(figures) - 1}"
 
 
 def _ci(a: dict | None) -> str:
