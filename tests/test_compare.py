@@ -533,6 +533,36 @@ def test_paired_tests_on_further_metrics_with_their_direction(tmp_path):
     assert len(st["verdicts"]) == 2
 
 
+def test_interaction_the_difference_of_differences_seed_by_seed(tmp_path):
+    """norm x batch_size: does group's difference to batch change with the batch size? At batch size
+    8 vs 2, seed by seed: (group8 - batch8) - (group2 - batch2), tested with scipy's paired t-test."""
+    from scipy import stats as scipy_stats
+
+    from zoo.compare import statistics
+
+    runs = plan_runs({"model.net.norm": ["batch", "group"], "data.batch_size": ["2", "8"]}, tmp_path, [0, 1, 2])
+    loss = {("batch", "2"): [0.90, 0.80, 0.85], ("group", "2"): [0.60, 0.55, 0.62],
+            ("batch", "8"): [0.50, 0.45, 0.52], ("group", "8"): [0.49, 0.47, 0.50]}
+    for r in runs:
+        r.status = "ok"
+        r.summary = {"status": "ok", "metrics": {"val/loss": loss[tuple(r.values.values())][r.seed]}}
+    st = statistics(runs, "val/loss", "min", {"model.net.norm": "batch"}, 0.05)
+    (row,) = [p for p in st["paired"] if " − " in p["point"]]
+    assert row["point"] == "norm=group,batch_size=8 − norm=batch,batch_size=8"
+    assert row["baseline"] == "norm=group,batch_size=2 − norm=batch,batch_size=2"
+    gap8 = [g - b for g, b in zip(loss["group", "8"], loss["batch", "8"])]
+    gap2 = [g - b for g, b in zip(loss["group", "2"], loss["batch", "2"])]
+    assert row["mean_diff"] == pytest.approx(sum(a - b for a, b in zip(gap8, gap2)) / 3)  # +0.27: smaller gain at 8
+    assert row["p_value"] == pytest.approx(scipy_stats.ttest_rel(gap8, gap2).pvalue)
+    assert row["significant"] and row["better"] == "worse"  # group's lead over batch shrinks at batch size 8
+    assert len(st["paired"]) == 3  # group vs batch at 2 and at 8, and the interaction
+    one_key = plan_runs({"model.net.norm": ["batch", "group"]}, tmp_path / "one", [0, 1])
+    for r in one_key:
+        r.status, r.summary = "ok", {"status": "ok", "metrics": {"val/loss": 0.5 + r.seed}}
+    assert not any(" − " in p["point"] for p in statistics(one_key, "val/loss", "min", {"model.net.norm": "batch"},
+                                                           0.05)["paired"])
+
+
 def test_each_local_job_gets_its_own_gpus(monkeypatch, tmp_path):
     """--jobs 2 --devices-per-run 2 on a (pretend) 4-GPU machine: runs at the same time never share a
     device, and a plan needing more GPUs than there are is refused."""

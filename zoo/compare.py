@@ -774,7 +774,40 @@ def statistics(runs: list[Run], metric: str, mode: str, baseline: dict[str, str]
         for name, direction in ((metric, mode), *also):
             paired += [p for p in stats.paired(group, name, base_point, mode=direction, alpha=alpha)
                        if p["point"] == point]
+    paired += interactions(runs, rows, baseline, ((metric, mode), *also), alpha)
     return {"aggregate": aggregate, "paired": paired, "verdicts": stats.verdicts(paired)}
+
+
+def interactions(runs: list[Run], rows: list[dict], baseline: dict[str, str],
+                 metrics: tuple[tuple[str, str], ...], alpha: float) -> list[dict]:
+    """Whether a difference to the baseline depends on the other swept keys (does group beat batch by
+    more at batch size 2 than at 8?): for each point whose other keys are not at their first values,
+    its difference to its baseline minus that difference at the first values, seed by seed, with
+    `stats.paired` (a paired t-test of the difference of differences). Named "P − B vs P0 − B0"."""
+    from zoo import stats
+
+    first = runs[0].values if runs else {}  # the plan's first point: every key at its first value
+    by_point = {}
+    for row in rows:
+        by_point.setdefault(row["point"], {})[row["seed"]] = row
+    out = []
+    for point, values in dict((r.point, r.values) for r in runs).items():
+        ref = {**values, **{k: v for k, v in first.items() if k not in baseline}}
+        if {**values, **baseline} == values or ref == values:
+            continue  # a baseline point, or one at the first values: no other setting to compare with
+        pairs = [(point, point_name({**values, **baseline})), (point_name(ref), point_name({**ref, **baseline}))]
+        if not all(p in by_point for pair in pairs for p in pair):
+            continue
+        gap = lambda p, b: f"{p} − {b}"  # noqa: E731
+        for name, direction in metrics:
+            diffs = [{"point": gap(p, b), "seed": seed, "status": "ok",
+                      "metrics": {name: by_point[p][seed]["metrics"][name] - by_point[b][seed]["metrics"][name]}}
+                     for p, b in pairs for seed in by_point[p] if seed in by_point[b]
+                     and all(by_point[x][seed]["status"] == "ok" and name in by_point[x][seed]["metrics"] for x in (p, b))]
+            if {d["point"] for d in diffs} == {gap(*pair) for pair in pairs}:
+                out += [r for r in stats.paired(diffs, name, gap(*pairs[1]), mode=direction, alpha=alpha)
+                        if r["point"] == gap(*pairs[0])]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -970,7 +1003,9 @@ def write_report(runs: list[Run], out: Path, configs: list[str], overrides: list
     md += [f"- {v}" for v in st["verdicts"]] or ["- (no paired comparison: one sweep point, or no finished runs)"]
     md += ["", f"Paired over seeds (same seed = same data order): difference to the baseline, its 95 % CI, "
            f"and a two-sided paired t-test at {alpha}; p-values are per comparison, not corrected for "
-           "multiple comparisons.", ""]
+           "multiple comparisons. With two or more swept keys, a row `P − B vs P0 − B0` tests whether a difference "
+           "depends on the other keys (the interaction): the difference at P minus the one at P0, the same point "
+           "with the other keys at their first values, seed by seed.", ""]
     md += md_table(*paired_table(st))
     md += ["", "## Per sweep point (over seeds)", "",
            f"Final values (`val/`: at the last validation); `best` is the best {metric} ({mode}) "

@@ -110,7 +110,8 @@ def _page(data: dict) -> str:
 <div id="charts"></div></section>
 <section><h2>Aggregate over seeds</h2><p class="note">Shaded: the best mean of the monitored metric, which is
 not a test; the paired differences below say which differences are real.</p><div id="aggregate"></div></section>
-<section><h2>Paired differences</h2><div id="paired"></div><ul id="verdicts"></ul></section>
+<section><h2>Paired differences</h2><p class="note">Seed by seed, against the baseline. A row "P − B vs P0 − B0"
+tests whether the difference depends on the other swept keys (the difference at P minus the one at P0).</p><div id="paired"></div><ul id="verdicts"></ul></section>
 <section><h2>Runs</h2><div id="runs"></div></section>
 <script type="application/json" id="data">{_json_for_script(data)}</script>
 <script>{_JS}</script>
