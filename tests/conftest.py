@@ -114,6 +114,8 @@ class KillAt(Callback):
             except FileExistsError:
                 return
         os.kill(os.getppid() if self.parent else os.getpid(), signal.SIGKILL)
+        if self.parent:  # this process dies with it (PR_SET_PDEATHSIG) once the kernel has ended it, which
+            time.sleep(120)  # can take longer on a loaded machine than a tiny run's remaining steps
 
 
 def default_sigint() -> None:
