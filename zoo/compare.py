@@ -790,6 +790,7 @@ def interactions(runs: list[Run], rows: list[dict], baseline: dict[str, str],
     by_point = {}
     for row in rows:
         by_point.setdefault(row["point"], {})[row["seed"]] = row
+    gap = lambda p, b: f"{p} − {b}"  # noqa: E731
     out = []
     for point, values in dict((r.point, r.values) for r in runs).items():
         ref = {**values, **{k: v for k, v in first.items() if k not in baseline}}
@@ -798,7 +799,6 @@ def interactions(runs: list[Run], rows: list[dict], baseline: dict[str, str],
         pairs = [(point, point_name({**values, **baseline})), (point_name(ref), point_name({**ref, **baseline}))]
         if not all(p in by_point for pair in pairs for p in pair):
             continue
-        gap = lambda p, b: f"{p} − {b}"  # noqa: E731
         for name, direction in metrics:
             diffs = [{"point": gap(p, b), "seed": seed, "status": "ok",
                       "metrics": {name: by_point[p][seed]["metrics"][name] - by_point[b][seed]["metrics"][name]}}

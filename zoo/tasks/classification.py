@@ -137,10 +137,10 @@ class ImageClassification(ZooModule):
         name, module = failing_module(e, self.net)
         text = " ".join(str(e).split()).rstrip(".")
         at = f"{model} on {x.shape[-2]} x {x.shape[-1]} images" + (f", at {name}" if name else "")
-        if type(module).__module__ == "zoo.norm" and self._one_position_at_any_size(module, x):
+        constant = "(the output would be constant)."  # zoo.norm's one-value refusal; its advice after it
+        if type(module).__module__ == "zoo.norm" and constant in text and self._one_position_at_any_size(module, x):
             ok = [k for k in NORM_KINDS if not norm_spec(k).pools_positions or norm_spec(k).pools_batch]
-            constant = "(the output would be constant)."  # zoo.norm's advice after it cannot help here
-            text = " ".join(str(e).split()).partition(constant)[0] + constant
+            text = text.partition(constant)[0] + constant  # (a larger feature map cannot help here)
             return (f"{at}: {text} It normalizes pooled features, one position per sample at any image size: "
                     f"norm={hp.norm!r} cannot, a norm with statistics per position or over the batch can "
                     f"({', '.join(ok)})")
